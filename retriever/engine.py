@@ -1,0 +1,154 @@
+"""The retrieval engine: named collections, each an embedder-fed FAISS index.
+
+Thread-safe; every method may block (embedding, FAISS), so async callers run
+them in a worker thread. Errors are `retriever.types.RetrieverError` subclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from retriever.collection import CURRENT, Collection
+from retriever.embedder import Embedder
+from retriever.types import (
+    CollectionExists,
+    CollectionNotFound,
+    CollectionSpec,
+    CollectionStats,
+    Document,
+    Hit,
+    HnswSettings,
+    IndexKind,
+    InvalidArgument,
+)
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_top_k: int = 1000
+    max_query_chars: int = 20_000
+    max_documents_per_upsert: int = 10_000
+    max_document_chars: int = 1_000_000
+
+
+class RetrieverEngine:
+    def __init__(self, data_dir: Path, embedder: Embedder, limits: Limits = Limits()) -> None:
+        self.data_dir = Path(data_dir)
+        self.embedder = embedder
+        self.limits = limits
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load every persisted collection under the data directory."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        found = sorted(p for p in self.data_dir.iterdir() if (p / CURRENT).exists())
+        for directory in tqdm(found, desc="loading collections", unit="collection", disable=not found):
+            collection = Collection.load(directory)
+            self._collections[collection.spec.name] = collection
+            log.info("loaded collection %s (%d docs)", collection.spec.name, len(collection.documents))
+
+    # ---- collections ---------------------------------------------------------
+    def create_collection(self, name: str, index: IndexKind = IndexKind.FLAT,
+                          hnsw: HnswSettings | None = None) -> CollectionStats:
+        if not _NAME.match(name):
+            raise InvalidArgument(f"collection name {name!r} must match {_NAME.pattern}")
+        spec = CollectionSpec(name=name, dimension=self.embedder.dimension, index=index,
+                              hnsw=hnsw or HnswSettings())
+        with self._lock:
+            if name in self._collections:
+                raise CollectionExists(f"collection {name!r} already exists")
+            collection = Collection(spec, self.data_dir / name)
+            collection.persist()
+            self._collections[name] = collection
+        return collection.stats()
+
+    def delete_collection(self, name: str) -> None:
+        with self._lock:
+            collection = self._get(name)
+            del self._collections[name]
+        with collection.lock:
+            trash = self.data_dir / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+            collection.directory.rename(trash)  # atomic: a restart never sees half a collection
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def list_collections(self) -> list[CollectionStats]:
+        with self._lock:
+            collections = list(self._collections.values())
+        return sorted((c.stats() for c in collections), key=lambda s: s.spec.name)
+
+    def get_stats(self, name: str) -> CollectionStats:
+        return self._get(name).stats()
+
+    # ---- documents -----------------------------------------------------------
+    def upsert(self, name: str, documents: Sequence[Document], progress: bool = False) -> int:
+        collection = self._get(name)
+        self._check_documents(documents)
+        vectors = self.embedder.encode([d.embedding_text() for d in documents], progress=progress)
+        collection.upsert(documents, vectors)
+        return len(documents)
+
+    def delete(self, name: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Returns (deleted ids, ids that were not present)."""
+        collection = self._get(name)
+        if not ids:
+            raise InvalidArgument("ids must not be empty")
+        if any(not i for i in ids):
+            raise InvalidArgument("ids must not contain an empty id")
+        deleted = collection.delete(ids)
+        gone = set(deleted)
+        return deleted, [i for i in dict.fromkeys(ids) if i not in gone]
+
+    def search(self, name: str, query: str, top_k: int) -> list[Hit]:
+        return self.search_batch(name, [query], top_k)[0]
+
+    def search_batch(self, name: str, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
+        collection = self._get(name)
+        for query in queries:
+            if not query.strip():
+                raise InvalidArgument("query must not be empty")
+            if len(query) > self.limits.max_query_chars:
+                raise InvalidArgument(f"query longer than {self.limits.max_query_chars} characters")
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise InvalidArgument(f"top_k must be in 1..{self.limits.max_top_k}, got {top_k}")
+        vectors = self.embedder.encode(list(queries))
+        return collection.search(vectors, top_k)
+
+    # ---- helpers -------------------------------------------------------------
+    def _get(self, name: str) -> Collection:
+        if not name:
+            raise InvalidArgument("collection must be set")
+        with self._lock:
+            collection = self._collections.get(name)
+        if collection is None:
+            raise CollectionNotFound(f"collection {name!r} not found")
+        return collection
+
+    def _check_documents(self, documents: Sequence[Document]) -> None:
+        if not documents:
+            raise InvalidArgument("documents must not be empty")
+        if len(documents) > self.limits.max_documents_per_upsert:
+            raise InvalidArgument(f"at most {self.limits.max_documents_per_upsert} documents per upsert")
+        seen: set[str] = set()
+        for position, doc in enumerate(documents):
+            if not doc.id:
+                raise InvalidArgument(f"documents[{position}] has no id")
+            if doc.id in seen:
+                raise InvalidArgument(f"document id {doc.id!r} appears twice in one request")
+            seen.add(doc.id)
+            if not doc.embedding_text():
+                raise InvalidArgument(f"document {doc.id!r} has neither title nor text")
+            if len(doc.title) + len(doc.text) > self.limits.max_document_chars:
+                raise InvalidArgument(f"document {doc.id!r} is longer than {self.limits.max_document_chars} chars")

@@ -1,0 +1,77 @@
+"""The one place where engine exceptions become gRPC status codes.
+
+Handlers raise; `ErrorMappingInterceptor` turns the exception into the status
+code that says what happened, so no handler repeats try/except blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from retriever.types import CollectionExists, CollectionNotFound, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error that already knows its status code (raised by services/ itself)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotReady(ServiceError):
+    def __init__(self, what: str = "models and indexes are still loading") -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, what)
+
+
+# Ordered: the first matching class wins. Other modules register theirs with `register_error`.
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (CollectionNotFound, grpc.StatusCode.NOT_FOUND),
+    (CollectionExists, grpc.StatusCode.ALREADY_EXISTS),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def register_error(exc: type[BaseException], code: grpc.StatusCode) -> None:
+    _CODES.insert(0, (exc, code))
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ServiceError):
+        return exc.code
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+        method = handler_call_details.method
+
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure must leave as a status
+                code = status_for(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method)
+                await context.abort(code, str(exc) or type(exc).__name__)
+
+        return grpc.unary_unary_rpc_method_handler(
+            mapped, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
