@@ -77,8 +77,9 @@ class RetrieverEngine:
 
     def delete_collection(self, name: str) -> None:
         with self._lock:
-            collection = self._get(name)
-            del self._collections[name]
+            collection = self._collections.pop(name, None)
+        if collection is None:
+            raise CollectionNotFound(f"collection {name!r} not found")
         with collection.lock:
             trash = self.data_dir / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
             collection.directory.rename(trash)  # atomic: a restart never sees half a collection

@@ -1,0 +1,208 @@
+"""Command-line gRPC client for the retrieval services.
+
+    python -m services.client health --target 127.0.0.1:50050
+    python -m services.client ingest --target 127.0.0.1:50051 --collection scifact \
+        --corpus ../shared/data/scifact
+    python -m services.client search --target 127.0.0.1:50050 --collection scifact \
+        --query "..." --top-k 10 --rerank-depth 20
+Add --json (before the subcommand) for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm.auto import tqdm
+
+from retriever.beir import count_corpus, iter_corpus
+from services.convert import document_to_pb
+from services.gen.retrieval.v1 import (
+    document_pb2,
+    retriever_pb2,
+    retriever_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
+from services.server import GRPC_OPTIONS
+
+INDEX_TYPES = {"flat": retriever_pb2.INDEX_TYPE_FLAT, "hnsw": retriever_pb2.INDEX_TYPE_HNSW}
+
+
+def channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+
+
+def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
+    """SERVING / NOT_SERVING / ... or UNREACHABLE."""
+    with channel(target) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_for_serving(target: str, timeout: float = 300.0, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(target) == "SERVING":
+            return
+        if not alive():
+            raise RuntimeError(f"server for {target} exited before it was SERVING")
+        time.sleep(0.5)
+    raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s")
+
+
+def _batched(items: Iterable[document_pb2.Document], size: int) -> Iterator[list[document_pb2.Document]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 256, create: bool = True,
+                  index_type: str = "flat", progress: bool = True, timeout: float = 600.0) -> int:
+    """Upsert a BEIR corpus.jsonl (or the directory holding it) into a collection."""
+    data_dir = corpus.parent if corpus.is_file() else corpus
+    with channel(target) as ch:
+        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        if create:
+            try:
+                stub.CreateCollection(retriever_pb2.CreateCollectionRequest(
+                    collection=collection, index_type=INDEX_TYPES[index_type]), timeout=30)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+        total = 0
+        bar = tqdm(total=count_corpus(data_dir), desc=f"ingest {collection}", unit="doc", disable=not progress)
+        docs = (document_to_pb(d) for d in iter_corpus(data_dir))
+        for batch in _batched(docs, batch_size):
+            reply = stub.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection=collection,
+                                                                              documents=batch), timeout=timeout)
+            total += reply.upserted_count
+            bar.update(len(batch))
+        bar.close()
+    return total
+
+
+def collection_size(target: str, collection: str) -> int | None:
+    with channel(target) as ch:
+        reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
+            retriever_pb2.ListCollectionsRequest(), timeout=10)
+    sizes = {c.name: c.document_count for c in reply.collections}
+    return sizes.get(collection)
+
+
+def search(target: str, collection: str, query: str, top_k: int = 10, rerank_depth: int = 0, tenant: str = "",
+           timeout: float = 120.0) -> search_pb2.SearchResponse:
+    with channel(target) as ch:
+        return search_pb2_grpc.SearchServiceStub(ch).Search(search_pb2.SearchRequest(
+            collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant),
+            timeout=timeout)
+
+
+def format_search(response: search_pb2.SearchResponse, query: str, relevant: set[str] = frozenset()) -> str:
+    t = response.timings
+    mode = "reranked" if response.reranked else "first stage"
+    lines = [f"query: {query}", f"{len(response.results)} results ({mode}; retrieve {t.retrieve_ms:.0f} ms, "
+             f"rerank {t.rerank_ms:.0f} ms, total {t.total_ms:.0f} ms)"]
+    if response.rerank_skipped_reason:
+        lines.append(f"rerank skipped: {response.rerank_skipped_reason}")
+    for rank, hit in enumerate(response.results, 1):
+        mark = " *relevant*" if hit.document.id in relevant else ""
+        rerank = f" rerank={hit.rerank_score:.3f}" if response.reranked else ""
+        title = hit.document.title or hit.document.text[:80]
+        lines.append(f"{rank:>3}. [{hit.document.id}] retrieval={hit.retrieval_score:.3f}{rerank}{mark}\n"
+                     f"     {title[:100]}")
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, payload, text: str) -> None:
+    if args.json:
+        data = MessageToDict(payload, preserving_proto_field_name=True) if hasattr(payload, "DESCRIPTOR") \
+            else payload
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("health", help="health status of a server")
+    p.add_argument("--target", required=True)
+    p.add_argument("--service", default="")
+    p = sub.add_parser("collections", help="list collections")
+    p.add_argument("--target", required=True)
+    p = sub.add_parser("create", help="create a collection")
+    p.add_argument("--target", required=True)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--index", choices=sorted(INDEX_TYPES), default="flat")
+    p = sub.add_parser("delete-collection", help="delete a collection")
+    p.add_argument("--target", required=True)
+    p.add_argument("--collection", required=True)
+    p = sub.add_parser("ingest", help="upsert a BEIR corpus.jsonl")
+    p.add_argument("--target", required=True)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--corpus", required=True, type=Path, help="corpus.jsonl or the BEIR directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--index", choices=sorted(INDEX_TYPES), default="flat")
+    p = sub.add_parser("search", help="search through the gateway")
+    p.add_argument("--target", required=True)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--query", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--rerank-depth", type=int, default=0)
+    p.add_argument("--tenant", default="")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "health":
+        status = health_status(args.target, args.service)
+        _emit(args, {"target": args.target, "status": status}, f"{args.target}: {status}")
+        return 0 if status == "SERVING" else 1
+    if args.command == "search":
+        response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant)
+        _emit(args, response, format_search(response, args.query))
+        return 0
+    if args.command == "ingest":
+        count = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
+                              index_type=args.index, progress=not args.json)
+        _emit(args, {"collection": args.collection, "upserted": count}, f"upserted {count} documents")
+        return 0
+    with channel(args.target) as ch:
+        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        if args.command == "collections":
+            reply = stub.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10)
+            text = "\n".join(f"{c.name}: {c.document_count} docs, dim {c.dimension}, "
+                             f"{retriever_pb2.IndexType.Name(c.index_type)}" for c in reply.collections)
+            _emit(args, reply, text or "no collections")
+        elif args.command == "create":
+            reply = stub.CreateCollection(retriever_pb2.CreateCollectionRequest(
+                collection=args.collection, index_type=INDEX_TYPES[args.index]), timeout=30)
+            _emit(args, reply, f"created {reply.collection.name}")
+        elif args.command == "delete-collection":
+            reply = stub.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection=args.collection),
+                                          timeout=30)
+            _emit(args, reply, f"deleted {args.collection}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""SearchService: first-stage retrieval, then (optionally) BlockRank reranking.
+
+    python -m services.gateway --port 50050 --retriever-target 127.0.0.1:50051 \
+        [--reranker-target 127.0.0.1:50052]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from services.errors import ServiceError
+from services.gen.retrieval.v1 import (
+    reranker_pb2,
+    reranker_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
+from services.server import GRPC_OPTIONS, ServiceSpec, elapsed_ms, print_config, serve, setup_logging
+
+MAX_TOP_K = 1000
+MAX_RERANK_DEPTH = 1000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50050
+    retriever_target: str = "127.0.0.1:50051"
+    reranker_target: str = ""
+    # When the reranker fails, answer with first-stage results (reranked=false) instead of an error.
+    rerank_fail_open: bool = False
+    grace_s: float = 10.0
+
+
+def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
+    """Keep the downstream status code, but say which downstream produced it."""
+    return ServiceError(err.code(), f"{service}: {err.details()}")
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.retriever = retriever_pb2_grpc.RetrieverServiceStub(
+            grpc.aio.insecure_channel(config.retriever_target, options=GRPC_OPTIONS))
+        self.reranker = (reranker_pb2_grpc.RerankerServiceStub(
+            grpc.aio.insecure_channel(config.reranker_target, options=GRPC_OPTIONS))
+            if config.reranker_target else None)
+
+    async def Search(self, request, context):
+        start = time.perf_counter()
+        _validate(request)
+        depth = request.rerank_depth
+        first_stage = await self._retrieve(request, max(request.top_k, depth), context)
+        retrieve_ms = elapsed_ms(start)
+        hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score) for r in first_stage]
+        response = search_pb2.SearchResponse()
+        if depth > 0 and self.reranker is None:
+            response.rerank_skipped_reason = "no reranker configured on this gateway"
+        elif depth > 0 and hits:
+            rerank_start = time.perf_counter()
+            try:
+                hits = await self._rerank(request, hits, depth, context)
+                response.reranked = True
+            except ServiceError as err:
+                if not self.config.rerank_fail_open:
+                    raise
+                response.rerank_skipped_reason = str(err)
+            response.timings.rerank_ms = elapsed_ms(rerank_start)
+        response.results.extend(hits[: request.top_k])
+        response.timings.retrieve_ms = retrieve_ms
+        response.timings.total_ms = elapsed_ms(start)
+        return response
+
+    async def _retrieve(self, request, k: int, context) -> list[retriever_pb2.ScoredDocument]:
+        call = retriever_pb2.RetrieveRequest(collection=request.collection, query=request.query, top_k=k)
+        try:
+            response = await self.retriever.Retrieve(call, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error("retriever", err) from None
+        return list(response.results)
+
+    async def _rerank(self, request, hits: list[search_pb2.SearchHit], depth: int, context):
+        head, tail = hits[:depth], hits[depth:]
+        call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
+                                          tenant=request.tenant)
+        try:
+            response = await self.reranker.Rerank(call, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error("reranker", err) from None
+        reordered = []
+        for ranked in response.results:
+            hit = head[ranked.index]
+            hit.rerank_score = ranked.score
+            reordered.append(hit)
+        # Candidates beyond the rerank depth keep their first-stage order, after the reranked ones.
+        return reordered + tail
+
+
+def _validate(request: search_pb2.SearchRequest) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if not request.collection:
+        raise ServiceError(invalid, "collection must be set")
+    if not request.query.strip():
+        raise ServiceError(invalid, "query must not be empty")
+    if not 1 <= request.top_k <= MAX_TOP_K:
+        raise ServiceError(invalid, f"top_k must be in 1..{MAX_TOP_K}, got {request.top_k}")
+    if not 0 <= request.rerank_depth <= MAX_RERANK_DEPTH:
+        raise ServiceError(invalid, f"rerank_depth must be in 0..{MAX_RERANK_DEPTH}, got {request.rerank_depth}")
+
+
+def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("GATEWAY_HOST", GatewayConfig.host))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", GatewayConfig.port)))
+    parser.add_argument("--retriever-target", default=os.environ.get("RETRIEVER_TARGET",
+                                                                     GatewayConfig.retriever_target))
+    parser.add_argument("--reranker-target", default=os.environ.get("RERANKER_TARGET", ""))
+    parser.add_argument("--rerank-fail-open", action="store_true",
+                        help="serve first-stage results when the reranker fails, instead of an error")
+    parser.add_argument("--grace-s", type=float, default=GatewayConfig.grace_s)
+    return GatewayConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    config = parse_args(argv)
+    print_config("gateway", config)
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: GatewayConfig) -> None:
+    servicer = SearchServicer(config)  # aio channels must be made inside the running loop
+    spec = ServiceSpec(search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
+                       lambda server: search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server))
+    await serve(name="gateway", host=config.host, port=config.port, services=[spec], grace_s=config.grace_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""`make run`: the whole system on this machine, on the bundled SciFact data.
+
+Starts the retriever, the reranker and the gateway as separate processes on
+127.0.0.1, ingests SciFact once (kept under var/, so later runs start fast),
+answers a real SciFact query through SearchService, then keeps serving until
+Ctrl-C, when every process is shut down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from retriever.beir import count_corpus, load_qrels, split_queries
+from services.client import collection_size, format_search, ingest_corpus, search, wait_for_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
+
+
+@dataclass
+class Process:
+    name: str
+    target: str
+    popen: subprocess.Popen
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def start(name: str, module: str, args: list[str], port: int, log_dir: Path) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+    popen = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"started {name} on 127.0.0.1:{port} (pid {popen.pid}, log {log_dir / (name + '.log')})")
+    return Process(name, f"127.0.0.1:{port}", popen)
+
+
+def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
+    for proc in processes:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        try:
+            proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+        print(f"stopped {proc.name} (exit {proc.popen.returncode})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("RUN_DATA", DEFAULT_DATA)))
+    parser.add_argument("--collection", default="scifact")
+    parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("RUN_BASE_PORT", 50050)))
+    parser.add_argument("--query", default="", help="default: the first SciFact test query")
+    parser.add_argument("--rerank-depth", type=int, default=20)
+    parser.add_argument("--no-reranker", action="store_true")
+    parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
+    args = parser.parse_args(argv)
+
+    logs = args.var_dir / "logs"
+    gateway_port, retriever_port, reranker_port = args.base_port, args.base_port + 1, args.base_port + 2
+    processes = [start("retriever", "services.retriever", ["--data-dir", str(args.var_dir / "retriever")],
+                       retriever_port, logs)]
+    gateway_args = ["--retriever-target", processes[0].target]
+    if not args.no_reranker:
+        processes.append(start("reranker", "services.reranker", [], reranker_port, logs))
+        gateway_args += ["--reranker-target", processes[-1].target]
+    processes.append(start("gateway", "services.gateway", gateway_args, gateway_port, logs))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        for proc in processes:
+            wait_for_serving(proc.target, timeout=600, alive=proc.alive)
+            print(f"{proc.name} is SERVING")
+        ensure_ingested(processes[0].target, args.collection, args.data)
+        answer_query(processes[-1].target, args)
+        if args.exit_after_query:
+            return 0
+        print(f"\nserving: gateway 127.0.0.1:{gateway_port}; try\n  .venv/bin/python -m services.client search "
+              f"--target 127.0.0.1:{gateway_port} --collection {args.collection} --query '...' "
+              f"--rerank-depth {args.rerank_depth}\nCtrl-C stops everything.")
+        while all(p.alive() for p in processes):
+            time.sleep(1)
+        print("a service exited; stopping the rest")
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...")
+        return 0
+    finally:
+        stop_all(processes)
+
+
+def ensure_ingested(target: str, collection: str, data: Path) -> None:
+    expected = count_corpus(data)
+    have = collection_size(target, collection)
+    if have == expected:
+        print(f"collection {collection} already holds {have} documents")
+        return
+    print(f"ingesting {expected} documents from {data} into {collection} (once; kept under var/)")
+    start = time.perf_counter()
+    ingest_corpus(target, collection, data)
+    print(f"ingested in {time.perf_counter() - start:.0f}s")
+
+
+def answer_query(gateway: str, args: argparse.Namespace) -> None:
+    queries = split_queries(args.data, "test")
+    qrels = load_qrels(args.data, "test")
+    query_id = next(iter(queries))
+    query = args.query or queries[query_id]
+    relevant = set() if args.query else set(qrels.get(query_id, {}))
+    depth = 0 if args.no_reranker else args.rerank_depth
+    response = search(gateway, args.collection, query, top_k=10, rerank_depth=depth)
+    print("\n" + format_search(response, query, relevant))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

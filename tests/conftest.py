@@ -1,0 +1,112 @@
+"""Shared fixtures: real servers started as subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.client import health_status
+from services.gen.retrieval.v1 import document_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+
+# A small corpus on distinct topics, so the right answer is unambiguous.
+FIXTURE_DOCS = [
+    ("cats", "Domestic cats", "Cats are small carnivorous mammals kept as pets; kittens purr and chase mice."),
+    ("stocks", "Stock market crash", "Share prices fell sharply as investors sold equities during the panic."),
+    ("volcano", "Volcanic eruptions", "Magma rises through the crust and erupts as lava, ash and volcanic gas."),
+    ("bread", "Baking bread", "Yeast ferments the dough, which rises before baking into a crusty loaf."),
+    ("football", "Football tactics", "The team pressed high, won the ball in midfield and scored a late goal."),
+    ("insulin", "Insulin and diabetes", "Insulin lowers blood glucose; type 1 diabetes destroys beta cells."),
+    ("rome", "Ancient Rome", "The Roman Empire built roads, aqueducts and the Colosseum under its emperors."),
+    ("quantum", "Quantum computing", "Qubits in superposition let quantum computers factor numbers faster."),
+]
+
+
+def fixture_documents() -> list[document_pb2.Document]:
+    return [document_pb2.Document(id=i, title=t, text=x, metadata={"topic": i}) for i, t, x in FIXTURE_DOCS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A service module run as its own process, the way it is deployed."""
+
+    def __init__(self, module: str, args: list[str], port: int | None = None, log_path: Path | None = None) -> None:
+        self.module = module
+        self.args = args
+        self.port = port or free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.popen: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, timeout: float = 300) -> Server:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if health_status(self.target, timeout=1) == "SERVING":
+                return
+            assert self.popen.poll() is None, f"{self.module} exited with {self.popen.returncode}: {self.log_tail()}"
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.module} not SERVING in {timeout}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-3000:] if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.popen is None:
+            return 0
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    started: list[Server] = []
+
+    def make(module: str, args: list[str], port: int | None = None) -> Server:
+        server = Server(module, args, port, log_path=tmp_path / f"{module.split('.')[-1]}-{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from retriever.embedder import Embedder
+
+    return Embedder()
