@@ -110,3 +110,35 @@ def embedder():
     from retriever.embedder import Embedder
 
     return Embedder()
+
+
+def ingest_fixture(target: str, collection: str = "c") -> None:
+    from services.gen.retrieval.v1 import retriever_pb2, retriever_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        s = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        s.CreateCollection(retriever_pb2.CreateCollectionRequest(collection=collection), timeout=30)
+        s.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection=collection, documents=fixture_documents()),
+                          timeout=60)
+
+
+@pytest.fixture(scope="module")
+def fixture_retriever(tmp_path_factory) -> Iterator[Server]:
+    """A retriever process holding the fixture corpus in collection "c"."""
+    tmp = tmp_path_factory.mktemp("retriever")
+    server = Server("services.retriever", ["--data-dir", str(tmp / "data")], log_path=tmp / "retriever.log").start()
+    ingest_fixture(server.target)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def scifact_retriever(tmp_path_factory) -> Iterator[Server]:
+    """A retriever process holding all of SciFact in collection "scifact" (ingested once per session)."""
+    from services.client import ingest_corpus
+
+    tmp = tmp_path_factory.mktemp("scifact")
+    server = Server("services.retriever", ["--data-dir", str(tmp / "data")], log_path=tmp / "retriever.log").start()
+    ingest_corpus(server.target, "scifact", SCIFACT, progress=False)
+    yield server
+    server.stop()
