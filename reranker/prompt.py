@@ -1,0 +1,83 @@
+"""BlockRank prompt layout: prefix | N document blocks | final segment.
+
+    prefix : instruction, the query, a "Documents:" header
+    doc i  : "[i] title: text" truncated to `block_tokens` tokens
+    final  : the query again, then the answer prefix ending in "[": its last
+             `signal_tokens` tokens are the ones whose attention scores documents
+Token ids are built per segment (never by re-tokenising a joined string), so
+segment boundaries are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    instruction: str = ("Rank the documents by how relevant they are to the query. "
+                        "Each document starts with its identifier in brackets.")
+    prefix: str = "{instruction}\nQuery: {query}\nDocuments:\n"
+    document: str = "[{index}] {title}: {text}\n"
+    final: str = "\nQuery: {query}\nThe identifier of the most relevant document is"
+    answer_open: str = " ["  # the last signal token; the one before it is the second
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    block_tokens: int = 160  # H: every document block is cut to this many tokens
+    max_query_tokens: int = 128
+    signal_tokens: int = 2
+
+
+@dataclass
+class Prompt:
+    """One request's token ids, segment by segment."""
+
+    prefix: list[int]
+    docs: list[list[int]]
+    final: list[int]
+    signal_tokens: int
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.docs)
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate = PromptTemplate(),
+                 limits: PromptLimits = PromptLimits()) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.limits = limits
+        self._bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def query_ids_text(self, query: str) -> str:
+        ids = self._ids(query)[: self.limits.max_query_tokens]
+        return self.tokenizer.decode(ids)
+
+    def build(self, query: str, docs: list[tuple[str, str]]) -> Prompt:
+        """docs: (title, text) pairs in slot order; slot i gets identifier i."""
+        query = self.query_ids_text(query)
+        t = self.template
+        prefix = self._bos + self._ids(t.prefix.format(instruction=t.instruction, query=query))
+        blocks = [self._ids(t.document.format(index=i, title=title, text=text))[: self.limits.block_tokens]
+                  for i, (title, text) in enumerate(docs)]
+        final = self._ids(t.final.format(query=query)) + self._ids(t.answer_open)
+        return Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens)
+
+    def answer_ids(self, index: int) -> list[int]:
+        """Token ids of the completion naming document `index` (the LM target when training)."""
+        return self._ids(f"{index}]")
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("x")["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
