@@ -42,7 +42,8 @@ class DocBatch:
     """Documents of several prompts as one right-padded (docs, T) batch."""
 
     ids: torch.Tensor  # (D, T)
-    valid: torch.Tensor  # (D, T) bool
+    valid: torch.Tensor  # (D, T) bool: real tokens (keys everyone may see)
+    scored: torch.Tensor  # (D, T) bool: content tokens whose attention mass scores the doc
     spans: list[tuple[int, int]]  # [start, end) rows of each prompt
 
 
@@ -205,7 +206,7 @@ class BlockRankForward:
             signal_rope = tuple(r[:, -s:] for r in state.rope_final[i])
             q = _apply_rope(q, signal_rope)[0].view(s, self.n_kv, self.group, self.head_dim)
             logits = torch.einsum("skgd,ntkd->skgnt", q, k[start:end]).float() * self.scale
-            logits = logits + _key_bias(docs.valid[start:end], torch.float32)
+            logits = logits + _key_bias(docs.scored[start:end], torch.float32)
             n = end - start
             probs = torch.softmax(logits.reshape(s, self.n_kv, self.group, n * t), dim=-1)
             out.append(probs.view(s, self.n_heads, n, t).sum(-1))
@@ -227,16 +228,18 @@ def _pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
     if not rows or any(not row for row in rows):
         raise ValueError("every prompt needs at least one non-empty document")
     width = max(len(row) for row in rows)
+    tags = [n for p in prompts for n in p.tag_lengths]
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     valid = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         valid[i, : len(row)] = True
+    scored = valid & (torch.arange(width)[None] >= torch.tensor(tags)[:, None])
     spans, start = [], 0
     for p in prompts:
         spans.append((start, start + p.n_docs))
         start += p.n_docs
-    return DocBatch(ids.to(device), valid.to(device), spans)
+    return DocBatch(ids.to(device), valid.to(device), scored.to(device), spans)
 
 
 def _causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -258,23 +261,28 @@ def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tor
 # ---- dense references (tests and the speed baseline) ---------------------------------------
 def block_sparse_layout(prompt: Prompt, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
-    """The same prompt as ONE sequence: (ids, positions, additive mask (S, S), doc_slot per token or -1).
+    """The same prompt as ONE sequence: (ids, positions, additive mask (S, S), and per token the
+    document slot whose score it counts towards, or -1).
     Documents are right-padded to the longest block; pads are masked as keys."""
     width = max(len(d) for d in prompt.docs)
     n0 = len(prompt.prefix)
     ids, pos, block, valid = list(prompt.prefix), list(range(n0)), [0] * n0, [True] * n0
+    content = [False] * n0
     for i, doc in enumerate(prompt.docs):
         pad = width - len(doc)
         ids += doc + [0] * pad
         pos += list(range(n0, n0 + width))
         block += [i + 1] * width
         valid += [True] * len(doc) + [False] * pad
+        tag = prompt.tag_lengths[i]
+        content += [False] * tag + [True] * (len(doc) - tag) + [False] * pad
     nf = len(prompt.final)
     ids += prompt.final
     pos += list(range(n0 + block_tokens, n0 + block_tokens + nf))
     final_block = len(prompt.docs) + 1
     block += [final_block] * nf
     valid += [True] * nf
+    content += [False] * nf
     block_t = torch.tensor(block)
     valid_t = torch.tensor(valid)
     s = len(ids)
@@ -284,7 +292,7 @@ def block_sparse_layout(prompt: Prompt, block_tokens: int) -> tuple[torch.Tensor
     allowed &= valid_t[None, :]
     allowed |= torch.eye(s, dtype=torch.bool)  # pad queries see themselves: no all -inf rows
     mask = torch.zeros(s, s).masked_fill(~allowed, NEG_INF)
-    slot = torch.where((block_t >= 1) & (block_t <= len(prompt.docs)) & valid_t, block_t - 1, -1)
+    slot = torch.where(torch.tensor(content), block_t - 1, -1)
     return torch.tensor(ids), torch.tensor(pos), mask, slot
 
 

@@ -1,7 +1,8 @@
 """BlockRank prompt layout: prefix | N document blocks | final segment.
 
     prefix : instruction, the query, a "Documents:" header
-    doc i  : "[i] title: text" truncated to `block_tokens` tokens
+    doc i  : "[i] title: text" truncated to `block_tokens` tokens; "[i]" is the
+             identifier tag (the LM target when training), the rest is scored
     final  : the query again, then the answer prefix ending in "[": its last
              `signal_tokens` tokens are the ones whose attention scores documents
 Token ids are built per segment (never by re-tokenising a joined string), so
@@ -20,7 +21,8 @@ class PromptTemplate:
     instruction: str = ("Rank the documents by how relevant they are to the query. "
                         "Each document starts with its identifier in brackets.")
     prefix: str = "{instruction}\nQuery: {query}\nDocuments:\n"
-    document: str = "[{index}] {title}: {text}\n"
+    tag: str = "[{index}]"  # the document's identifier; excluded from its relevance score
+    document: str = " {title}: {text}\n"
     final: str = "\nQuery: {query}\nThe identifier of the most relevant document is"
     answer_open: str = " ["  # the last signal token; the one before it is the second
 
@@ -37,9 +39,10 @@ class Prompt:
     """One request's token ids, segment by segment."""
 
     prefix: list[int]
-    docs: list[list[int]]
+    docs: list[list[int]]  # identifier tag + content, at most block_tokens each
     final: list[int]
     signal_tokens: int
+    tag_lengths: list[int]  # leading tokens of each doc that are its identifier
 
     @property
     def n_docs(self) -> int:
@@ -66,10 +69,12 @@ class PromptBuilder:
         query = self.query_ids_text(query)
         t = self.template
         prefix = self._bos + self._ids(t.prefix.format(instruction=t.instruction, query=query))
-        blocks = [self._ids(t.document.format(index=i, title=title, text=text))[: self.limits.block_tokens]
-                  for i, (title, text) in enumerate(docs)]
+        tags = [self._ids(t.tag.format(index=i)) for i in range(len(docs))]
+        blocks = [(tag + self._ids(t.document.format(title=title, text=text)))[: self.limits.block_tokens]
+                  for tag, (title, text) in zip(tags, docs, strict=True)]
         final = self._ids(t.final.format(query=query)) + self._ids(t.answer_open)
-        return Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens)
+        return Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens,
+                      tag_lengths=[len(tag) for tag in tags])
 
     def answer_ids(self, index: int) -> list[int]:
         """Token ids of the completion naming document `index` (the LM target when training)."""

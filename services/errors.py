@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from reranker.errors import QueueFull, RerankInputError, UnknownTenant
 from retriever.types import CollectionExists, CollectionNotFound, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class NotReady(ServiceError):
 # Ordered: the first matching class wins. Other modules register theirs with `register_error`.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (RerankInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownTenant, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CollectionNotFound, grpc.StatusCode.NOT_FOUND),
     (CollectionExists, grpc.StatusCode.ALREADY_EXISTS),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),

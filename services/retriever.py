@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from retriever.embedder import Embedder, EmbedderConfig, set_cpu_threads
 from retriever.engine import RetrieverEngine
 from services.convert import (

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -67,8 +67,9 @@ class ServiceSpec:
 
 async def serve(*, name: str, host: str, port: int, services: Sequence[ServiceSpec],
                 load: Callable[[], None] | None = None, grace_s: float = 10.0,
-                on_started: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `load` returns."""
+                after_load: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `load` (run in a thread)
+    and then `after_load` (run on the loop) have returned."""
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=GRPC_OPTIONS)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -84,8 +85,6 @@ async def serve(*, name: str, host: str, port: int, services: Sequence[ServiceSp
         await health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info("%s listening on %s:%d", name, host, bound)
-    if on_started:
-        on_started(bound)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,6 +96,8 @@ async def serve(*, name: str, host: str, port: int, services: Sequence[ServiceSp
             start = time.perf_counter()
             await asyncio.to_thread(load)
             log.info("%s loaded in %.1fs", name, time.perf_counter() - start)
+        if after_load is not None:
+            await after_load()
         for service_name in ["", *names]:
             await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s SERVING", name)
