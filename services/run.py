@@ -9,6 +9,7 @@ Ctrl-C, when every process is shut down gracefully.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank-depth", type=int, default=20)
     parser.add_argument("--no-reranker", action="store_true")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
+    parser.add_argument("--eval", type=Path, default=None, metavar="OUT_JSON",
+                        help="instead of the demo query, run services.eval on the split and write OUT_JSON")
+    parser.add_argument("--eval-split", default="test")
     args = parser.parse_args(argv)
 
     logs = args.var_dir / "logs"
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_serving(proc.target, timeout=600, alive=proc.alive)
             print(f"{proc.name} is SERVING")
         ensure_ingested(processes[0].target, args.collection, args.data)
+        if args.eval:
+            return run_eval(processes[-1].target, args)
         answer_query(processes[-1].target, args)
         if args.exit_after_query:
             return 0
@@ -110,6 +116,18 @@ def ensure_ingested(target: str, collection: str, data: Path) -> None:
     start = time.perf_counter()
     ingest_corpus(target, collection, data)
     print(f"ingested in {time.perf_counter() - start:.0f}s")
+
+
+def run_eval(gateway: str, args: argparse.Namespace) -> int:
+    from services.eval import evaluate, table
+
+    depth = 0 if args.no_reranker else args.rerank_depth
+    result = evaluate(gateway, args.data, args.collection, args.eval_split, depth)
+    print(table(result["results"]))
+    args.eval.parent.mkdir(parents=True, exist_ok=True)
+    args.eval.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.eval}")
+    return 0
 
 
 def answer_query(gateway: str, args: argparse.Namespace) -> None:

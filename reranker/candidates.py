@@ -1,0 +1,43 @@
+"""First-stage candidate lists for offline work (layer selection, training, benchmarks).
+
+Uses the retriever engine in-process on a persisted data directory (the one
+`make run` fills), ingesting the BEIR corpus there first if it is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from retriever.beir import count_corpus, iter_corpus, load_qrels, load_queries
+from retriever.embedder import Embedder
+from retriever.engine import RetrieverEngine
+from retriever.types import CollectionNotFound, Document
+
+
+@dataclass
+class Candidates:
+    query_id: str
+    query: str
+    documents: list[Document]
+    first_stage_scores: list[float]
+
+
+def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: str,
+                max_queries: int | None = None) -> list[Candidates]:
+    """Top-`depth` first-stage candidates for the judged queries of `split`."""
+    engine = RetrieverEngine(data_dir, Embedder())
+    engine.load()
+    expected = count_corpus(data)
+    try:
+        have = engine.get_stats(collection).document_count
+    except CollectionNotFound:
+        engine.create_collection(collection)
+        have = 0
+    if have != expected:
+        engine.upsert(collection, list(iter_corpus(data)), progress=True)
+    queries = load_queries(data)
+    judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
+    hits = engine.search_batch(collection, [queries[q] for q in judged], depth)
+    return [Candidates(q, queries[q], [h.document for h in row], [h.score for h in row])
+            for q, row in zip(judged, hits, strict=True)]
