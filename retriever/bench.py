@@ -126,7 +126,7 @@ def bench_quality(data: Path, embedders: dict[str, Embedder], max_docs: int | No
     qrels = restrict_qrels(load_qrels(data, "test"), set(doc_ids))
     queries = {qid: text for qid, text in split_queries(data, "test").items() if qid in qrels}
     result: dict = {"dataset": "scifact", "split": "test", "corpus_docs": len(docs), "queries": len(queries),
-                    "ndcg_at_10": {}}
+                    "dtype": {p: dtype_name(e.dtype) for p, e in embedders.items()}, "ndcg_at_10": {}}
     corpus_vectors: dict[str, np.ndarray] = {}
     for precision, embedder in embedders.items():
         corpus_vectors[precision] = embedder.encode([doc.embedding_text() for doc in docs], progress=True)
@@ -359,7 +359,7 @@ def plot_embedding(ax, report: dict) -> None:
     if not rows:
         ax.set_title("embedding throughput (skipped)")
         return
-    labels = [f"{r['name'].replace(' (', chr(10) + '(')}\n{r['precision']}" for r in rows]
+    labels = ["\n".join([r["name"].replace(" (", "\n("), r["precision"]]) for r in rows]
     bars = ax.bar(labels, [r["docs_per_s"] for r in rows], color=["tab:gray", "tab:blue", "tab:cyan"][: len(rows)])
     for bar, row in zip(bars, rows, strict=True):
         ax.annotate(f"{row['docs_per_s']:.1f}/s\n{row['speedup_vs_st']:.2f}x", (bar.get_x() + bar.get_width() / 2,
@@ -373,6 +373,9 @@ def plot_embedding(ax, report: dict) -> None:
 
 
 def plot_latency(ax, rows: list[dict]) -> None:
+    if not rows:
+        ax.set_title("search latency (skipped)")
+        return
     for (index, ef), series in group_search_rows(rows).items():
         label = index if ef is None else f"{index} ef={ef}"
         sizes = [r["size"] for r in series]
@@ -383,12 +386,15 @@ def plot_latency(ax, rows: list[dict]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("collection size (vectors)")
     ax.set_ylabel("latency per query (ms)")
-    ax.set_title(f"search latency, k={K}, 384-d")
+    ax.set_title(f"search latency, k={K}, one query per call, {DIMENSION}-d")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_recall(ax, rows: list[dict]) -> None:
+    if not rows:
+        ax.set_title("HNSW recall (skipped)")
+        return
     for (index, ef), series in group_search_rows(rows).items():
         if index == IndexKind.HNSW.value:
             ax.plot([r["size"] for r in series], [r["recall_at_10"] for r in series], marker="o", label=f"ef={ef}")
@@ -435,8 +441,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     set_cpu_threads()
     device = resolve_device(args.device)
-    embedders = {p: Embedder(EmbedderConfig(device=args.device, precision=p)) for p in ("auto", "fp32")} \
-        if args.embed_docs or args.quality else {}
+    # One model per precision, shared by the throughput and quality parts.
+    needed = args.embed_docs > 0 or args.quality
+    embedders = {p: Embedder(EmbedderConfig(device=args.device, precision=p)) for p in ("auto", "fp32") if needed}
     texts = load_texts(args.data, args.embed_docs) if args.embed_docs else []
     report = {
         "device": device_description(device),

@@ -90,7 +90,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _rerank(self, request, hits: list[search_pb2.SearchHit], depth: int, context):
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
-                                          tenant=request.tenant)
+                                          tenant=request.tenant,
+                                          first_stage_scores=[h.retrieval_score for h in head])
         try:
             response = await self.reranker.Rerank(call, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as err:
@@ -99,6 +100,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for ranked in response.results:
             hit = head[ranked.index]
             hit.rerank_score = ranked.score
+            hit.rerank_model_score = ranked.model_score
             reordered.append(hit)
         # Candidates beyond the rerank depth keep their first-stage order, after the reranked ones.
         return reordered + tail

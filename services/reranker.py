@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from reranker.batcher import BatcherConfig, RerankBatcher
-from reranker.engine import Reranker, RerankerConfig, rank_scores
+from reranker.engine import Reranker, RerankerConfig
 from reranker.errors import RerankInputError, UnknownTenant
 from services.errors import NotReady, ServiceError
 from services.gen.retrieval.v1 import document_pb2, reranker_pb2, reranker_pb2_grpc
@@ -26,9 +26,10 @@ class RerankerServiceConfig:
     host: str = "127.0.0.1"
     port: int = 50052
     model_path: str = ""
+    adapter: str = "default"
     device: str = "auto"
     dtype: str = "auto"
-    block_tokens: int = 160
+    block_tokens: int = 0
     scoring_layer: int = -1
     max_documents: int = 500
     max_document_tokens: int = 8192
@@ -51,7 +52,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         set_cpu_threads()
         cfg = self.config
         self._reranker = Reranker(RerankerConfig(
-            model_path=cfg.model_path, device=cfg.device, dtype=cfg.dtype, block_tokens=cfg.block_tokens,
+            model_path=cfg.model_path, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, block_tokens=cfg.block_tokens,
             scoring_layer=cfg.scoring_layer, max_documents=cfg.max_documents,
             max_document_tokens=cfg.max_document_tokens))
 
@@ -76,6 +77,8 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
             raise UnknownTenant(f"tenant {request.tenant!r} has no reranker loaded")
         if request.top_n < 0:
             raise RerankInputError("top_n must be >= 0 (0 = all)")
+        if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
+            raise RerankInputError("first_stage_scores must be empty or one per document")
         docs = [(d.title, d.text) for d in request.documents]
         prompt = await self.prepare.run(context, reranker.build_prompt, request.query, docs)
         remaining = context.time_remaining()
@@ -84,12 +87,14 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         except TimeoutError:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for the reranker") \
                 from None
-        ranked = rank_scores(scored.scores, request.top_n or None)
-        results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score)
-                   for r in ranked]
+        first_stage = list(request.first_stage_scores) or None
+        ranked = reranker.ranked(scored.scores, first_stage, request.top_n or None)
+        results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
+                                               model_score=r.model_score) for r in ranked]
         timings = document_pb2.Timings(total_ms=elapsed_ms(start), queue_ms=scored.queue_ms,
                                        model_ms=scored.model_ms)
-        return reranker_pb2.RerankResponse(results=results, timings=timings, model=reranker.model_name)
+        return reranker_pb2.RerankResponse(results=results, timings=timings, model=reranker.model_name,
+                                           fused=bool(first_stage) and reranker.fuses)
 
 
 def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
@@ -100,9 +105,12 @@ def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
     parser.add_argument("--port", type=int, default=int(env("RERANKER_PORT", d.port)))
     parser.add_argument("--model", dest="model_path", default=env("RERANKER_MODEL", ""),
                         help="local Hugging Face Llama/Mistral/Qwen2 directory or .gguf (default: SmolLM2-135M)")
+    parser.add_argument("--adapter", default=env("RERANKER_ADAPTER", d.adapter),
+                        help="'default' (shipped fine-tuned LoRA), 'none' (base model) or a PEFT adapter directory")
     parser.add_argument("--device", default=env("RERANKER_DEVICE", d.device), help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--block-tokens", type=int, default=d.block_tokens)
+    parser.add_argument("--block-tokens", type=int, default=d.block_tokens,
+                        help="tokens per document block (0: the adapter's training length, else 160)")
     parser.add_argument("--scoring-layer", type=int, default=d.scoring_layer)
     parser.add_argument("--max-documents", type=int, default=d.max_documents)
     parser.add_argument("--max-document-tokens", type=int, default=d.max_document_tokens)

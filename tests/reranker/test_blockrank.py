@@ -82,7 +82,7 @@ def test_permuting_documents_permutes_scores(eager_lm):
 
 
 def test_engine_ranks_and_enforces_limits(eager_lm):
-    reranker = Reranker(RerankerConfig(block_tokens=BLOCK, max_documents=4, max_document_tokens=64), loaded=eager_lm)
+    reranker = Reranker(RerankerConfig(adapter="none", block_tokens=BLOCK, max_documents=4, max_document_tokens=64), loaded=eager_lm)
     ranked = reranker.rank("kittens purring", ["The stock market fell.", ("Cats", "Cats purr.")], top_n=1)
     assert len(ranked) == 1 and ranked[0].index in (0, 1)
     full = reranker.rank("kittens purring", ["The stock market fell.", ("Cats", "Cats purr.")])

@@ -1,0 +1,236 @@
+"""Fine-tune BlockRank with LoRA: next-token loss on the relevant document's
+identifier plus the auxiliary InfoNCE loss on the attention scores at l*.
+
+    python -m reranker.train --data ../shared/data/scifact --out reranker/adapters/scifact-lora \
+        --steps 300 --n-docs 8 --block-tokens 96            # CPU, small settings
+    python -m reranker.train ... --steps 3000 --n-docs 30 --block-tokens 160 --device cuda   # GPU
+
+Training data: the train split's judged queries (never test), each with one
+relevant document and hard negatives from the first-stage retriever (its
+top-`--negatives-depth` minus the judged documents), shuffled into random
+slots. `--pseudo-queries N` adds N corpus titles as queries for their own
+document (GPL/InPars-style), skipping every document judged in any test
+split. `--dev-queries` train queries are held out of training and used after
+it to pick the scoring heads and fit the first-stage/reranker fusion weight.
+
+The LM loss runs through layers 0..l* followed by the final norm and lm_head:
+layers after l* are never served (early exit), so the identifier has to be
+decodable where the scores are read. Saves a PEFT adapter directory plus
+blockrank.json (layer, heads, fusion weight, settings), a loss curve PNG and
+a JSONL log; checkpoints every --save-every steps. Seeded and reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from reranker.blockrank import BlockRankForward
+from reranker.candidates import Candidates, first_stage
+from reranker.model import load_model
+from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
+from retriever.beir import iter_corpus, load_qrels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Example:
+    query: str
+    docs: list[tuple[str, str]]
+    positive_slots: list[int]
+
+
+def build_examples(candidates: list[Candidates], qrels: dict, n_docs: int, rng: random.Random) -> list[Example]:
+    """One example per (query, relevant doc in the candidates or not): the positive plus hard negatives."""
+    examples = []
+    for cand in candidates:
+        relevant = qrels.get(cand.query_id, {})
+        negatives = [d for d in cand.documents if d.id not in relevant]
+        positives = [d for d in cand.documents if d.id in relevant]
+        if not positives or len(negatives) < n_docs - 1:
+            continue
+        for positive in positives:
+            chosen = [positive, *rng.sample(negatives, n_docs - 1)]
+            rng.shuffle(chosen)
+            examples.append(Example(cand.query, [(d.title, d.text) for d in chosen],
+                                    [i for i, d in enumerate(chosen) if d.id == positive.id]))
+    return examples
+
+
+def training_losses(forward: BlockRankForward, lm_head: torch.nn.Module, norm: torch.nn.Module, prompt: Prompt,
+                    answer_token: int, positive_slots: list[int], layer: int, block_tokens: int,
+                    tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss on the identifier's first token, InfoNCE on the l* attention scores)."""
+    captured: list = []
+    last = min(layer + 1, forward.num_layers - 1)
+    masses = forward.head_masses([prompt], last, [layer], block_tokens, capture=captured)[0]
+    scores = masses[0].mean(dim=(0, 1))  # (n_docs,)
+    logits = scores / tau
+    aux = -(torch.logsumexp(logits[positive_slots], 0) - torch.logsumexp(logits, 0))
+    final_hidden = captured[-1][2][0][0, -1]  # input of layer l*+1 = output of l*, at the "[" token
+    token_logits = lm_head(norm(final_hidden))
+    lm = torch.nn.functional.cross_entropy(token_logits[None].float(), torch.tensor([answer_token],
+                                                                                    device=token_logits.device))
+    return lm, aux
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "scifact")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--layer", type=int, default=-1, help="l*; default: the base model's scoring file")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--n-docs", type=int, default=8)
+    parser.add_argument("--block-tokens", type=int, default=96)
+    parser.add_argument("--negatives-depth", type=int, default=30)
+    parser.add_argument("--pseudo-queries", type=int, default=0)
+    parser.add_argument("--dev-queries", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--aux-weight", type=float, default=1.0,
+                        help="λ; the paper uses 0.1, but serving reads only the attention scores")
+    parser.add_argument("--tau", type=float, default=0.05)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--retriever-dir", type=Path, default=ROOT / "var" / "retriever")
+    parser.add_argument("--collection", default="scifact")
+    args = parser.parse_args(argv)
+    if args.split == "test":
+        sys.exit("refusing to train on the test split")
+    train(args)
+    return 0
+
+
+def train(args: argparse.Namespace) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from reranker.engine import load_scoring_choice
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    lm = load_model(args.model, args.device, "fp32" if args.device in ("auto", "cpu") and
+                    not torch.cuda.is_available() else "auto")
+    layer = args.layer if args.layer >= 0 else load_scoring_choice(lm.name, lm.model.config.num_hidden_layers).layer
+    builder = PromptBuilder(lm.tokenizer, PromptTemplate(), PromptLimits(block_tokens=args.block_tokens))
+
+    candidates = first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
+    rng.shuffle(candidates)
+    dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
+    qrels = load_qrels(args.data, args.split)
+    examples = build_examples(train_cands, qrels, args.n_docs, rng)
+    if args.pseudo_queries:
+        examples += pseudo_examples(args, rng)
+    rng.shuffle(examples)
+    print(f"{len(examples)} training examples, {len(dev)} dev queries held out, l*={layer}")
+
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      layers_to_transform=list(range(layer + 1)))
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(lm.model, lora)
+    model.print_trainable_parameters()
+    base = model.base_model.model
+    forward = BlockRankForward(base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
+                                                 (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "train_log.jsonl"
+    log_path.write_text("")
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc="training", unit="step")
+    for step in bar:
+        ex = examples[step % len(examples)]
+        prompt = builder.build(ex.query, ex.docs)
+        answer = builder.answer_ids(ex.positive_slots[0])[0]
+        lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt, answer,
+                                            ex.positive_slots, layer, args.block_tokens, args.tau)
+        loss = lm_loss + args.aux_weight * aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        row = {"step": step + 1, "loss": loss.item(), "lm": lm_loss.item(), "aux": aux_loss.item(),
+               "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - start}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux']:.3f}")
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            model.save_pretrained(args.out / f"checkpoint-{step + 1}")
+    model.save_pretrained(args.out)
+    plot_losses(log_path, args.out / "loss.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta = {"layer": layer, "heads": [], "block_tokens": args.block_tokens, "base_model": lm.name,
+            "train_seconds": time.perf_counter() - start, "device": str(lm.device), "settings": settings,
+            "dev_query_ids": [c.query_id for c in dev]}
+    (args.out / "blockrank.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"saved adapter to {args.out} in {meta['train_seconds']:.0f}s")
+
+
+def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
+    """Titles as queries for their own document; documents judged in any test split are never used."""
+    judged_test = set()
+    for path in (args.data / "qrels").glob("*.tsv"):
+        if path.stem != args.split:
+            for rel in load_qrels(args.data, path.stem).values():
+                judged_test.update(rel)
+    corpus = [d for d in iter_corpus(args.data) if d.title and d.id not in judged_test]
+    picked = rng.sample(corpus, min(args.pseudo_queries, len(corpus)))
+    out = []
+    for doc in picked:
+        negatives = rng.sample([d for d in corpus if d.id != doc.id], args.n_docs - 1)
+        chosen = [doc, *negatives]
+        rng.shuffle(chosen)
+        out.append(Example(doc.title, [(d.title, d.text) for d in chosen],
+                           [i for i, d in enumerate(chosen) if d.id == doc.id]))
+    return out
+
+
+def plot_losses(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    window = max(1, len(rows) // 30)
+
+    def smooth(key: str) -> list[float]:
+        values = [r[key] for r in rows]
+        return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                for i in range(len(values))]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "lm", "aux"):
+        ax.plot(steps, smooth(key), label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (moving average, {window} steps)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
