@@ -4,8 +4,10 @@
         --collection scifact [--split test] [--rerank-depth 20] [--max-queries M] [--out FILE.json]
 
 Each judged query of the split runs twice through the gateway: first stage
-alone (rerank_depth 0) and reranked (rerank_depth K), side by side; runs are
-scored with ir-measures (nDCG@10, Recall@100, MRR@10). Works on any BEIR-layout
+alone (rerank_depth 0) and reranked (rerank_depth K), side by side. The
+reranked reply gives two rankings: the served one (fused with the first stage
+when the model carries a fusion weight) and the reranker's own scores alone.
+Runs are scored with ir-measures (nDCG@10, Recall@100, MRR@10). Works on any BEIR-layout
 directory; `--ingest-target RETRIEVER` first ingests the corpus if the
 collection is missing or incomplete.
 """
@@ -33,10 +35,11 @@ Run = dict[str, dict[str, float]]
 
 
 async def collect_runs(target: str, collection: str, queries: dict[str, str], depth: int, top_k: int,
-                       concurrency: int, timeout: float) -> tuple[Run, Run, list[float]]:
-    """(first-stage run, reranked run, rerank latencies in ms)."""
+                       concurrency: int, timeout: float) -> tuple[Run, Run, Run, list[float]]:
+    """(first-stage run, served reranked run, reranker-alone run, rerank latencies in ms)."""
     first: Run = {}
     reranked: Run = {}
+    alone: Run = {}
     latencies: list[float] = []
     limit = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(queries), desc=f"eval {collection}", unit="query")
@@ -54,12 +57,13 @@ async def collect_runs(target: str, collection: str, queries: dict[str, str], de
                     if not reply.reranked:
                         raise RuntimeError(f"gateway did not rerank: {reply.rerank_skipped_reason}")
                     reranked[qid] = _as_run(reply, rerank=True)
+                    alone[qid] = _reranker_alone(reply, depth)
                     latencies.append(reply.timings.rerank_ms)
                 bar.update(1)
 
         await asyncio.gather(*(one(qid, text) for qid, text in queries.items()))
     bar.close()
-    return first, reranked, latencies
+    return first, reranked, alone, latencies
 
 
 def _as_run(reply: search_pb2.SearchResponse, rerank: bool) -> dict[str, float]:
@@ -67,6 +71,13 @@ def _as_run(reply: search_pb2.SearchResponse, rerank: bool) -> dict[str, float]:
     n = len(reply.results)
     return {hit.document.id: float(n - rank) for rank, hit in enumerate(reply.results)} if rerank else \
         {hit.document.id: hit.retrieval_score for hit in reply.results}
+
+
+def _reranker_alone(reply: search_pb2.SearchResponse, depth: int) -> dict[str, float]:
+    """The reranked head ordered by the reranker's own score (no fusion), then the first-stage tail."""
+    head = sorted(reply.results[:depth], key=lambda h: -h.rerank_model_score)
+    ordered = [*head, *reply.results[depth:]]
+    return {hit.document.id: float(len(ordered) - rank) for rank, hit in enumerate(ordered)}
 
 
 def score(qrels: dict, run: Run) -> dict[str, float]:
@@ -95,11 +106,12 @@ def evaluate(target: str, data: Path, collection: str, split: str = "test", dept
         queries = dict(list(queries.items())[:max_queries])
     qrels = {q: rel for q, rel in load_qrels(data, split).items() if q in queries}
     start = time.perf_counter()
-    first, reranked, latencies = asyncio.run(collect_runs(target, collection, queries, depth, 100, concurrency,
-                                                          timeout))
+    first, reranked, alone, latencies = asyncio.run(collect_runs(target, collection, queries, depth, 100,
+                                                                 concurrency, timeout))
     rows = {"first stage": score(qrels, first)}
     if depth > 0:
-        rows[f"reranked (depth {depth})"] = score(qrels, reranked)
+        rows[f"reranker alone (depth {depth})"] = score(qrels, alone)
+        rows[f"served: fused (depth {depth})"] = score(qrels, reranked)
     latencies.sort()
     return {
         "data": str(data), "collection": collection, "split": split, "queries": len(queries),

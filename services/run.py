@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", default="", help="default: the first SciFact test query")
     parser.add_argument("--rerank-depth", type=int, default=20)
     parser.add_argument("--no-reranker", action="store_true")
+    parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
     parser.add_argument("--eval", type=Path, default=None, metavar="OUT_JSON",
                         help="instead of the demo query, run services.eval on the split and write OUT_JSON")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                        retriever_port, logs)]
     gateway_args = ["--retriever-target", processes[0].target]
     if not args.no_reranker:
-        processes.append(start("reranker", "services.reranker", [], reranker_port, logs))
+        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter], reranker_port, logs))
         gateway_args += ["--reranker-target", processes[-1].target]
     processes.append(start("gateway", "services.gateway", gateway_args, gateway_port, logs))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

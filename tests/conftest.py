@@ -140,5 +140,6 @@ def scifact_retriever(tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("scifact")
     server = Server("services.retriever", ["--data-dir", str(tmp / "data")], log_path=tmp / "retriever.log").start()
     ingest_corpus(server.target, "scifact", SCIFACT, progress=False)
+    server.data_dir = tmp / "data"  # snapshots other tests may load in-process (read only)
     yield server
     server.stop()

@@ -1,0 +1,48 @@
+"""Fine-tuning end to end at toy scale: real model, real first stage, real PEFT adapter."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reranker.engine import Reranker, RerankerConfig, fuse, rank_scores
+from tests.conftest import ROOT, SCIFACT
+
+pytestmark = pytest.mark.slow
+
+
+def train(out, retriever_dir, steps: int = 3):
+    cmd = [sys.executable, "-m", "reranker.train", "--data", str(SCIFACT), "--out", str(out), "--steps", str(steps),
+           "--n-docs", "4", "--block-tokens", "32", "--dev-queries", "5", "--save-every", "2",
+           "--layer", "6", "--retriever-dir", str(retriever_dir), "--collection", "scifact"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_train_saves_a_loadable_reproducible_adapter(tmp_path, scifact_retriever):
+    log_a = train(tmp_path / "a", scifact_retriever.data_dir)
+    log_b = train(tmp_path / "b", scifact_retriever.data_dir)
+    assert [r["loss"] for r in log_a] == pytest.approx([r["loss"] for r in log_b], rel=1e-5), "seeded"
+    adapter = tmp_path / "a"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "checkpoint-2").is_dir()
+    assert (adapter / "loss.png").stat().st_size > 0
+    meta = json.loads((adapter / "blockrank.json").read_text())
+    assert meta["layer"] == 6 and len(meta["dev_query_ids"]) == 5 and meta["block_tokens"] == 32
+
+    tuned = Reranker(RerankerConfig(adapter=str(adapter)))
+    base = Reranker(RerankerConfig(adapter="none", block_tokens=32, scoring_layer=6))
+    docs = [("Cats", "Cats purr."), ("Stocks", "Markets fell."), ("Insulin", "Insulin lowers glucose.")]
+    assert tuned.spec.layer == 6 and tuned.model_name.endswith("+a")
+    tuned_scores = tuned.score_prompts([tuned.build_prompt("blood sugar", docs)])[0]
+    base_scores = base.score_prompts([base.build_prompt("blood sugar", docs)])[0]
+    assert tuned_scores != pytest.approx(base_scores, abs=1e-7), "the adapter changes the model"
+
+
+def test_fusion_is_a_convex_mix_of_normalised_scores():
+    model, first = [0.1, 0.5, 0.2], [3.0, 1.0, 2.0]
+    assert [r.index for r in rank_scores(fuse(model, first, 1.0))] == [1, 2, 0]
+    assert [r.index for r in rank_scores(fuse(model, first, 0.0))] == [0, 2, 1]
+    assert fuse(model, first, 0.5) == pytest.approx([0.5, 0.5, 0.5 * 0.25 + 0.5 * 0.5])
+    assert fuse([1.0, 1.0], [2.0, 1.0], 0.5) == pytest.approx([0.5, 0.0])
