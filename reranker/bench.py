@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from reranker.blockrank import full_causal_ids
 from reranker.engine import Reranker, RerankerConfig
+from reranker.plots import figure
 from retriever.beir import iter_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,30 +106,22 @@ def describe_device(device: torch.device) -> str:
 
 
 def plot_speed(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["results"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o",
-            label=f"BlockRank (layers 0..{result['scoring_layer']})")
-    dense = [r for r in rows if r["full_attention_s"] is not None]
-    ax.plot([r["n_docs"] for r in dense], [r["full_attention_s"] for r in dense], marker="s",
-            label=f"full causal attention ({result['num_layers']} layers)")
-    for r in dense:
-        ax.annotate(f"{r['speedup']:.1f}x", (r["n_docs"], r["full_attention_s"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
-    ax.set_ylabel("seconds per rerank")
-    ax.set_title(f"{result['model']} on {result['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (7, 4.5)) as ax:
+        ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o",
+                label=f"BlockRank (layers 0..{result['scoring_layer']})")
+        dense = [r for r in rows if r["full_attention_s"] is not None]
+        ax.plot([r["n_docs"] for r in dense], [r["full_attention_s"] for r in dense], marker="s",
+                label=f"full causal attention ({result['num_layers']} layers)")
+        for r in dense:
+            ax.annotate(f"{r['speedup']:.1f}x", (r["n_docs"], r["full_attention_s"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
+        ax.set_ylabel("seconds per rerank")
+        ax.set_title(f"{result['model']} on {result['device']}")
+        ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from reranker.candidates import Candidates, first_stage
 from reranker.engine import ADAPTER_META, SCORING_DIR, Reranker, RerankerConfig, fuse
+from reranker.plots import figure
 from retriever.beir import load_qrels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,22 +142,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers = [int(k) for k in result["per_layer_all_heads"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(layers, list(result["per_layer_all_heads"].values()), marker="o", label="attention mass, all heads")
-    ax.axhline(result["ndcg_at_10"]["first_stage"], color="gray", linestyle="--", label="first stage")
-    ax.set_xlabel("scoring layer")
-    ax.set_ylabel("nDCG@10")
-    ax.set_title(f"{result['model']}: layer sweep on {result['picked_on']['split']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path) as ax:
+        ax.plot(layers, list(result["per_layer_all_heads"].values()), marker="o", label="attention mass, all heads")
+        ax.axhline(result["ndcg_at_10"]["first_stage"], color="gray", linestyle="--", label="first stage")
+        ax.set_xlabel("scoring layer")
+        ax.set_ylabel("nDCG@10")
+        ax.set_title(f"{result['model']}: layer sweep on {result['picked_on']['split']}")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from reranker.blockrank import BlockRankForward
 from reranker.candidates import Candidates, first_stage
 from reranker.model import load_model
+from reranker.plots import figure
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
 from retriever.beir import iter_corpus, load_qrels
 
@@ -207,11 +208,6 @@ def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Exampl
 
 
 def plot_losses(log_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     window = max(1, len(rows) // 30)
 
@@ -220,16 +216,13 @@ def plot_losses(log_path: Path, out: Path) -> None:
         return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
                 for i in range(len(values))]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    for key in ("loss", "lm", "aux"):
-        ax.plot(steps, smooth(key), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"loss (moving average, {window} steps)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    with figure(out) as ax:
+        steps = [r["step"] for r in rows]
+        for key in ("loss", "lm", "aux"):
+            ax.plot(steps, smooth(key), label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"loss (moving average, {window} steps)")
+        ax.legend()
 
 
 if __name__ == "__main__":
