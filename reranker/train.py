@@ -8,9 +8,10 @@ identifier plus the auxiliary InfoNCE loss on the attention scores at l*.
 Training data: the train split's judged queries (never test), each with one
 relevant document and hard negatives from the first-stage retriever (its
 top-`--negatives-depth` minus the judged documents), shuffled into random
-slots. `--pseudo-queries N` adds N corpus titles as queries for their own
-document (GPL/InPars-style), skipping every document judged in any test
-split. `--dev-queries` train queries are held out of training and used after
+slots, drawn anew at every use (so each epoch sees new lists).
+`--pseudo-queries N` adds N corpus titles as queries for their own document
+(GPL/InPars-style) with the title's first-stage neighbours as negatives,
+skipping every document judged in any test split. `--dev-queries` train queries are held out of training and used after
 it to pick the scoring heads and fit the first-stage/reranker fusion weight.
 
 The LM loss runs through layers 0..l* followed by the final norm and lm_head:
@@ -40,31 +41,35 @@ from reranker.model import load_model
 from reranker.plots import figure
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
 from retriever.beir import iter_corpus, load_qrels
+from retriever.types import Document
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Example:
+    """A query, one relevant document and its pool of hard negatives; every use draws fresh negatives
+    into fresh slots, so later epochs see new lists."""
+
     query: str
-    docs: list[tuple[str, str]]
-    positive_slots: list[int]
+    positive: Document
+    negatives: list[Document]
+
+    def draw(self, n_docs: int, rng: random.Random) -> tuple[list[tuple[str, str]], int]:
+        chosen = [self.positive, *rng.sample(self.negatives, n_docs - 1)]
+        rng.shuffle(chosen)
+        return [(d.title, d.text) for d in chosen], chosen.index(self.positive)
 
 
-def build_examples(candidates: list[Candidates], qrels: dict, n_docs: int, rng: random.Random) -> list[Example]:
-    """One example per (query, relevant doc in the candidates or not): the positive plus hard negatives."""
+def build_examples(candidates: list[Candidates], qrels: dict, n_docs: int) -> list[Example]:
+    """One example per (query, relevant document): negatives are the unjudged first-stage candidates."""
     examples = []
     for cand in candidates:
         relevant = qrels.get(cand.query_id, {})
         negatives = [d for d in cand.documents if d.id not in relevant]
-        positives = [d for d in cand.documents if d.id in relevant]
-        if not positives or len(negatives) < n_docs - 1:
+        if len(negatives) < n_docs - 1:
             continue
-        for positive in positives:
-            chosen = [positive, *rng.sample(negatives, n_docs - 1)]
-            rng.shuffle(chosen)
-            examples.append(Example(cand.query, [(d.title, d.text) for d in chosen],
-                                    [i for i, d in enumerate(chosen) if d.id == positive.id]))
+        examples += [Example(cand.query, d, negatives) for d in cand.documents if d.id in relevant]
     return examples
 
 
@@ -133,9 +138,9 @@ def train(args: argparse.Namespace) -> None:
     rng.shuffle(candidates)
     dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
     qrels = load_qrels(args.data, args.split)
-    examples = build_examples(train_cands, qrels, args.n_docs, rng)
+    examples = build_examples(train_cands, qrels, args.n_docs)
     if args.pseudo_queries:
-        examples += pseudo_examples(args, rng)
+        examples += [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1]
     rng.shuffle(examples)
     print(f"{len(examples)} training examples, {len(dev)} dev queries held out, l*={layer}")
 
@@ -160,11 +165,13 @@ def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
-        ex = examples[step % len(examples)]
-        prompt = builder.build(ex.query, ex.docs)
-        answer = builder.answer_ids(ex.positive_slots[0])[0]
-        lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt, answer,
-                                            ex.positive_slots, layer, args.block_tokens, args.tau)
+        if step and step % len(examples) == 0:
+            rng.shuffle(examples)  # a new epoch, in a new order
+        docs, slot = examples[step % len(examples)].draw(args.n_docs, rng)
+        prompt = builder.build(examples[step % len(examples)].query, docs)
+        answer = builder.answer_ids(slot)[0]
+        lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt, answer, [slot],
+                                            layer, args.block_tokens, args.tau)
         loss = lm_loss + args.aux_weight * aux_loss
         optimizer.zero_grad()
         loss.backward()
@@ -189,22 +196,27 @@ def train(args: argparse.Namespace) -> None:
 
 
 def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
-    """Titles as queries for their own document; documents judged in any test split are never used."""
-    judged_test = set()
+    """Titles as queries for their own document (negatives: the title's first-stage neighbours);
+    documents judged in any other split (test) are never used."""
+    judged_elsewhere = set()
     for path in (args.data / "qrels").glob("*.tsv"):
         if path.stem != args.split:
             for rel in load_qrels(args.data, path.stem).values():
-                judged_test.update(rel)
-    corpus = [d for d in iter_corpus(args.data) if d.title and d.id not in judged_test]
+                judged_elsewhere.update(rel)
+    corpus = [d for d in iter_corpus(args.data) if d.title and d.id not in judged_elsewhere]
     picked = rng.sample(corpus, min(args.pseudo_queries, len(corpus)))
-    out = []
-    for doc in picked:
-        negatives = rng.sample([d for d in corpus if d.id != doc.id], args.n_docs - 1)
-        chosen = [doc, *negatives]
-        rng.shuffle(chosen)
-        out.append(Example(doc.title, [(d.title, d.text) for d in chosen],
-                           [i for i, d in enumerate(chosen) if d.id == doc.id]))
-    return out
+    neighbours = title_neighbours(args, [d.title for d in picked], args.negatives_depth)
+    return [Example(doc.title, doc, [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
+            for doc, near in zip(picked, neighbours, strict=True)]
+
+
+def title_neighbours(args: argparse.Namespace, titles: list[str], depth: int) -> list[list[Document]]:
+    from retriever.embedder import Embedder
+    from retriever.engine import RetrieverEngine
+
+    engine = RetrieverEngine(args.retriever_dir, Embedder())
+    engine.load()
+    return [[h.document for h in row] for row in engine.search_batch(args.collection, titles, depth)]
 
 
 def plot_losses(log_path: Path, out: Path) -> None:
