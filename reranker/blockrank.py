@@ -60,6 +60,8 @@ class BlockRankForward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale = self.head_dim ** -0.5
         self.num_layers = cfg.num_hidden_layers
+        self.chunk_tokens = 4096  # document tokens per chunk inside a layer
+        self.keep_inputs = False  # set while capturing per-layer inputs
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +86,7 @@ class BlockRankForward:
         if not 0 <= last_layer < self.num_layers:
             raise ValueError(f"scoring layer must be in 0..{self.num_layers - 1}, got {last_layer}")
         device = self.device
+        self.keep_inputs = capture is not None
         docs = _pad_docs(prompts, device)
         state = self._embed(prompts, docs, block_tokens)
         wanted = sorted(set(score_layers))
@@ -139,22 +142,33 @@ class BlockRankForward:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _layer(self, layer, state: _State, docs: DocBatch) -> _State:
-        qd, kd, vd = self._qkv(layer, state.docs, state.rope_docs)
-        doc_out = torch.empty_like(qd)
+        n_docs, width = docs.ids.shape
+        doc_keys = torch.empty(n_docs, width, self.n_kv, self.head_dim, dtype=state.docs.dtype,
+                               device=state.docs.device)
+        doc_values = torch.empty_like(doc_keys)
+        # At inference the documents' hidden states are updated in place (chunks are independent);
+        # autograd and the equivalence tests' captures need the old tensor kept.
+        in_place = torch.is_inference_mode_enabled() and not self.keep_inputs
+        new_docs = state.docs if in_place else torch.empty_like(state.docs)
         new_prefix, new_final = [], []
         for i, (start, end) in enumerate(docs.spans):
             qp, kp, vp = self._qkv(layer, state.prefix[i], state.rope_prefix[i])
-            qf, kf, vf = self._qkv(layer, state.final[i], state.rope_final[i])
             kp, vp = kp[0], vp[0]
             new_prefix.append(self._finish(layer, state.prefix[i], self._attend(qp[0], [], causal=(kp, vp))[None]))
-            doc_out[start:end] = self._attend_docs(qd[start:end], kd[start:end], vd[start:end],
-                                                   docs.valid[start:end], kp, vp)
-            doc_keys = kd[start:end].reshape(-1, self.n_kv, self.head_dim)
-            doc_values = vd[start:end].reshape(-1, self.n_kv, self.head_dim)
+            # Documents go through the layer a chunk at a time: every tensor stays cache-sized, so the
+            # cost per document does not grow with the number of documents.
+            for lo in range(start, end, max(1, self.chunk_tokens // width)):
+                hi = min(end, lo + max(1, self.chunk_tokens // width))
+                rope = tuple(r[lo:hi] for r in state.rope_docs)
+                q, doc_keys[lo:hi], doc_values[lo:hi] = self._qkv(layer, state.docs[lo:hi], rope)
+                out = self._attend_docs(q, doc_keys[lo:hi], doc_values[lo:hi], docs.valid[lo:hi], kp, vp)
+                new_docs[lo:hi] = self._finish(layer, state.docs[lo:hi], out)
+            qf, kf, vf = self._qkv(layer, state.final[i], state.rope_final[i])
+            keys = doc_keys[start:end].reshape(-1, self.n_kv, self.head_dim)
+            values = doc_values[start:end].reshape(-1, self.n_kv, self.head_dim)
             pad = _key_bias(docs.valid[start:end].reshape(-1), qf.dtype)
-            final_out = self._attend(qf[0], [(kp, vp, None), (doc_keys, doc_values, pad)], causal=(kf[0], vf[0]))
+            final_out = self._attend(qf[0], [(kp, vp, None), (keys, values, pad)], causal=(kf[0], vf[0]))
             new_final.append(self._finish(layer, state.final[i], final_out[None]))
-        new_docs = self._finish(layer, state.docs, doc_out)
         return _State(new_prefix, new_docs, new_final, state.rope_prefix, state.rope_docs, state.rope_final)
 
     def _attend(self, q: torch.Tensor, parts, causal) -> torch.Tensor:

@@ -30,14 +30,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("layer,heads", [(4, ()), (15, (0, 4, 8))])
-def test_scores_and_hidden_states_match_dense_reference(eager_lm, builder, layer, heads):
+@pytest.mark.parametrize("layer,heads,chunk_tokens", [(4, (), 4096), (15, (0, 4, 8), 100)])
+def test_scores_and_hidden_states_match_dense_reference(eager_lm, builder, layer, heads, chunk_tokens):
     # Uneven lengths (padded blocks), a truncated block, N = 1 and a batch of 3 prompts in one pass.
     prompts = [builder.build("blood sugar and insulin", DOCS[:5] + [LONG]),
                builder.build("Q", DOCS[6:7]),
                builder.build("volcano eruption with lava", DOCS[::-1])]
     spec = ScoringSpec(layer=layer, heads=heads, block_tokens=BLOCK)
     fast = BlockRankForward(eager_lm.model)
+    fast.chunk_tokens = chunk_tokens  # 100: documents run through each layer two at a time
     captured: list = []
     masses = fast.head_masses(prompts, layer, [layer], BLOCK, capture=captured)
     batched_scores = fast.score(prompts, spec)
