@@ -60,7 +60,7 @@ class BlockRankForward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale = self.head_dim ** -0.5
         self.num_layers = cfg.num_hidden_layers
-        self.chunk_tokens = 4096  # document tokens per chunk inside a layer
+        self.chunk_tokens = 2048  # document tokens per chunk inside a layer: temporaries stay ~10 MB
         self.keep_inputs = False  # set while capturing per-layer inputs
 
     @property
@@ -143,12 +143,18 @@ class BlockRankForward:
 
     def _layer(self, layer, state: _State, docs: DocBatch) -> _State:
         n_docs, width = docs.ids.shape
-        doc_keys = torch.empty(n_docs, width, self.n_kv, self.head_dim, dtype=state.docs.dtype,
-                               device=state.docs.device)
-        doc_values = torch.empty_like(doc_keys)
-        # At inference the documents' hidden states are updated in place (chunks are independent);
-        # autograd and the equivalence tests' captures need the old tensor kept.
+        # At inference the documents' hidden states are updated in place (chunks are independent) and
+        # one K/V buffer serves every layer: no large allocation per layer. Autograd and the
+        # equivalence tests' captures need every layer's tensors kept, so they get fresh ones.
         in_place = torch.is_inference_mode_enabled() and not self.keep_inputs
+        shape = (n_docs, width, self.n_kv, self.head_dim)
+        if in_place:
+            if state.kv_buffer is None:
+                state.kv_buffer = torch.empty((2, *shape), dtype=state.docs.dtype, device=state.docs.device)
+            doc_keys, doc_values = state.kv_buffer
+        else:
+            doc_keys = torch.empty(shape, dtype=state.docs.dtype, device=state.docs.device)
+            doc_values = torch.empty_like(doc_keys)
         new_docs = state.docs if in_place else torch.empty_like(state.docs)
         new_prefix, new_final = [], []
         for i, (start, end) in enumerate(docs.spans):
@@ -169,7 +175,8 @@ class BlockRankForward:
             pad = _key_bias(docs.valid[start:end].reshape(-1), qf.dtype)
             final_out = self._attend(qf[0], [(kp, vp, None), (keys, values, pad)], causal=(kf[0], vf[0]))
             new_final.append(self._finish(layer, state.final[i], final_out[None]))
-        return _State(new_prefix, new_docs, new_final, state.rope_prefix, state.rope_docs, state.rope_final)
+        return _State(new_prefix, new_docs, new_final, state.rope_prefix, state.rope_docs, state.rope_final,
+                      state.kv_buffer)
 
     def _attend(self, q: torch.Tensor, parts, causal) -> torch.Tensor:
         """One sequence of queries q (T, kv, g, hd) over key parts that it sees fully
@@ -235,6 +242,7 @@ class _State:
     rope_prefix: list
     rope_docs: tuple[torch.Tensor, torch.Tensor]
     rope_final: list
+    kv_buffer: torch.Tensor | None = None  # (2, docs, T, kv, hd), reused across layers at inference
 
 
 def _pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
