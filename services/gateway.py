@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
-from services.server import GRPC_OPTIONS, ServiceSpec, elapsed_ms, print_config, serve, setup_logging
+from services.server import GRPC_OPTIONS, Hosted, ServiceSpec, elapsed_ms, run_service, setup_logging
 
 MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
@@ -131,18 +130,15 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     return GatewayConfig(**vars(parser.parse_args(argv)))
 
 
+def build(config: GatewayConfig) -> Hosted:
+    servicer = SearchServicer(config)  # aio channels must be made inside the running loop
+    return Hosted([ServiceSpec.of(search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server,
+                                  servicer)])
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    config = parse_args(argv)
-    print_config("gateway", config)
-    asyncio.run(_serve(config))
-
-
-async def _serve(config: GatewayConfig) -> None:
-    servicer = SearchServicer(config)  # aio channels must be made inside the running loop
-    spec = ServiceSpec(search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
-                       lambda server: search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server))
-    await serve(name="gateway", host=config.host, port=config.port, services=[spec], grace_s=config.grace_s)
+    run_service("gateway", parse_args(argv), build)
 
 
 if __name__ == "__main__":

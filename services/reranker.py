@@ -18,7 +18,7 @@ from reranker.engine import Reranker, RerankerConfig
 from reranker.errors import RerankInputError, UnknownTenant
 from services.errors import NotReady, ServiceError
 from services.gen.retrieval.v1 import document_pb2, reranker_pb2, reranker_pb2_grpc
-from services.server import ServiceSpec, Worker, elapsed_ms, print_config, serve, setup_logging
+from services.server import Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
 @dataclass(frozen=True)
@@ -121,19 +121,16 @@ def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
     return RerankerServiceConfig(**vars(parser.parse_args(argv)))
 
 
+def build(config: RerankerServiceConfig) -> Hosted:
+    servicer = RerankerServicer(config)
+    spec = ServiceSpec.of(reranker_pb2, "RerankerService", reranker_pb2_grpc.add_RerankerServiceServicer_to_server,
+                          servicer)
+    return Hosted([spec], load=servicer.load, after_load=servicer.start_batcher)
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    config = parse_args(argv)
-    print_config("reranker", config)
-    asyncio.run(_serve(config))
-
-
-async def _serve(config: RerankerServiceConfig) -> None:
-    servicer = RerankerServicer(config)
-    spec = ServiceSpec(reranker_pb2.DESCRIPTOR.services_by_name["RerankerService"].full_name,
-                       lambda server: reranker_pb2_grpc.add_RerankerServiceServicer_to_server(servicer, server))
-    await serve(name="reranker", host=config.host, port=config.port, services=[spec], load=servicer.load,
-                grace_s=config.grace_s, after_load=servicer.start_batcher)
+    run_service("reranker", parse_args(argv), build)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from services.convert import (
 )
 from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
-from services.server import ServiceSpec, Worker, elapsed_ms, print_config, serve, setup_logging
+from services.server import Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,16 @@ def parse_args(argv: list[str] | None = None) -> RetrieverConfig:
     return RetrieverConfig(**vars(parser.parse_args(argv)))
 
 
+def build(config: RetrieverConfig) -> Hosted:
+    servicer = RetrieverServicer(config)
+    spec = ServiceSpec.of(retriever_pb2, "RetrieverService", retriever_pb2_grpc.add_RetrieverServiceServicer_to_server,
+                          servicer)
+    return Hosted([spec], load=servicer.load)
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    config = parse_args(argv)
-    print_config("retriever", config)
-    servicer = RetrieverServicer(config)
-    spec = ServiceSpec(retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name,
-                       lambda server: retriever_pb2_grpc.add_RetrieverServiceServicer_to_server(servicer, server))
-    asyncio.run(serve(name="retriever", host=config.host, port=config.port, services=[spec],
-                      load=servicer.load, grace_s=config.grace_s))
+    run_service("retriever", parse_args(argv), build)
 
 
 if __name__ == "__main__":

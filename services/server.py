@@ -64,6 +64,33 @@ class ServiceSpec:
     full_name: str
     register: Callable[[grpc.aio.Server], None]
 
+    @classmethod
+    def of(cls, pb2_module: Any, service: str, add_to_server: Callable[[Any, grpc.aio.Server], None],
+           servicer: Any) -> ServiceSpec:
+        return cls(pb2_module.DESCRIPTOR.services_by_name[service].full_name,
+                   lambda server: add_to_server(servicer, server))
+
+
+@dataclass
+class Hosted:
+    """What a service process hosts, built inside the running event loop (aio channels need it)."""
+
+    services: list[ServiceSpec]
+    load: Callable[[], None] | None = None
+    after_load: Callable[[], Awaitable[None]] | None = None
+
+
+def run_service(name: str, config: Any, build: Callable[[Any], Hosted]) -> None:
+    """The whole life of a service process: log its config, serve until SIGTERM/SIGINT."""
+    print_config(name, config)
+
+    async def main() -> None:
+        hosted = build(config)
+        await serve(name=name, host=config.host, port=config.port, services=hosted.services, load=hosted.load,
+                    grace_s=config.grace_s, after_load=hosted.after_load)
+
+    asyncio.run(main())
+
 
 async def serve(*, name: str, host: str, port: int, services: Sequence[ServiceSpec],
                 load: Callable[[], None] | None = None, grace_s: float = 10.0,
