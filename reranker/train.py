@@ -167,8 +167,9 @@ def train(args: argparse.Namespace) -> None:
     for step in bar:
         if step and step % len(examples) == 0:
             rng.shuffle(examples)  # a new epoch, in a new order
-        docs, slot = examples[step % len(examples)].draw(args.n_docs, rng)
-        prompt = builder.build(examples[step % len(examples)].query, docs)
+        example = examples[step % len(examples)]
+        docs, slot = example.draw(args.n_docs, rng)
+        prompt = builder.build(example.query, docs)
         answer = builder.answer_ids(slot)[0]
         lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt, answer, [slot],
                                             layer, args.block_tokens, args.tau)
