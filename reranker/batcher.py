@@ -1,6 +1,7 @@
 """Dynamic batching for the reranker: callers `await submit(prompt)`; one worker
 drains a bounded queue into batches capped by tokens and runs them off the
-event loop. A full queue is refused at once (QueueFull), so overload shows
+event loop. Requests of different tenants share batches: each item carries
+its tenant's handle, and the score function runs them together. A full queue is refused at once (QueueFull), so overload shows
 up as an error the caller can act on instead of as unbounded latency."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from reranker.errors import QueueFull
 from reranker.prompt import Prompt
@@ -36,6 +38,7 @@ class Scored:
 @dataclass
 class _Item:
     prompt: Prompt
+    handle: Any  # the tenant's handle (reranker.engine.TenantHandle), passed through to score_fn
     future: asyncio.Future
     enqueued: float
 
@@ -45,7 +48,7 @@ class _Item:
 
 
 class RerankBatcher:
-    def __init__(self, score_fn: Callable[[Sequence[Prompt]], list[list[float]]],
+    def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[Any]], list[list[float]]],
                  config: BatcherConfig = BatcherConfig()) -> None:
         self.score_fn = score_fn
         self.config = config
@@ -68,9 +71,9 @@ class RerankBatcher:
     def queued(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    async def submit(self, prompt: Prompt) -> Scored:
+    async def submit(self, prompt: Prompt, handle: Any = None) -> Scored:
         assert self._queue is not None, "start() the batcher first"
-        item = _Item(prompt, asyncio.get_running_loop().create_future(), time.perf_counter())
+        item = _Item(prompt, handle, asyncio.get_running_loop().create_future(), time.perf_counter())
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -86,7 +89,7 @@ class RerankBatcher:
             start = time.perf_counter()
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.score_fn, [item.prompt for item in live])
+                    self._executor, self.score_fn, [item.prompt for item in live], [item.handle for item in live])
             except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
                 log.exception("rerank batch of %d failed", len(live))
                 for item in live:

@@ -11,3 +11,15 @@ class QueueFull(RuntimeError):
 
 class UnknownTenant(LookupError):
     """No adapter is loaded for this tenant (NOT_FOUND)."""
+
+
+class AdapterNotFound(LookupError):
+    """No adapter of that name under the server's adapters root (NOT_FOUND)."""
+
+
+class AdapterInvalid(ValueError):
+    """The adapter name or files cannot be served (INVALID_ARGUMENT)."""
+
+
+class BudgetExceeded(RuntimeError):
+    """The adapter does not fit the tenant-block memory budget (RESOURCE_EXHAUSTED)."""

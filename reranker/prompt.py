@@ -43,6 +43,9 @@ class Prompt:
     final: list[int]
     signal_tokens: int
     tag_lengths: list[int]  # leading tokens of each doc that are its identifier
+    # Leading prefix tokens that are the same for every query (BOS + instruction): their K/V are
+    # computed once per model chain and reused (see blockrank.SharedPrefixCache).
+    shared_prefix: int = 0
 
     @property
     def n_docs(self) -> int:
@@ -56,6 +59,13 @@ class PromptBuilder:
         self.template = template
         self.limits = limits
         self._bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        # The prefix is tokenised as [instruction head | query tail], split before the query's
+        # leading space: for BPE tokenizers that is where a word boundary is anyway, so the ids equal
+        # those of the joined string (tests/reranker/test_zoo.py checks it).
+        head, tail = template.prefix.split("{query}", 1)
+        stripped = head.rstrip(" ")
+        self._shared = self._bos + self._ids(stripped.format(instruction=template.instruction))
+        self._query_part = head[len(stripped):] + "{query}" + tail
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -68,13 +78,13 @@ class PromptBuilder:
         """docs: (title, text) pairs in slot order; slot i gets identifier i."""
         query = self.query_ids_text(query)
         t = self.template
-        prefix = self._bos + self._ids(t.prefix.format(instruction=t.instruction, query=query))
+        prefix = self._shared + self._ids(self._query_part.format(query=query))
         tags = [self._ids(t.tag.format(index=i)) for i in range(len(docs))]
         blocks = [(tag + self._ids(t.document.format(title=title, text=text)))[: self.limits.block_tokens]
                   for tag, (title, text) in zip(tags, docs, strict=True)]
         final = self._ids(t.final.format(query=query)) + self._ids(t.answer_open)
         return Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens,
-                      tag_lengths=[len(tag) for tag in tags])
+                      tag_lengths=[len(tag) for tag in tags], shared_prefix=len(self._shared))
 
     def answer_ids(self, index: int) -> list[int]:
         """Token ids of the completion naming document `index` (the LM target when training)."""

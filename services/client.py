@@ -4,7 +4,11 @@
     python -m services.client ingest --target 127.0.0.1:50051 --collection scifact \
         --corpus ../shared/data/scifact
     python -m services.client search --target 127.0.0.1:50050 --collection scifact \
-        --query "..." --top-k 10 --rerank-depth 20
+        --query "..." --top-k 10 --rerank-depth 20 [--tenant acme]
+    python -m services.client load-adapter --target 127.0.0.1:50052 --tenant acme --adapter scifact-lora
+    python -m services.client adapters --target 127.0.0.1:50052
+    python -m services.client unload-adapter --target 127.0.0.1:50052 --tenant acme
+Adapter commands take --admin-token (or env RERANKER_ADMIN_TOKEN) when the server requires one.
 Add --json (before the subcommand) for machine-readable output.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +31,8 @@ from tqdm.auto import tqdm
 from retriever.beir import count_corpus, iter_corpus
 from services.convert import document_to_pb
 from services.gen.retrieval.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
     document_pb2,
     retriever_pb2,
     retriever_pb2_grpc,
@@ -164,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--rerank-depth", type=int, default=0)
     p.add_argument("--tenant", default="")
+    for command, text in [("adapters", "tenants, blocks and memory of a reranker"),
+                          ("load-adapter", "serve an adapter (by name) for a tenant"),
+                          ("unload-adapter", "stop serving a tenant")]:
+        p = sub.add_parser(command, help=text)
+        p.add_argument("--target", required=True, help="the reranker server")
+        p.add_argument("--admin-token", default=os.environ.get("RERANKER_ADMIN_TOKEN", ""))
+        if command != "adapters":
+            p.add_argument("--tenant", required=True)
+        if command == "load-adapter":
+            p.add_argument("--adapter", required=True, help="adapter name under the server's adapters root")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -186,6 +203,8 @@ def _run(args: argparse.Namespace) -> int:
                               index_type=args.index, progress=not args.json)
         _emit(args, {"collection": args.collection, "upserted": count}, f"upserted {count} documents")
         return 0
+    if args.command in ("adapters", "load-adapter", "unload-adapter"):
+        return _adapters(args)
     with channel(args.target) as ch:
         stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
         if args.command == "collections":
@@ -201,6 +220,35 @@ def _run(args: argparse.Namespace) -> int:
             reply = stub.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection=args.collection),
                                           timeout=30)
             _emit(args, reply, f"deleted {args.collection}")
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    metadata = [("authorization", f"Bearer {args.admin_token}")] if args.admin_token else None
+    with channel(args.target) as ch:
+        stub = adapter_pb2_grpc.AdapterServiceStub(ch)
+        if args.command == "load-adapter":
+            reply = stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=args.tenant, adapter=args.adapter),
+                                     timeout=60, metadata=metadata)
+            a = reply.adapter
+            _emit(args, reply, f"tenant {a.tenant}: {a.adapter} in {reply.load_ms:.1f} ms, "
+                               f"{a.own_blocks} own blocks ({a.own_bytes / 2**20:.1f} MiB), {a.shared_blocks} shared")
+        elif args.command == "unload-adapter":
+            reply = stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant=args.tenant), timeout=30,
+                                       metadata=metadata)
+            _emit(args, reply, f"unloaded {args.tenant}, freed {reply.freed_bytes / 2**20:.1f} MiB")
+        else:
+            reply = stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=30, metadata=metadata)
+            m = reply.memory
+            lines = [f"base {m.base_bytes / 2**20:.1f} MiB (shared by all), tenant blocks "
+                     f"{m.tenant_bytes / 2**20:.1f} MiB of {m.budget_bytes / 2**20:.0f} MiB budget, "
+                     f"prefix cache {m.prefix_cache_bytes / 2**20:.1f} MiB, evictions {m.evictions}, reloads {m.reloads}"]
+            lines += [f"  {a.tenant or '(default)'}: {a.adapter}, layer {a.scoring_layer}, {a.own_blocks} own blocks "
+                      f"({a.own_bytes / 2**20:.1f} MiB){'' if a.resident else ', evicted'}" for a in reply.adapters]
+            lines += [f"  decision {d.tenant} layer {d.layer}: {'use' if d.accepted else 'keep own, not'} "
+                      f"{d.replacement_kind} block ({d.reason})" for d in reply.decisions]
+            lines.append("available: " + (", ".join(reply.available) or "none"))
+            _emit(args, reply, "\n".join(lines))
     return 0
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 import grpc
 
-from reranker.errors import QueueFull, RerankInputError, UnknownTenant
+from reranker.errors import (
+    AdapterInvalid,
+    AdapterNotFound,
+    BudgetExceeded,
+    QueueFull,
+    RerankInputError,
+    UnknownTenant,
+)
 from retriever.types import CollectionExists, CollectionNotFound, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,9 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (RerankInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownTenant, grpc.StatusCode.NOT_FOUND),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CollectionNotFound, grpc.StatusCode.NOT_FOUND),
     (CollectionExists, grpc.StatusCode.ALREADY_EXISTS),

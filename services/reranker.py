@@ -1,12 +1,15 @@
-"""RerankerService: BlockRank reranking over gRPC, with dynamic batching.
+"""RerankerService (BlockRank reranking, dynamic batching across tenants) and
+AdapterService (per-tenant LoRA rerankers as shared blocks) in one process.
 
-    python -m services.reranker --port 50052 [--model PATH] [--device auto]
+    python -m services.reranker --port 50052 [--model PATH] [--device auto] \
+        [--adapters-root DIR] [--tenant-budget-mb 512] [--admin-token TOKEN]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import os
 import time
 from dataclasses import dataclass
@@ -14,10 +17,18 @@ from dataclasses import dataclass
 import grpc
 
 from reranker.batcher import BatcherConfig, RerankBatcher
-from reranker.engine import Reranker, RerankerConfig
-from reranker.errors import RerankInputError, UnknownTenant
+from reranker.engine import Reranker, RerankerConfig, TenantHandle
+from reranker.errors import RerankInputError
+from reranker.prompt import Prompt
+from reranker.zoo import TenantUsage, list_adapter_names
 from services.errors import NotReady, ServiceError
-from services.gen.retrieval.v1 import document_pb2, reranker_pb2, reranker_pb2_grpc
+from services.gen.retrieval.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    document_pb2,
+    reranker_pb2,
+    reranker_pb2_grpc,
+)
 from services.server import Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
@@ -37,6 +48,10 @@ class RerankerServiceConfig:
     max_batch_tokens: int = 65_536
     max_wait_ms: float = 2.0
     grace_s: float = 20.0
+    adapters_root: str = ""  # LoadAdapter names resolve here; empty: reranker/adapters
+    tenant_budget_mb: int = 512
+    equivalence: str = "background"
+    admin_token: str = ""  # when set, AdapterService calls need "authorization: Bearer <token>"
 
 
 class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
@@ -54,7 +69,8 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         self._reranker = Reranker(RerankerConfig(
             model_path=cfg.model_path, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, block_tokens=cfg.block_tokens,
             scoring_layer=cfg.scoring_layer, max_documents=cfg.max_documents,
-            max_document_tokens=cfg.max_document_tokens))
+            max_document_tokens=cfg.max_document_tokens, adapters_root=cfg.adapters_root,
+            tenant_budget_bytes=cfg.tenant_budget_mb << 20, equivalence=cfg.equivalence))
 
     async def start_batcher(self) -> None:
         cfg = self.config
@@ -73,28 +89,90 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         reranker = self.reranker
         if self._batcher is None:
             raise NotReady("the reranker model is still loading")
-        if request.tenant:
-            raise UnknownTenant(f"tenant {request.tenant!r} has no reranker loaded")
         if request.top_n < 0:
             raise RerankInputError("top_n must be >= 0 (0 = all)")
         if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
             raise RerankInputError("first_stage_scores must be empty or one per document")
         docs = [(d.title, d.text) for d in request.documents]
-        prompt = await self.prepare.run(context, reranker.build_prompt, request.query, docs)
+        # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
+        # the tenant is unloaded while the request waits in the queue.
+        handle, prompt = await self.prepare.run(context, self._prepare, request.tenant, request.query, docs)
         remaining = context.time_remaining()
         try:
-            scored = await asyncio.wait_for(self._batcher.submit(prompt), timeout=remaining)
+            scored = await asyncio.wait_for(self._batcher.submit(prompt, handle), timeout=remaining)
         except TimeoutError:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for the reranker") \
                 from None
         first_stage = list(request.first_stage_scores) or None
-        ranked = reranker.ranked(scored.scores, first_stage, request.top_n or None)
+        ranked = reranker.ranked(scored.scores, first_stage, request.top_n or None, handle)
         results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
                                                model_score=r.model_score) for r in ranked]
         timings = document_pb2.Timings(total_ms=elapsed_ms(start), queue_ms=scored.queue_ms,
                                        model_ms=scored.model_ms)
-        return reranker_pb2.RerankResponse(results=results, timings=timings, model=reranker.model_name,
-                                           fused=bool(first_stage) and reranker.fuses)
+        return reranker_pb2.RerankResponse(results=results, timings=timings, model=handle.model_name,
+                                           fused=bool(first_stage) and handle.fuses)
+
+    def _prepare(self, tenant: str, query: str, docs: list[tuple[str, str]]) -> tuple[TenantHandle, Prompt]:
+        handle = self.reranker.handle(tenant)
+        return handle, self.reranker.build_prompt(query, docs, handle)
+
+
+class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
+    """Tenant adapters on the reranker's shared base model (reranker.zoo)."""
+
+    def __init__(self, reranker: RerankerServicer, admin_token: str) -> None:
+        self.rerank = reranker
+        self.admin_token = admin_token
+        self.work = Worker(threads=1)  # adapter loads read files and hash tensors: off the event loop
+
+    async def LoadAdapter(self, request, context):
+        self._authorize(context)
+        if not request.tenant:
+            raise RerankInputError("tenant must not be empty (the empty tenant is the server's default)")
+        if not request.adapter:
+            raise RerankInputError("adapter must name an adapter under the server's adapters root")
+        usage = await self.work.run(context, self.rerank.reranker.load_adapter, request.tenant, request.adapter)
+        return adapter_pb2.LoadAdapterResponse(adapter=self._info(usage), load_ms=usage.load_ms)
+
+    async def UnloadAdapter(self, request, context):
+        self._authorize(context)
+        freed = await self.work.run(context, self.rerank.reranker.unload_adapter, request.tenant)
+        return adapter_pb2.UnloadAdapterResponse(freed_bytes=freed)
+
+    async def ListAdapters(self, request, context):
+        self._authorize(context)
+        reranker = self.rerank.reranker
+        usage = reranker.zoo.usage()
+        memory = adapter_pb2.MemoryUsage(
+            base_bytes=usage.base_bytes, tenant_bytes=usage.tenant_bytes, budget_bytes=usage.budget_bytes,
+            prefix_cache_bytes=reranker.prefix_cache.nbytes, resident_tenant_blocks=usage.resident_tenant_blocks,
+            known_tenant_blocks=usage.known_tenant_blocks, evictions=usage.evictions, reloads=usage.reloads)
+        decisions = [adapter_pb2.SubstitutionDecision(
+            tenant=d.tenant, layer=d.layer, block=d.block, replacement=d.replacement,
+            replacement_kind=d.replacement_kind, max_relative_error=d.max_relative_error,
+            ranking_agreement=d.ranking_agreement, accepted=d.accepted, reason=d.reason)
+            for d in reranker.checker.decisions]
+        return adapter_pb2.ListAdaptersResponse(adapters=[self._info(t) for t in usage.tenants], memory=memory,
+                                                decisions=decisions,
+                                                available=list_adapter_names(reranker.adapters_root))
+
+    def _info(self, usage: TenantUsage) -> adapter_pb2.AdapterInfo:
+        handle = self.rerank.reranker.handle(usage.tenant)
+        return adapter_pb2.AdapterInfo(
+            tenant=usage.tenant, adapter=usage.adapter, own_blocks=usage.own_blocks,
+            shared_blocks=usage.shared_blocks, own_bytes=usage.own_bytes, shared_bytes=usage.shared_bytes,
+            resident=usage.resident, scoring_layer=handle.spec.layer, fusion_weight=handle.fusion_weight or 0.0,
+            fuses=handle.fuses)
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.admin_token:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        if not header:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "AdapterService needs 'authorization: Bearer <token>'")
+        if not hmac.compare_digest(header.encode(), f"Bearer {self.admin_token}".encode()):
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the admin token does not match")
 
 
 def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
@@ -118,14 +196,25 @@ def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
     parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
     parser.add_argument("--grace-s", type=float, default=d.grace_s)
+    parser.add_argument("--adapters-root", default=env("RERANKER_ADAPTERS_ROOT", d.adapters_root),
+                        help="directory whose subdirectories LoadAdapter may name (default: reranker/adapters)")
+    parser.add_argument("--tenant-budget-mb", type=int, default=int(env("RERANKER_TENANT_BUDGET_MB", d.tenant_budget_mb)),
+                        help="memory for tenant blocks; least recently used ones are evicted beyond it")
+    parser.add_argument("--equivalence", default=d.equivalence, choices=["background", "sync", "off"],
+                        help="when loaded blocks are checked for substitution by equivalent ones")
+    parser.add_argument("--admin-token", default=env("RERANKER_ADMIN_TOKEN", d.admin_token),
+                        help="require this bearer token on AdapterService calls (env RERANKER_ADMIN_TOKEN)")
     return RerankerServiceConfig(**vars(parser.parse_args(argv)))
 
 
 def build(config: RerankerServiceConfig) -> Hosted:
     servicer = RerankerServicer(config)
-    spec = ServiceSpec.of(reranker_pb2, "RerankerService", reranker_pb2_grpc.add_RerankerServiceServicer_to_server,
-                          servicer)
-    return Hosted([spec], load=servicer.load, after_load=servicer.start_batcher)
+    adapters = AdapterServicer(servicer, config.admin_token)
+    specs = [ServiceSpec.of(reranker_pb2, "RerankerService", reranker_pb2_grpc.add_RerankerServiceServicer_to_server,
+                            servicer),
+             ServiceSpec.of(adapter_pb2, "AdapterService", adapter_pb2_grpc.add_AdapterServiceServicer_to_server,
+                            adapters)]
+    return Hosted(specs, load=servicer.load, after_load=servicer.start_batcher)
 
 
 def main(argv: list[str] | None = None) -> None:

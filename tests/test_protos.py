@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.gen.retrieval.v1 import reranker_pb2, retriever_pb2, search_pb2
+from services.gen.retrieval.v1 import adapter_pb2, reranker_pb2, retriever_pb2, search_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,7 @@ def test_contract_names_are_stable():
                                              "UpsertDocuments", "DeleteDocuments", "Retrieve"}),
         "RerankerService": (reranker_pb2, {"Rerank"}),
         "SearchService": (search_pb2, {"Search"}),
+        "AdapterService": (adapter_pb2, {"LoadAdapter", "UnloadAdapter", "ListAdapters"}),
     }
     for name, (module, methods) in services.items():
         service = module.DESCRIPTOR.services_by_name[name]

@@ -1,0 +1,177 @@
+"""Equivalence evaluation: may one block stand in for another?
+
+BlockLLM substitutes a block only after checking, on calibration inputs, that
+the substitute computes (nearly) the same thing. Here the candidates for a
+tenant block at layer l are
+
+  * the base block, when the tenant's delta there is negligible (a layer the
+    fine-tuning barely moved, or an untrained adapter), and
+  * another tenant's block at the same layer that computes the same update
+    (the same adapter uploaded again after a dtype round trip, say): found by a
+    small random-projection fingerprint of each block's update, then checked.
+
+A substitution is accepted only when, on the calibration prompts,
+  1. the maximum relative error of the layer's residual update
+     ||u_sub - u_own|| / ||u_own|| over tokens is below `max_relative_error`, and
+  2. the whole chain with the substitution ranks every calibration prompt's
+     documents like the chain without it (mean Kendall tau >= `min_agreement`).
+Every evaluated candidate is recorded as a Decision, accepted or not.
+Identical uploads need no evaluation: content addressing already makes them
+the same block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reranker.blockrank import BlockRankForward, LayerDeltas, LayerTrace, Route, ScoringSpec
+from reranker.prompt import Prompt
+from reranker.zoo import BlockZoo
+
+log = logging.getLogger(__name__)
+FINGERPRINT_DIM = 8  # per token; the fingerprint only shortlists candidates, the exact check decides
+
+
+@dataclass(frozen=True)
+class Decision:
+    tenant: str
+    layer: int
+    block: str
+    replacement: str
+    replacement_kind: str  # "base" | "tenant"
+    max_relative_error: float
+    ranking_agreement: float  # mean Kendall tau over the calibration prompts; nan if not reached
+    accepted: bool
+    reason: str
+    at: float
+
+
+class EquivalenceChecker:
+    def __init__(self, forward: BlockRankForward, zoo: BlockZoo, calibration: Sequence[Prompt],
+                 spec_of: Callable[[str], ScoringSpec], max_relative_error: float = 1e-3,
+                 min_agreement: float = 0.999, max_decisions: int = 1000) -> None:
+        self.forward = forward
+        self.zoo = zoo
+        self.calibration = list(calibration)
+        self.spec_of = spec_of
+        self.max_relative_error = max_relative_error
+        self.min_agreement = min_agreement
+        self.max_decisions = max_decisions
+        self.decisions: list[Decision] = []
+        self._fingerprints: dict[str, torch.Tensor] = {}  # block id -> fingerprint of its update
+        self._trace: LayerTrace | None = None
+        self._projection: torch.Tensor | None = None
+        self._lock = threading.Lock()  # one evaluation at a time
+
+    def check_tenant(self, tenant: str) -> list[Decision]:
+        """Evaluate every tenant block of the tenant's chain; substitute where equivalent."""
+        with self._lock:
+            record, route = self.zoo.route(tenant)
+            spec = self.spec_of(tenant)
+            trace = self._trace_to(spec.layer)
+            made: list[Decision] = []
+            for layer in range(spec.layer + 1):
+                deltas = route.at(layer)
+                if deltas is None:
+                    continue
+                block_id = record.chain[layer + 1]
+                decision = self._check_block(tenant, layer, block_id, deltas, route, trace, spec)
+                if decision is None:
+                    continue
+                made.append(decision)
+                if decision.accepted:
+                    self.zoo.replace_block(tenant, layer + 1, decision.replacement)
+                    record, route = self.zoo.route(tenant)
+            self._record(made)
+            log.info("equivalence %s: %d candidate(s), %d substituted", tenant, len(made),
+                     sum(d.accepted for d in made))
+            return made
+
+    def forget(self, block_ids: set[str]) -> None:
+        for block_id in block_ids:
+            self._fingerprints.pop(block_id, None)
+
+    # ---- internals -------------------------------------------------------------
+    def _check_block(self, tenant: str, layer: int, block_id: str, deltas: LayerDeltas, route: Route,
+                     trace: LayerTrace, spec: ScoringSpec) -> Decision | None:
+        own = self.forward.layer_update(trace, layer, deltas)
+        base = self.forward.layer_update(trace, layer, None)
+        self._fingerprints[block_id] = self._fingerprint(own)
+        error = _max_relative_error(base, own)
+        if error <= self.max_relative_error:
+            return self._decide(tenant, layer, block_id, self.zoo.base_chain[layer + 1], "base", error,
+                                route, None, spec)
+        for other_id, other in self._twins(layer, block_id):
+            error = _max_relative_error(self.forward.layer_update(trace, layer, other), own)
+            if error <= self.max_relative_error:
+                return self._decide(tenant, layer, block_id, other_id, "tenant", error, route, other, spec)
+        return None
+
+    def _twins(self, layer: int, block_id: str) -> list[tuple[str, LayerDeltas]]:
+        """Resident tenant blocks at this layer whose fingerprint is close to this block's."""
+        mine = self._fingerprints[block_id]
+        scale = float(mine.norm()) or 1.0
+        found = []
+        for other in list(self.zoo.blocks.values()):
+            if other.is_base or other.index != layer or other.id == block_id or other.deltas is None:
+                continue
+            print_ = self._fingerprints.get(other.id)
+            if print_ is not None and float((print_ - mine).norm()) / scale <= 10 * self.max_relative_error:
+                found.append((other.id, other.deltas))
+        return found
+
+    def _decide(self, tenant: str, layer: int, block_id: str, replacement: str, kind: str, error: float,
+                route: Route, replacement_deltas: LayerDeltas | None, spec: ScoringSpec) -> Decision:
+        layers = list(route.layers)
+        layers[layer] = replacement_deltas
+        substituted = Route(layers=tuple(layers), chain_keys=())
+        plain = Route(layers=route.layers, chain_keys=())
+        n = len(self.calibration)
+        before = self.forward.score_routed(self.calibration, [spec] * n, [plain] * n)
+        after = self.forward.score_routed(self.calibration, [spec] * n, [substituted] * n)
+        agreement = sum(kendall_tau(a.tolist(), b.tolist()) for a, b in zip(before, after, strict=True)) / n
+        accepted = agreement >= self.min_agreement
+        reason = (f"update error {error:.2e} <= {self.max_relative_error:.0e}, rankings agree ({agreement:.3f})"
+                  if accepted else f"rankings differ on calibration prompts (tau {agreement:.3f})")
+        return Decision(tenant, layer, block_id, replacement, kind, error, agreement, accepted, reason, time.time())
+
+    def _trace_to(self, layer: int) -> LayerTrace:
+        if self._trace is None or len(self._trace.states) < layer + 2:
+            depth = layer
+            block_tokens = max(len(d) for p in self.calibration for d in p.docs)
+            self._trace = self.forward.trace(self.calibration, block_tokens, depth)
+        return self._trace
+
+    def _fingerprint(self, update: torch.Tensor) -> torch.Tensor:
+        if self._projection is None:
+            generator = torch.Generator().manual_seed(0)
+            self._projection = torch.randn(update.shape[1], FINGERPRINT_DIM, generator=generator) / FINGERPRINT_DIM
+        return (update.cpu() @ self._projection).flatten()
+
+    def _record(self, made: list[Decision]) -> None:
+        self.decisions.extend(made)
+        del self.decisions[: max(0, len(self.decisions) - self.max_decisions)]
+
+
+def _max_relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """max over tokens of ||candidate - reference|| / ||reference||."""
+    diff = (candidate - reference).norm(dim=-1)
+    return float((diff / reference.norm(dim=-1).clamp_min(1e-12)).max())
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-a between two score lists (1 = the same order)."""
+    n = len(a)
+    if n < 2:
+        return 1.0
+    concordant = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            concordant += 1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else (-1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0)
+    return concordant / (n * (n - 1) / 2)
