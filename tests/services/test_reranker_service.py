@@ -1,13 +1,19 @@
-"""RerankerService (and the gateway using it) against real processes on 127.0.0.1."""
+"""RerankerService, AdapterService (and the gateway using them) against real processes on 127.0.0.1."""
 
 import asyncio
+import shutil
+import threading
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from reranker.engine import DEFAULT_ADAPTER
+from reranker.synthetic import derive_adapter
 from services.gen.retrieval.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
     document_pb2,
     reranker_pb2,
     reranker_pb2_grpc,
@@ -17,13 +23,19 @@ from services.gen.retrieval.v1 import (
 from tests.conftest import Server, fixture_documents
 
 pytestmark = pytest.mark.integration
+ADMIN_TOKEN = "s3cret"
+ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
 
 
 @pytest.fixture(scope="module")
 def reranker_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reranker")
+    root = tmp / "adapters"
+    shutil.copytree(DEFAULT_ADAPTER, root / "scifact", ignore=shutil.ignore_patterns("*.png", "*.jsonl", "*.md"))
+    derive_adapter(DEFAULT_ADAPTER, root / "noisy", seed=1, noise=0.5)
     server = Server("services.reranker", ["--block-tokens", "64", "--max-documents", "10",
-                                          "--max-document-tokens", "200"], log_path=tmp / "reranker.log").start()
+                                          "--max-document-tokens", "200", "--adapters-root", str(root),
+                                          "--admin-token", ADMIN_TOKEN], log_path=tmp / "reranker.log").start()
     yield server
     server.stop()
 
@@ -119,3 +131,87 @@ def test_gateway_reranks_through_the_reranker(server_factory, fixture_retriever,
         stub.Search(search_pb2.SearchRequest(collection="c", query="q", top_k=3, rerank_depth=3, tenant="nobody"),
                     timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def adapters(server) -> adapter_pb2_grpc.AdapterServiceStub:
+    return adapter_pb2_grpc.AdapterServiceStub(server.channel())
+
+
+def test_adapter_service_guards_and_errors(reranker_server):
+    stub = adapters(reranker_server)
+    for metadata, code in [(None, grpc.StatusCode.UNAUTHENTICATED),
+                           ([("authorization", "Bearer wrong")], grpc.StatusCode.PERMISSION_DENIED)]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=metadata)
+        assert info.value.code() == code
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    for tenant, name, code in [("t", "../scifact", invalid), ("t", "/etc", invalid), ("", "scifact", invalid),
+                               ("t", "", invalid), ("t", "nope", missing)]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=tenant, adapter=name), timeout=30, metadata=ADMIN)
+        assert info.value.code() == code, (tenant, name)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="never"), timeout=30, metadata=ADMIN)
+    assert info.value.code() == missing
+    listed = stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=ADMIN)
+    assert {"scifact", "noisy"} <= set(listed.available)
+    assert listed.memory.base_bytes > 100 << 20
+    assert "retrieval.v1.AdapterService" in ProtoReflectionDescriptorDatabase(
+        reranker_server.channel()).get_services()
+
+
+def test_tenants_route_to_their_adapters(reranker_server):
+    stub = adapters(reranker_server)
+    loaded = {tenant: stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=tenant, adapter=name), timeout=60,
+                                       metadata=ADMIN) for tenant, name in [("acme", "scifact"), ("globex", "noisy")]}
+    assert all(reply.adapter.tenant == tenant and reply.load_ms > 0 for tenant, reply in loaded.items())
+    # The server's default tenant already serves the shipped adapter: acme's blocks are those same blocks.
+    assert loaded["acme"].adapter.own_blocks == 0 and loaded["globex"].adapter.own_blocks > 0
+    acme, globex, default = (rerank(reranker_server, tenant=t) for t in ("acme", "globex", ""))
+    assert acme.model.endswith("+scifact") and globex.model.endswith("+noisy")
+    assert {r.index: r.model_score for r in acme.results} != {r.index: r.model_score for r in globex.results}
+    assert default.model != acme.model
+    listed = stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=ADMIN)
+    by_tenant = {a.tenant: a for a in listed.adapters}
+    assert {"acme", "globex"} <= set(by_tenant)
+    assert by_tenant["acme"].shared_bytes >= listed.memory.base_bytes
+    assert listed.memory.tenant_bytes < listed.memory.base_bytes / 10, "tenants add small blocks only"
+    for tenant in ("acme", "globex"):
+        stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant=tenant), timeout=30, metadata=ADMIN)
+    with pytest.raises(grpc.RpcError) as info:
+        rerank(reranker_server, tenant="acme")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_hot_load_and_unload_under_traffic(reranker_server):
+    """Steady traffic for a resident tenant and the default keeps succeeding while another tenant is
+    loaded and unloaded again and again; the hot tenant serves whenever it is loaded."""
+    stub = adapters(reranker_server)
+    stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant="steady", adapter="scifact"), timeout=60, metadata=ADMIN)
+    stop, failures, served = threading.Event(), [], []
+
+    def traffic(tenant: str) -> None:
+        for _ in range(30):  # bounded
+            if stop.is_set():
+                return
+            try:
+                served.append(rerank(reranker_server, tenant=tenant, timeout=120).model)
+            except grpc.RpcError as err:
+                failures.append((tenant, err.code(), err.details()))
+
+    workers = [threading.Thread(target=traffic, args=(t,)) for t in ("steady", "")]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(4):
+            stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant="hot", adapter="noisy"), timeout=60,
+                             metadata=ADMIN)
+            assert rerank(reranker_server, tenant="hot").model.endswith("+noisy")
+            stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="hot"), timeout=60, metadata=ADMIN)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=300)
+    assert not failures, failures
+    assert len(served) >= 2
+    stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="steady"), timeout=60, metadata=ADMIN)
