@@ -50,6 +50,7 @@ bench-retriever: setup
 
 bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
+	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
 
 clean:
 	rm -rf $(GEN) bench-results .pytest_cache

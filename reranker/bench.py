@@ -2,6 +2,7 @@
 
     python -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 \
         --out bench-results/reranker_speed.json
+    python -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
 
 `speed`: wall time of one rerank with BlockRank (block-sparse attention, early
 exit at the scoring layer) against the usual listwise LLM reranker (the same
@@ -9,6 +10,9 @@ prompt through the full model with ordinary causal attention, prefill up to
 the first answer token's logits), on the same model, documents and device,
 side by side. Dense sizes whose predicted time exceeds --dense-budget-s (or
 that run out of memory) are skipped and the JSON says why.
+
+`tenants`: memory, mixed-tenant throughput and adapter load time of tenants
+served as shared blocks, against one model copy per tenant (reranker.tenant_bench).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from reranker import tenant_bench
 from reranker.blockrank import full_causal_ids
 from reranker.engine import Reranker, RerankerConfig
 from reranker.plots import figure
@@ -137,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a point after this long")
     p.add_argument("--dense-budget-s", type=float, default=400.0)
     p.add_argument("--out", type=Path, required=True)
+    tenant_bench.add_arguments(sub.add_parser("tenants", help="multi-tenant memory, throughput and load time"),
+                               ROOT.parent / "shared" / "data" / "scifact")
     args = parser.parse_args(argv)
-    if args.command == "speed":
-        result = speed(args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        plot_speed(result, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    run, plot = (speed, plot_speed) if args.command == "speed" else (tenant_bench.run, tenant_bench.plot)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
