@@ -338,7 +338,11 @@ class BlockZoo:
 
     def _reload(self, block: Block) -> None:
         assert block.source is not None and block.base is not None
-        fresh = self._read_layer_block(block.source, block.index, block.base)
+        try:
+            fresh = self._read_layer_block(block.source, block.index, block.base)
+        except OSError as exc:
+            raise AdapterNotFound(f"adapter {block.source.directory.name} is gone from disk ({exc}); "
+                                  "load it again") from None
         if fresh.id != block.id:
             raise AdapterInvalid(f"adapter {block.source.directory.name} changed on disk since it was loaded "
                                  f"(layer {block.index}); load it again")
