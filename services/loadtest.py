@@ -168,26 +168,28 @@ def _beir_dir(path: Path, file_name: str) -> Path:
 
 
 def search_workload(channel: grpc.aio.Channel, queries: Sequence[str], collection: str, top_k: int,
-                    rerank_depth: int, tenant: str = "") -> Workload:
+                    rerank_depth: int, tenants: Sequence[str] = ("",)) -> Workload:
     stub = search_pb2_grpc.SearchServiceStub(channel)
 
     def make(i: int) -> search_pb2.SearchRequest:
         return search_pb2.SearchRequest(collection=collection, query=queries[i % len(queries)], top_k=top_k,
-                                        rerank_depth=rerank_depth, tenant=tenant)
+                                        rerank_depth=rerank_depth, tenant=tenants[i % len(tenants)])
 
     return Workload("search", stub.Search, make, SEARCH_TIMINGS)
 
 
 def rerank_workload(channel: grpc.aio.Channel, queries: Sequence[str], documents: Sequence[document_pb2.Document],
-                    docs_per_request: int, tenant: str = "") -> Workload:
-    """Request i reranks a window of `docs_per_request` documents that rotates through `documents`."""
+                    docs_per_request: int, tenants: Sequence[str] = ("",)) -> Workload:
+    """Request i reranks a window of `docs_per_request` documents that rotates through `documents`;
+    requests cycle through `tenants` (a mixed-tenant stream when there are several)."""
     stub = reranker_pb2_grpc.RerankerServiceStub(channel)
     n = len(documents)
 
     def make(i: int) -> reranker_pb2.RerankRequest:
         start = (i * docs_per_request) % n
         window = [documents[(start + j) % n] for j in range(min(docs_per_request, n))]
-        return reranker_pb2.RerankRequest(query=queries[i % len(queries)], documents=window, tenant=tenant)
+        return reranker_pb2.RerankRequest(query=queries[i % len(queries)], documents=window,
+                                          tenant=tenants[i % len(tenants)])
 
     return Workload("reranker", stub.Rerank, make, RERANK_TIMINGS)
 
@@ -273,9 +275,9 @@ async def run_all(args: argparse.Namespace, target: str, queries: Sequence[str],
                   documents: Sequence[document_pb2.Document]) -> list[dict]:
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         if args.service == "reranker":
-            workload = rerank_workload(channel, queries, documents, args.docs_per_request, args.tenant)
+            workload = rerank_workload(channel, queries, documents, args.docs_per_request, args.tenant.split(","))
         else:
-            workload = search_workload(channel, queries, args.collection, args.top_k, args.rerank_depth, args.tenant)
+            workload = search_workload(channel, queries, args.collection, args.top_k, args.rerank_depth, args.tenant.split(","))
         if args.warmup > 0:  # connection set-up and first-call costs stay out of the numbers
             await run_level(workload, 1, args.warmup, args.duration_s, args.timeout_s, progress=False)
         levels = []
@@ -373,7 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, default=None,
                         help="reranker mode: BEIR directory or corpus.jsonl (default: the --queries directory)")
     parser.add_argument("--docs-per-request", type=int, default=20, help="reranker mode: documents per Rerank")
-    parser.add_argument("--tenant", default="")
+    parser.add_argument("--tenant", default="",
+                        help="tenant, or comma-separated tenants that requests cycle through (a mixed-tenant stream)")
     parser.add_argument("--concurrency", type=concurrency_levels, default=[1, 4, 8],
                         help="comma-separated levels (default 1,4,8)")
     parser.add_argument("--requests", type=int, default=200, help="max requests per level")

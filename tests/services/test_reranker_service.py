@@ -131,6 +131,16 @@ def test_gateway_reranks_through_the_reranker(server_factory, fixture_retriever,
         stub.Search(search_pb2.SearchRequest(collection="c", query="q", top_k=3, rerank_depth=3, tenant="nobody"),
                     timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    adapters(reranker_server).LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant="acme", adapter="noisy"), timeout=60,
+                                          metadata=ADMIN)
+    try:
+        tenant = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8, rerank_depth=5,
+                                                      tenant="acme"), timeout=120)
+        assert tenant.reranked and {h.document.id for h in tenant.results[:5]} == head
+        assert [h.rerank_model_score for h in tenant.results[:5]] != [h.rerank_model_score for h in reranked.results[:5]]
+    finally:
+        adapters(reranker_server).UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="acme"), timeout=60,
+                                                metadata=ADMIN)
 
 
 def adapters(server) -> adapter_pb2_grpc.AdapterServiceStub:
