@@ -1,8 +1,9 @@
-"""Dynamic batching for the reranker: callers `await submit(prompt)`; one worker
-drains a bounded queue into batches capped by tokens and runs them off the
-event loop. Requests of different tenants share batches: each item carries
-its tenant's handle, and the score function runs them together. A full queue is refused at once (QueueFull), so overload shows
-up as an error the caller can act on instead of as unbounded latency."""
+"""Dynamic batching for the reranker: callers `await submit(prompt, handle)`;
+one worker drains a bounded queue into batches capped by tokens and runs them
+off the event loop. Requests of different tenants share batches: each item
+carries its tenant's handle, and the score function runs them together. A
+full queue is refused at once (QueueFull), so overload shows up as an error
+the caller can act on instead of as unbounded latency."""
 
 from __future__ import annotations
 
