@@ -94,7 +94,7 @@ class TenantHandle:
 
 
 @dataclass(frozen=True)
-class _TenantSettings:
+class TenantSettings:
     spec: ScoringSpec
     fusion_weight: float | None
     model_name: str
@@ -145,7 +145,7 @@ class Reranker:
         self.prefix_cache = SharedPrefixCache(config.prefix_cache_bytes)
         self.forward = BlockRankForward(self.lm.model, self.prefix_cache)
         self.zoo = BlockZoo(self.lm.model, self.lm.name, config.tenant_budget_bytes, ADAPTER_META)
-        self._settings: dict[str, _TenantSettings] = {}
+        self._settings: dict[str, TenantSettings] = {}
         self._builders: dict[int, PromptBuilder] = {}
         self._lock = threading.Lock()  # one forward at a time; the batcher merges requests instead
         self._tenants_lock = threading.RLock()
@@ -194,6 +194,13 @@ class Reranker:
             freed = self.zoo.remove_tenant(tenant)
             self._settings.pop(tenant, None)
         return freed
+
+    def settings(self, tenant: str) -> TenantSettings:
+        """A tenant's scoring spec, fusion weight and model name, without touching its blocks."""
+        settings = self._settings.get(tenant)
+        if settings is None:
+            raise UnknownTenant(f"tenant {tenant!r} has no reranker loaded")
+        return settings
 
     def tenant_usage(self, tenant: str) -> TenantUsage:
         for usage in self.zoo.usage().tenants:
@@ -288,7 +295,7 @@ class Reranker:
             self._builders[block_tokens] = builder
         return builder
 
-    def _default_settings(self) -> _TenantSettings:
+    def _default_settings(self) -> TenantSettings:
         """The default tenant: its adapter's settings (or the base model's scoring file), then the
         service's own overrides."""
         cfg = self.config
@@ -297,18 +304,18 @@ class Reranker:
                                       f"{self.lm.name}+{self.adapter.name}")
         else:
             choice = load_scoring_choice(self.lm.name, self.lm.model.config.num_hidden_layers)
-            own = _TenantSettings(ScoringSpec(choice.layer, tuple(choice.heads), 160),
+            own = TenantSettings(ScoringSpec(choice.layer, tuple(choice.heads), 160),
                                   choice.notes.get("fusion_weight"), self.lm.name)
         spec = ScoringSpec(layer=cfg.scoring_layer if cfg.scoring_layer >= 0 else own.spec.layer,
                            heads=tuple(cfg.scoring_heads or own.spec.heads),
                            block_tokens=cfg.block_tokens or own.spec.block_tokens)
-        return _TenantSettings(spec, own.fusion_weight, own.model_name)
+        return TenantSettings(spec, own.fusion_weight, own.model_name)
 
-    def _settings_from(self, meta: dict, name: str) -> _TenantSettings:
+    def _settings_from(self, meta: dict, name: str) -> TenantSettings:
         layer = int(meta.get("layer", self.forward.num_layers // 2))
         spec = ScoringSpec(layer=layer, heads=tuple(meta.get("heads", ())),
                            block_tokens=int(meta.get("block_tokens", 160)))
-        return _TenantSettings(spec, meta.get("fusion_weight"), name)
+        return TenantSettings(spec, meta.get("fusion_weight"), name)
 
     def _spec_of(self, tenant: str) -> ScoringSpec:
         return self._settings[tenant].spec

@@ -157,12 +157,12 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
                                                 available=list_adapter_names(reranker.adapters_root))
 
     def _info(self, usage: TenantUsage) -> adapter_pb2.AdapterInfo:
-        handle = self.rerank.reranker.handle(usage.tenant)
+        settings = self.rerank.reranker.settings(usage.tenant)  # listing must not read evicted blocks back
         return adapter_pb2.AdapterInfo(
             tenant=usage.tenant, adapter=usage.adapter, own_blocks=usage.own_blocks,
             shared_blocks=usage.shared_blocks, own_bytes=usage.own_bytes, shared_bytes=usage.shared_bytes,
-            resident=usage.resident, scoring_layer=handle.spec.layer, fusion_weight=handle.fusion_weight or 0.0,
-            fuses=handle.fuses)
+            resident=usage.resident, scoring_layer=settings.spec.layer,
+            fusion_weight=settings.fusion_weight or 0.0, fuses=settings.fusion_weight is not None)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.admin_token:
