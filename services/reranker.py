@@ -152,7 +152,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             replacement_kind=d.replacement_kind, max_relative_error=d.max_relative_error,
             ranking_agreement=d.ranking_agreement, accepted=d.accepted, reason=d.reason)
             for d in reranker.checker.decisions]
-        return adapter_pb2.ListAdaptersResponse(adapters=[self._info(t) for t in usage.tenants], memory=memory,
+        # A tenant unloaded between the snapshot and here is left out rather than failing the listing.
+        live = [t for t in usage.tenants if t.tenant in reranker.zoo.tenants]
+        return adapter_pb2.ListAdaptersResponse(adapters=[self._info(t) for t in live], memory=memory,
                                                 decisions=decisions,
                                                 available=list_adapter_names(reranker.adapters_root))
 
