@@ -14,7 +14,9 @@ A substitution is accepted only when, on the calibration prompts,
   1. the maximum relative error of the layer's residual update
      ||u_sub - u_own|| / ||u_own|| over tokens is below `max_relative_error`, and
   2. the whole chain with the substitution ranks every calibration prompt's
-     documents like the chain without it (mean Kendall tau >= `min_agreement`).
+     documents like the chain without it (mean Kendall tau >= `min_agreement`)
+     and moves no calibration score by more than `max_score_change` (so a
+     substitution stays within the fp32 tolerance of the tenant's own model).
 Every evaluated candidate is recorded as a Decision, accepted or not.
 Identical uploads need no evaluation: content addressing already makes them
 the same block.
@@ -46,7 +48,8 @@ class Decision:
     replacement: str
     replacement_kind: str  # "base" | "tenant"
     max_relative_error: float
-    ranking_agreement: float  # mean Kendall tau over the calibration prompts; nan if not reached
+    ranking_agreement: float  # mean Kendall tau over the calibration prompts
+    max_score_change: float  # largest change of a calibration document's score
     accepted: bool
     reason: str
     at: float
@@ -55,13 +58,14 @@ class Decision:
 class EquivalenceChecker:
     def __init__(self, forward: BlockRankForward, zoo: BlockZoo, calibration: Sequence[Prompt],
                  spec_of: Callable[[str], ScoringSpec], max_relative_error: float = 1e-3,
-                 min_agreement: float = 0.999, max_decisions: int = 1000) -> None:
+                 min_agreement: float = 0.999, max_score_change: float = 1e-4, max_decisions: int = 1000) -> None:
         self.forward = forward
         self.zoo = zoo
         self.calibration = list(calibration)
         self.spec_of = spec_of
         self.max_relative_error = max_relative_error
         self.min_agreement = min_agreement
+        self.max_score_change = max_score_change
         self.max_decisions = max_decisions
         self.decisions: list[Decision] = []
         self._fingerprints: dict[str, torch.Tensor] = {}  # block id -> fingerprint of its update
@@ -136,10 +140,16 @@ class EquivalenceChecker:
         before = self.forward.score_routed(self.calibration, [spec] * n, [plain] * n)
         after = self.forward.score_routed(self.calibration, [spec] * n, [substituted] * n)
         agreement = sum(kendall_tau(a.tolist(), b.tolist()) for a, b in zip(before, after, strict=True)) / n
-        accepted = agreement >= self.min_agreement
-        reason = (f"update error {error:.2e} <= {self.max_relative_error:.0e}, rankings agree ({agreement:.3f})"
-                  if accepted else f"rankings differ on calibration prompts (tau {agreement:.3f})")
-        return Decision(tenant, layer, block_id, replacement, kind, error, agreement, accepted, reason, time.time())
+        change = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+        if agreement < self.min_agreement:
+            accepted, reason = False, f"rankings differ on calibration prompts (tau {agreement:.3f})"
+        elif change > self.max_score_change:
+            accepted, reason = False, f"scores move by {change:.1e} > {self.max_score_change:.0e}"
+        else:
+            accepted, reason = True, (f"update error {error:.1e} <= {self.max_relative_error:.0e}, same rankings, "
+                                      f"scores move by {change:.1e}")
+        return Decision(tenant, layer, block_id, replacement, kind, error, agreement, change, accepted, reason,
+                        time.time())
 
     def _trace_to(self, layer: int) -> LayerTrace:
         if self._trace is None or len(self._trace.states) < layer + 2:

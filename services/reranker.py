@@ -150,7 +150,8 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         decisions = [adapter_pb2.SubstitutionDecision(
             tenant=d.tenant, layer=d.layer, block=d.block, replacement=d.replacement,
             replacement_kind=d.replacement_kind, max_relative_error=d.max_relative_error,
-            ranking_agreement=d.ranking_agreement, accepted=d.accepted, reason=d.reason)
+            ranking_agreement=d.ranking_agreement, accepted=d.accepted, reason=d.reason,
+            max_score_change=d.max_score_change)
             for d in reranker.checker.decisions]
         # A tenant unloaded between the snapshot and here is left out rather than failing the listing.
         live = [t for t in usage.tenants if t.tenant in reranker.zoo.tenants]
