@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from reranker import tenant_bench
-from reranker.blockrank import full_causal_ids
 from reranker.engine import Reranker, RerankerConfig
 from reranker.plots import figure
+from reranker.reference import full_causal_ids
 from retriever.beir import iter_corpus
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,15 +20,13 @@ and at l* only the documents' K and the signal tokens' Q are computed.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 import torch
 
 from reranker.prompt import Prompt
+from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
 NEG_INF = float("-inf")
 
@@ -38,85 +36,6 @@ class ScoringSpec:
     layer: int  # l*, 0-indexed decoder layer whose attention scores documents
     heads: tuple[int, ...] = ()  # empty = all heads
     block_tokens: int = 160  # position offset of the final segment is L0 + block_tokens
-
-
-@dataclass(frozen=True, eq=False)
-class LoraDelta:
-    """A low-rank update of one linear module: y += (x A^T) B^T, B pre-multiplied by the LoRA scale."""
-
-    a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (out, r), already scaled
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.a.T) @ self.b.T
-
-    @property
-    def nbytes(self) -> int:
-        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
-
-
-# One decoder layer's deltas, keyed by module path inside the layer ("self_attn.q_proj", "mlp.up_proj").
-LayerDeltas = Mapping[str, LoraDelta]
-
-
-@dataclass(frozen=True)
-class Route:
-    """How one prompt runs through the shared base layers: per decoder layer the LoRA deltas of its
-    model chain (None or missing = the base block) and, for the shared-prefix cache, the identity
-    of the chain up to each layer (chain_keys[l] names blocks 0..l; empty = no caching)."""
-
-    layers: tuple[LayerDeltas | None, ...] = ()
-    chain_keys: tuple[str, ...] = ()
-
-    def at(self, layer: int) -> LayerDeltas | None:
-        return self.layers[layer] if layer < len(self.layers) else None
-
-
-BASE_ROUTE = Route()
-
-
-class SharedPrefixCache:
-    """Per layer, the K/V and output hidden states of the shared instruction tokens, keyed by
-    (identity of the model chain up to that layer, token ids). Tenants whose chains agree up to a
-    layer share the entry; keys name content, so entries never go stale. LRU, bounded in bytes."""
-
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple) -> tuple[torch.Tensor, ...] | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
-
-    def put(self, key: tuple, entry: tuple[torch.Tensor, ...]) -> None:
-        size = sum(t.numel() * t.element_size() for t in entry)
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = entry
-            self.nbytes += size
-            while self.nbytes > self.max_bytes and len(self._entries) > 1:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= sum(t.numel() * t.element_size() for t in old)
-
-
-# Rows [lo, hi) of a batch and the deltas that apply to them; `owner` is the prompt they belong to.
-@dataclass(frozen=True)
-class _Segment:
-    lo: int
-    hi: int
-    deltas: LayerDeltas | None
-    owner: int = 0
 
 
 @dataclass
@@ -280,33 +199,40 @@ class BlockRankForward:
             if entry is None:
                 hidden = self.decoder.embed_tokens(torch.tensor([shared.tokens], device=self.device)) \
                     if index == 0 else shared.hidden
-                seg = [_Segment(0, 1, deltas[i])]
-                q, k, v = self._qkv(layer, hidden, shared.rope, seg)
-                out = self._attend(q[0], [], causal=(k[0], v[0]))
-                entry = (k[0], v[0], self._finish(layer, hidden, out[None], seg))
+                out, k, v = self._sequence(layer, hidden, shared.rope, deltas[i])
+                entry = (k, v, out)
                 self.prefix_cache.put(key, entry)
             state.shared_local[key] = entry
             shared.k, shared.v, shared.hidden = entry
 
-    def _qkv(self, layer, hidden: torch.Tensor, rope, segments: Sequence[_Segment] = ()
+    def _sequence(self, layer, hidden: torch.Tensor, rope, deltas: LayerDeltas | None, parts: Sequence = ()
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sequence (1, T, D) of one chain through the layer, attending to `parts` fully and to
+        itself causally: (output (1, T, D), its K, its V (T, kv, hd))."""
+        seg = [Segment(0, 1, deltas)]
+        q, k, v = self._qkv(layer, hidden, rope, seg)
+        out = self._attend(q[0], list(parts), causal=(k[0], v[0]))
+        return self._finish(layer, hidden, out[None], seg), k[0], v[0]
+
+    def _qkv(self, layer, hidden: torch.Tensor, rope, segments: Sequence[Segment] = ()
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, D) -> q (B, T, kv, group, hd), k/v (B, T, kv, hd), RoPE applied."""
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         b, t, _ = x.shape
-        q = _project(attn.q_proj, "self_attn.q_proj", x, segments).view(b, t, self.n_heads, self.head_dim)
-        k = _project(attn.k_proj, "self_attn.k_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
-        v = _project(attn.v_proj, "self_attn.v_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
+        q = project(attn.q_proj, "self_attn.q_proj", x, segments).view(b, t, self.n_heads, self.head_dim)
+        k = project(attn.k_proj, "self_attn.k_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
+        v = project(attn.v_proj, "self_attn.v_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
         q, k = _apply_rope(q, rope), _apply_rope(k, rope)
         return q.view(b, t, self.n_kv, self.group, self.head_dim), k, v
 
     def _finish(self, layer, hidden: torch.Tensor, attn_out: torch.Tensor,
-                segments: Sequence[_Segment] = ()) -> torch.Tensor:
+                segments: Sequence[Segment] = ()) -> torch.Tensor:
         """o_proj, residual, MLP, residual. attn_out: (B, T, kv, group, hd)."""
         b, t = attn_out.shape[:2]
         flat = attn_out.reshape(b, t, self.n_heads * self.head_dim)
-        hidden = hidden + _project(layer.self_attn.o_proj, "self_attn.o_proj", flat, segments)
-        return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), segments)
+        hidden = hidden + project(layer.self_attn.o_proj, "self_attn.o_proj", flat, segments)
+        return hidden + mlp(layer.mlp, layer.post_attention_layernorm(hidden), segments)
 
     def _layer(self, index: int, layer, state: _State, docs: DocBatch,
                deltas: Sequence[LayerDeltas | None], in_place: bool) -> _State:
@@ -325,13 +251,10 @@ class BlockRankForward:
         new_docs = state.docs if in_place else torch.empty_like(state.docs)
         new_prefix, prefix_kv = [], []
         for i in range(len(docs.spans)):
-            seg = [_Segment(0, 1, deltas[i])]
-            qp, kp, vp = self._qkv(layer, state.prefix[i], state.rope_prefix[i], seg)
-            kp, vp = kp[0], vp[0]
             shared = state.shared[i] if state.shared else None
             parts = [(shared.k, shared.v, None)] if shared is not None else []
-            new_prefix.append(self._finish(layer, state.prefix[i], self._attend(qp[0], parts, causal=(kp, vp))[None],
-                                           seg))
+            out, kp, vp = self._sequence(layer, state.prefix[i], state.rope_prefix[i], deltas[i], parts)
+            new_prefix.append(out)
             if shared is not None:
                 kp, vp = torch.cat([shared.k, kp]), torch.cat([shared.v, vp])
             prefix_kv.append((kp, vp))
@@ -352,14 +275,12 @@ class BlockRankForward:
             new_docs[lo:hi] = self._finish(layer, state.docs[lo:hi], out, segments)
         new_final = []
         for i, (start, end) in enumerate(docs.spans):
-            seg = [_Segment(0, 1, deltas[i])]
-            qf, kf, vf = self._qkv(layer, state.final[i], state.rope_final[i], seg)
             keys = doc_keys[start:end].reshape(-1, self.n_kv, self.head_dim)
             values = doc_values[start:end].reshape(-1, self.n_kv, self.head_dim)
-            pad = _key_bias(docs.valid[start:end].reshape(-1), qf.dtype)
+            pad = _key_bias(docs.valid[start:end].reshape(-1), keys.dtype)
             kp, vp = prefix_kv[i]
-            final_out = self._attend(qf[0], [(kp, vp, None), (keys, values, pad)], causal=(kf[0], vf[0]))
-            new_final.append(self._finish(layer, state.final[i], final_out[None], seg))
+            parts = [(kp, vp, None), (keys, values, pad)]
+            new_final.append(self._sequence(layer, state.final[i], state.rope_final[i], deltas[i], parts)[0])
         return _State(new_prefix, new_docs, new_final, state.rope_prefix, state.rope_docs, state.rope_final,
                       state.kv_buffer, state.shared, state.shared_local)
 
@@ -404,14 +325,14 @@ class BlockRankForward:
         out = []
         for i in which:
             start, end = docs.spans[i]
-            seg = [_Segment(0, end - start, deltas[i])]
+            seg = [Segment(0, end - start, deltas[i])]
             x = layer.input_layernorm(state.docs[start:end])
             n, t, _ = x.shape
-            k = _project(attn.k_proj, "self_attn.k_proj", x, seg).view(n, t, self.n_kv, self.head_dim)
+            k = project(attn.k_proj, "self_attn.k_proj", x, seg).view(n, t, self.n_kv, self.head_dim)
             k = _apply_rope(k, tuple(r[start:end] for r in state.rope_docs))
             s = prompts[i].signal_tokens
             hf = layer.input_layernorm(state.final[i][:, -s:])
-            q = _project(attn.q_proj, "self_attn.q_proj", hf, [_Segment(0, 1, deltas[i])])
+            q = project(attn.q_proj, "self_attn.q_proj", hf, [Segment(0, 1, deltas[i])])
             q = q.view(1, s, self.n_heads, self.head_dim)
             signal_rope = tuple(r[:, -s:] for r in state.rope_final[i])
             q = _apply_rope(q, signal_rope)[0].view(s, self.n_kv, self.group, self.head_dim)
@@ -459,44 +380,14 @@ def _real_tokens(state: _State, docs: DocBatch) -> torch.Tensor:
 
 
 def _segments_in(spans: Sequence[tuple[int, int]], lo: int, hi: int,
-                 deltas: Sequence[LayerDeltas | None]) -> list[_Segment]:
+                 deltas: Sequence[LayerDeltas | None]) -> list[Segment]:
     """The prompts' row ranges inside rows [lo, hi), relative to lo."""
     out = []
     for owner, (start, end) in enumerate(spans):
         a, b = max(start, lo), min(end, hi)
         if a < b:
-            out.append(_Segment(a - lo, b - lo, deltas[owner], owner))
+            out.append(Segment(a - lo, b - lo, deltas[owner], owner))
     return out
-
-
-def _project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Sequence[_Segment]) -> torch.Tensor:
-    """The shared base projection over all rows, then each chain's low-rank delta on its own rows:
-    one grouped matmul per distinct delta, whatever the number of prompts using it."""
-    y = module(x)
-    groups: dict[int, tuple[LoraDelta, list[_Segment]]] = {}
-    for s in segments:
-        delta = s.deltas.get(name) if s.deltas else None
-        if delta is not None:
-            groups.setdefault(id(delta), (delta, []))[1].append(s)
-    for delta, segs in groups.values():
-        if len(segs) == 1 or all(a.hi == b.lo for a, b in pairwise(segs)):
-            lo, hi = segs[0].lo, segs[-1].hi
-            y[lo:hi] += delta(x[lo:hi])
-        else:
-            rows = torch.cat([torch.arange(s.lo, s.hi, device=x.device) for s in segs])
-            y.index_add_(0, rows, delta(x.index_select(0, rows)))
-    return y
-
-
-_MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def _mlp(mlp: torch.nn.Module, x: torch.Tensor, segments: Sequence[_Segment]) -> torch.Tensor:
-    if not any(s.deltas and any(m in s.deltas for m in _MLP_MODULES) for s in segments):
-        return mlp(x)
-    gate = _project(mlp.gate_proj, "mlp.gate_proj", x, segments)
-    up = _project(mlp.up_proj, "mlp.up_proj", x, segments)
-    return _project(mlp.down_proj, "mlp.down_proj", mlp.act_fn(gate) * up, segments)
 
 
 def _pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
@@ -532,68 +423,3 @@ def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-# ---- dense references (tests and the speed baseline) ---------------------------------------
-def block_sparse_layout(prompt: Prompt, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
-    """The same prompt as ONE sequence: (ids, positions, additive mask (S, S), and per token the
-    document slot whose score it counts towards, or -1).
-    Documents are right-padded to the longest block; pads are masked as keys."""
-    width = max(len(d) for d in prompt.docs)
-    n0 = len(prompt.prefix)
-    ids, pos, block, valid = list(prompt.prefix), list(range(n0)), [0] * n0, [True] * n0
-    content = [False] * n0
-    for i, doc in enumerate(prompt.docs):
-        pad = width - len(doc)
-        ids += doc + [0] * pad
-        pos += list(range(n0, n0 + width))
-        block += [i + 1] * width
-        valid += [True] * len(doc) + [False] * pad
-        tag = prompt.tag_lengths[i]
-        content += [False] * tag + [True] * (len(doc) - tag) + [False] * pad
-    nf = len(prompt.final)
-    ids += prompt.final
-    pos += list(range(n0 + block_tokens, n0 + block_tokens + nf))
-    final_block = len(prompt.docs) + 1
-    block += [final_block] * nf
-    valid += [True] * nf
-    content += [False] * nf
-    block_t = torch.tensor(block)
-    valid_t = torch.tensor(valid)
-    s = len(ids)
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    query_block, key_block = block_t[:, None], block_t[None, :]
-    allowed = causal & ((key_block == 0) | (query_block == key_block) | (query_block == final_block))
-    allowed &= valid_t[None, :]
-    allowed |= torch.eye(s, dtype=torch.bool)  # pad queries see themselves: no all -inf rows
-    mask = torch.zeros(s, s).masked_fill(~allowed, NEG_INF)
-    slot = torch.where(torch.tensor(content), block_t - 1, -1)
-    return torch.tensor(ids), torch.tensor(pos), mask, slot
-
-
-def full_causal_ids(prompt: Prompt) -> torch.Tensor:
-    """The usual listwise reranker input: all segments back to back, ordinary causal attention."""
-    return torch.tensor(prompt.prefix + [t for doc in prompt.docs for t in doc] + prompt.final)
-
-
-def reference_scores(model: torch.nn.Module, prompt: Prompt, spec: ScoringSpec) -> tuple[torch.Tensor, tuple]:
-    """Dense masked reference: eager attention over the full sequence with the block mask.
-    Returns (scores (n_docs,), hidden states per layer) computed from the model's own attention
-    probabilities at l*, renormalised over document tokens."""
-    ids, pos, mask, slot = block_sparse_layout(prompt, spec.block_tokens)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    out = model.model(input_ids=ids[None].to(device), position_ids=pos[None].to(device),
-                      attention_mask=mask[None, None].to(device=device, dtype=dtype),
-                      output_hidden_states=True, output_attentions=True, use_cache=False)
-    probs = out.attentions[spec.layer][0, :, -prompt.signal_tokens:, :].float()  # (heads, signal, S)
-    on_docs = slot >= 0
-    doc_probs = probs[:, :, on_docs.to(device)]
-    doc_probs = doc_probs / doc_probs.sum(-1, keepdim=True)
-    per_doc = torch.zeros(probs.shape[0], probs.shape[1], prompt.n_docs, device=device)
-    per_doc.index_add_(2, slot[on_docs].to(device), doc_probs)
-    heads = list(spec.heads) if spec.heads else list(range(probs.shape[0]))
-    return per_doc[heads].mean(dim=(0, 1)).cpu(), out.hidden_states
-
-

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from reranker.blockrank import BlockRankForward, Route, ScoringSpec, SharedPrefixCache
+from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.calibration import CALIBRATION, CALIBRATION_BLOCK_TOKENS
 from reranker.equivalence import EquivalenceChecker
 from reranker.errors import AdapterInvalid, RerankInputError, UnknownTenant
 from reranker.model import LoadedModel, load_model
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
+from reranker.routing import Route, SharedPrefixCache
 from reranker.zoo import BlockZoo, TenantUsage, resolve_adapter_name
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from reranker.blockrank import BlockRankForward, LayerDeltas, LayerTrace, Route, ScoringSpec
+from reranker.blockrank import BlockRankForward, LayerTrace, ScoringSpec
 from reranker.prompt import Prompt
+from reranker.routing import LayerDeltas, Route
 from reranker.zoo import BlockZoo
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class EquivalenceChecker:
         """Evaluate every tenant block of the tenant's chain; substitute where equivalent."""
         with self._lock:
             record, route = self.zoo.route(tenant)
+            for gone in self._fingerprints.keys() - self.zoo.blocks.keys():  # blocks unloaded since
+                del self._fingerprints[gone]
             spec = self.spec_of(tenant)
             trace = self._trace_to(spec.layer)
             made: list[Decision] = []
@@ -96,10 +99,6 @@ class EquivalenceChecker:
             log.info("equivalence %s: %d candidate(s), %d substituted", tenant, len(made),
                      sum(d.accepted for d in made))
             return made
-
-    def forget(self, block_ids: set[str]) -> None:
-        for block_id in block_ids:
-            self._fingerprints.pop(block_id, None)
 
     # ---- internals -------------------------------------------------------------
     def _check_block(self, tenant: str, layer: int, block_id: str, deltas: LayerDeltas, route: Route,

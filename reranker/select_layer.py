@@ -49,7 +49,8 @@ def collect_masses(reranker: Reranker, candidates: list[Candidates], layers: lis
         prompt = reranker.build_prompt(cand.query, [(d.title, d.text) for d in cand.documents])
         with torch.inference_mode():
             masses[cand.query_id] = reranker.forward.head_masses(
-                [prompt], max(layers), layers, reranker.spec.block_tokens, routes=[reranker.default.route])[0].mean(dim=1).float().cpu()
+                [prompt], max(layers), layers, reranker.spec.block_tokens,
+                routes=[reranker.default.route])[0].mean(dim=1).float().cpu()
     return masses
 
 

@@ -36,6 +36,7 @@ from reranker.engine import DEFAULT_ADAPTER, Reranker, RerankerConfig, merge_ada
 from reranker.plots import figure
 from reranker.prompt import Prompt
 from reranker.synthetic import derive_adapter
+from reranker.zoo import unique_bytes
 from retriever.beir import iter_corpus, load_queries
 
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         engine_batch(mixed[0])
         rss_before_copies = rss_bytes()
         copies = _standalone_copies(reranker, tenants, names, workdir) if args.naive else {}
-        naive_bytes = sum(_param_bytes(m) for m in copies.values())
+        naive_bytes = sum(unique_bytes(m.model.parameters()) for m in copies.values())
         rss_copies = rss_bytes() - rss_before_copies
 
         def naive_batch(batch: list[tuple[Prompt, str]], copies=copies, handles=handles) -> None:
@@ -167,10 +168,6 @@ def _standalone_copies(reranker: Reranker, tenants: list[str], names: list[str],
                              leave=False):
         copies[tenant] = BlockRankForward(merge_adapter(copy.deepcopy(reranker.lm.model), root / name))
     return copies
-
-
-def _param_bytes(forward: BlockRankForward) -> int:
-    return sum(p.numel() * p.element_size() for p in forward.model.parameters())
 
 
 def plot(result: dict, path: Path) -> None:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from reranker.blockrank import LoraDelta, Route
 from reranker.errors import AdapterInvalid, AdapterNotFound, BudgetExceeded, UnknownTenant
+from reranker.routing import LoraDelta, Route
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ class BlockZoo:
         self.evictions = 0
         self.reloads = 0
         self.base_chain = self._register_base()
-        self.base_bytes = _unique_bytes(model.parameters())
+        self.base_bytes = unique_bytes(model.parameters())
+        self._base_route = Route(chain_keys=_chain_keys(self.base_chain))
 
     # ---- base ----------------------------------------------------------------
     def _register_base(self) -> list[str]:
@@ -211,12 +212,12 @@ class BlockZoo:
         h = _hasher(f"base:{kind}")
         for name, tensor in sorted(module.state_dict().items()):
             _feed(h, name, tensor)
-        block = Block(h.hexdigest(), kind, index, _unique_bytes(module.parameters()))
+        block = Block(h.hexdigest(), kind, index, unique_bytes(module.parameters()))
         self.blocks.setdefault(block.id, block)
         return block.id
 
     def base_route(self) -> Route:
-        return Route(chain_keys=_chain_keys(self.base_chain))
+        return self._base_route
 
     # ---- tenants -------------------------------------------------------------
     def add_tenant(self, tenant: str, directory: Path, scoring_layer: int | None = None,
@@ -290,15 +291,23 @@ class BlockZoo:
                 raise UnknownTenant(f"tenant {tenant!r} has no adapter loaded")
             now = time.monotonic()
             blocks = [self.blocks[block_id] for block_id in record.chain]
+            missing = [b for b in blocks if not b.resident]
             for block in blocks:
                 block.last_used = now
-                if not block.resident:
-                    self._reload(block)
-            self._enforce_budget(pinned=set(record.chain))
+            for block in missing:
+                self._reload(block)
+            if missing:  # only a read-back can push resident bytes over the budget
+                self._enforce_budget(pinned=set(record.chain))
             layers = tuple(None if b.is_base else dict(b.deltas or {}) for b in blocks[1:])
             return record, Route(layers=layers, chain_keys=record.chain_keys)
 
     # ---- memory --------------------------------------------------------------
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the tenant-block budget; evicts at once if resident blocks no longer fit."""
+        with self._lock:
+            self.budget_bytes = budget_bytes
+            self._enforce_budget(pinned=set())
+
     def usage(self) -> ZooUsage:
         with self._lock:
             tenant_blocks = [b for b in self.blocks.values() if not b.is_base]
@@ -425,7 +434,7 @@ def _chain_keys(chain: list[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _unique_bytes(params: Iterator[torch.Tensor] | Iterable[torch.Tensor]) -> int:
+def unique_bytes(params: Iterator[torch.Tensor] | Iterable[torch.Tensor]) -> int:
     """Bytes of distinct storages (tied weights, such as a shared embedding and LM head, count once)."""
     seen, total = set(), 0
     for p in params:

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from reranker.blockrank import BlockRankForward, ScoringSpec, block_sparse_layout, reference_scores
+from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
 from reranker.errors import RerankInputError
 from reranker.model import load_model
 from reranker.prompt import PromptBuilder, PromptLimits, PromptTemplate
+from reranker.reference import block_sparse_layout, reference_scores
 from tests.conftest import FIXTURE_DOCS
 
 BLOCK = 48

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from reranker.blockrank import BlockRankForward, ScoringSpec, reference_scores
+from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
 from reranker.model import default_model_file, load_model
 from reranker.prompt import PromptBuilder, PromptLimits
+from reranker.reference import reference_scores
 
 FAMILIES = {
     "llama": {},

@@ -130,7 +130,7 @@ def test_tight_budget_evicts_lru_blocks_and_reloads_them(reranker):
     expected = scores(reranker, "acme")
     one_adapter = reranker.tenant_usage("acme").own_bytes
     budget = zoo.budget_bytes
-    zoo.budget_bytes = one_adapter
+    zoo.set_budget(one_adapter)
     try:
         scores(reranker, "noisy")  # noisy's chain is pinned, acme's blocks are the LRU victims
         assert not reranker.tenant_usage("acme").resident
@@ -140,7 +140,7 @@ def test_tight_budget_evicts_lru_blocks_and_reloads_them(reranker):
         assert zoo.reloads > reloads and zoo.evictions > evictions
         assert reranker.tenant_usage("acme").resident and not reranker.tenant_usage("noisy").resident
     finally:
-        zoo.budget_bytes = budget
+        zoo.set_budget(budget)
 
 
 def test_unload_frees_blocks_and_unknown_names_are_refused(reranker, adapters_root):

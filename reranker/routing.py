@@ -1,0 +1,131 @@
+"""Many model chains through one set of base weights: the per-row LoRA deltas of
+each prompt's chain (Route), how a linear layer applies them (one base matmul
+over every row, then one grouped low-rank matmul per distinct delta), and the
+cache of the shared instruction prefix's K/V per chain prefix.
+Used by reranker.blockrank; filled by reranker.zoo.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraDelta:
+    """A low-rank update of one linear module: y += (x A^T) B^T, B pre-multiplied by the LoRA scale."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r), already scaled
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.a.T) @ self.b.T
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes((self.a, self.b))
+
+
+# One decoder layer's deltas, keyed by module path inside the layer ("self_attn.q_proj", "mlp.up_proj").
+LayerDeltas = Mapping[str, LoraDelta]
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one prompt runs through the shared base layers: per decoder layer the LoRA deltas of its
+    model chain (None or missing = the base block) and, for the shared-prefix cache, the identity
+    of the chain up to each layer (chain_keys[l] names blocks 0..l; empty = no caching)."""
+
+    layers: tuple[LayerDeltas | None, ...] = ()
+    chain_keys: tuple[str, ...] = ()
+
+    def at(self, layer: int) -> LayerDeltas | None:
+        return self.layers[layer] if layer < len(self.layers) else None
+
+
+BASE_ROUTE = Route()
+
+
+class SharedPrefixCache:
+    """Per layer, the K/V and output hidden states of the shared instruction tokens, keyed by
+    (identity of the model chain up to that layer, token ids). Tenants whose chains agree up to a
+    layer share the entry; keys name content, so entries never go stale. LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, ...] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: tuple, entry: tuple[torch.Tensor, ...]) -> None:
+        size = tensor_bytes(entry)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = entry
+            self.nbytes += size
+            while self.nbytes > self.max_bytes and len(self._entries) > 1:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= tensor_bytes(old)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [lo, hi) of a batch and the deltas that apply to them; `owner` is the prompt they belong to."""
+
+    lo: int
+    hi: int
+    deltas: LayerDeltas | None
+    owner: int = 0
+
+
+def project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    """The shared base projection over all rows, then each chain's low-rank delta on its own rows:
+    one grouped matmul per distinct delta, whatever the number of prompts using it."""
+    y = module(x)
+    groups: dict[int, tuple[LoraDelta, list[Segment]]] = {}
+    for s in segments:
+        delta = s.deltas.get(name) if s.deltas else None
+        if delta is not None:
+            groups.setdefault(id(delta), (delta, []))[1].append(s)
+    for delta, segs in groups.values():
+        if len(segs) == 1 or all(a.hi == b.lo for a, b in pairwise(segs)):
+            lo, hi = segs[0].lo, segs[-1].hi
+            y[lo:hi] += delta(x[lo:hi])
+        else:
+            rows = torch.cat([torch.arange(s.lo, s.hi, device=x.device) for s in segs])
+            y.index_add_(0, rows, delta(x.index_select(0, rows)))
+    return y
+
+
+_MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def mlp(block: torch.nn.Module, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    """A gated MLP with per-row deltas; the module's own forward when no row's chain adapts it."""
+    if not any(s.deltas and any(m in s.deltas for m in _MLP_MODULES) for s in segments):
+        return block(x)
+    gate = project(block.gate_proj, "mlp.gate_proj", x, segments)
+    up = project(block.up_proj, "mlp.up_proj", x, segments)
+    return project(block.down_proj, "mlp.down_proj", block.act_fn(gate) * up, segments)
