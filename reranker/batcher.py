@@ -3,7 +3,8 @@ one worker drains a bounded queue into batches capped by tokens and runs them
 off the event loop. Requests of different tenants share batches: each item
 carries its tenant's handle, and the score function runs them together. A
 full queue is refused at once (QueueFull), so overload shows up as an error
-the caller can act on instead of as unbounded latency."""
+the caller can act on instead of as unbounded latency. A request that does
+not fit the current batch's token cap is carried over to start the next one."""
 
 from __future__ import annotations
 
@@ -13,19 +14,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 from reranker.errors import QueueFull
 from reranker.prompt import Prompt
 
 log = logging.getLogger(__name__)
+H = TypeVar("H")  # whatever the score function needs per request (reranker.tenants.TenantHandle)
 
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_queue: int = 64  # waiting requests
-    max_batch_tokens: int = 65_536  # document tokens per forward pass
-    max_wait_ms: float = 2.0  # how long the first request waits for company
+    max_queue: int = 64  # waiting requests; more are refused with RESOURCE_EXHAUSTED
+    max_batch_tokens: int = 65_536  # prompt tokens per forward pass
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
 
 
 @dataclass
@@ -33,47 +35,52 @@ class Scored:
     scores: list[float]
     queue_ms: float
     model_ms: float
-    batch_size: int
 
 
 @dataclass
-class _Item:
+class _Item(Generic[H]):
     prompt: Prompt
-    handle: Any  # the tenant's handle (reranker.engine.TenantHandle), passed through to score_fn
-    future: asyncio.Future
+    handle: H
+    future: asyncio.Future[Scored]
     enqueued: float
 
     @property
     def tokens(self) -> int:
-        return sum(len(d) for d in self.prompt.docs) + len(self.prompt.prefix) + len(self.prompt.final)
+        return prompt_tokens(self.prompt)
 
 
-class RerankBatcher:
-    def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[Any]], list[list[float]]],
+def prompt_tokens(prompt: Prompt) -> int:
+    return sum(len(d) for d in prompt.docs) + len(prompt.prefix) + len(prompt.final)
+
+
+class RerankBatcher(Generic[H]):
+    def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[H]], list[list[float]]],
                  config: BatcherConfig = BatcherConfig()) -> None:
         self.score_fn = score_fn
         self.config = config
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._worker: asyncio.Task | None = None
+        self._queue: asyncio.Queue[_Item[H]] | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
-        self._carry: _Item | None = None
+        self._carry: _Item[H] | None = None
 
     def start(self) -> None:
+        """Start the worker; call inside the running event loop."""
         self._queue = asyncio.Queue(maxsize=self.config.max_queue)
         self._worker = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop the worker; a batch being scored finishes, requests still queued are cancelled."""
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+        for item in self._drain():
+            item.future.cancel()
+        await asyncio.to_thread(self._executor.shutdown, True)
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize() if self._queue else 0
-
-    async def submit(self, prompt: Prompt, handle: Any = None) -> Scored:
-        assert self._queue is not None, "start() the batcher first"
+    async def submit(self, prompt: Prompt, handle: H) -> Scored:
+        if self._queue is None:
+            raise RuntimeError("start() the batcher first")
         item = _Item(prompt, handle, asyncio.get_running_loop().create_future(), time.perf_counter())
         try:
             self._queue.put_nowait(item)
@@ -85,25 +92,26 @@ class RerankBatcher:
         while True:
             batch = await self._next_batch()
             live = [item for item in batch if not item.future.done()]
-            if not live:
-                continue
-            start = time.perf_counter()
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.score_fn, [item.prompt for item in live], [item.handle for item in live])
-            except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
-                log.exception("rerank batch of %d failed", len(live))
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            model_ms = (time.perf_counter() - start) * 1000
-            for item, scores in zip(live, results, strict=True):
-                if not item.future.done():
-                    queue_ms = (start - item.enqueued) * 1000
-                    item.future.set_result(Scored(scores, queue_ms, model_ms, len(live)))
+            if live:
+                await self._score(live)
 
-    async def _next_batch(self) -> list[_Item]:
+    async def _score(self, live: list[_Item[H]]) -> None:
+        start = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.score_fn, [item.prompt for item in live], [item.handle for item in live])
+        except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
+            log.exception("rerank batch of %d failed", len(live))
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        model_ms = (time.perf_counter() - start) * 1000
+        for item, scores in zip(live, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(Scored(scores, (start - item.enqueued) * 1000, model_ms))
+
+    async def _next_batch(self) -> list[_Item[H]]:
         assert self._queue is not None
         first = self._carry or await self._queue.get()
         self._carry = None
@@ -121,3 +129,10 @@ class RerankBatcher:
                 return batch
             batch.append(item)
             tokens += item.tokens
+
+    def _drain(self) -> list[_Item[H]]:
+        items = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items

@@ -25,27 +25,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reranker.prompt import Prompt
+from reranker.attention import KeyPart, Rope, apply_rope, attend, attend_docs, key_bias
+from reranker.docbatch import DocBatch, pad_docs, segments_in
+from reranker.model import HFModule
+from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
-NEG_INF = float("-inf")
+# One layer's input hidden states as captured for tests and training: per-prompt prefixes, the (docs, T, D)
+# document batch, per-prompt final segments.
+Captured = tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class ScoringSpec:
     layer: int  # l*, 0-indexed decoder layer whose attention scores documents
     heads: tuple[int, ...] = ()  # empty = all heads
-    block_tokens: int = 160  # position offset of the final segment is L0 + block_tokens
-
-
-@dataclass
-class DocBatch:
-    """Documents of several prompts as one right-padded (docs, T) batch."""
-
-    ids: torch.Tensor  # (D, T)
-    valid: torch.Tensor  # (D, T) bool: real tokens (keys everyone may see)
-    scored: torch.Tensor  # (D, T) bool: content tokens whose attention mass scores the doc
-    spans: list[tuple[int, int]]  # [start, end) rows of each prompt
+    block_tokens: int = DEFAULT_BLOCK_TOKENS  # position offset of the final segment is L0 + block_tokens
 
 
 class BlockRankForward:
@@ -56,22 +51,23 @@ class BlockRankForward:
     added to its own rows only (grouped low-rank matmuls), so tenants are never run one at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, prefix_cache: SharedPrefixCache | None = None) -> None:
+    def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None) -> None:
         self.model = model
-        self.decoder = model.model
+        self.decoder: HFModule = model.model
         cfg = model.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv: int = cfg.num_key_value_heads
         self.group = self.n_heads // self.n_kv
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scale = self.head_dim ** -0.5
-        self.num_layers = cfg.num_hidden_layers
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale: float = self.head_dim ** -0.5
+        self.num_layers: int = cfg.num_hidden_layers
         self.chunk_tokens = 2048  # document tokens per chunk inside a layer: temporaries stay ~10 MB
         self.prefix_cache = prefix_cache
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        device: torch.device = self.decoder.embed_tokens.weight.device
+        return device
 
     # ---- public ----------------------------------------------------------------
     @torch.inference_mode()
@@ -93,7 +89,7 @@ class BlockRankForward:
         return out
 
     def head_masses(self, prompts: Sequence[Prompt], last_layer: int, score_layers: Sequence[int],
-                    block_tokens: int, capture: list | None = None,
+                    block_tokens: int, capture: list[Captured] | None = None,
                     routes: Sequence[Route] | None = None) -> list[torch.Tensor]:
         """Per prompt, (len(score_layers), signal_tokens, heads, n_docs) attention masses.
 
@@ -109,12 +105,12 @@ class BlockRankForward:
     # ---- internals -------------------------------------------------------------
     def _run(self, prompts: Sequence[Prompt], routes: Sequence[Route], block_tokens: Sequence[int],
              score_layers: Sequence[Sequence[int]], last_layer: int,
-             capture: list | None = None) -> list[dict[int, torch.Tensor]]:
+             capture: list[Captured] | None = None) -> list[dict[int, torch.Tensor]]:
         if not 0 <= last_layer < self.num_layers:
             raise ValueError(f"scoring layer must be in 0..{self.num_layers - 1}, got {last_layer}")
         # At inference the documents' hidden states are updated in place; captures need every layer's.
         in_place = torch.is_inference_mode_enabled() and capture is None
-        docs = _pad_docs(prompts, self.device)
+        docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)
         masses: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
         for index in range(last_layer + 1):
@@ -138,7 +134,7 @@ class BlockRankForward:
         """The base chain's input to every layer 0..last_layer (and the last one's output), kept
         for comparing blocks on the same calibration inputs (reranker.equivalence)."""
         n = len(prompts)
-        docs = _pad_docs(prompts, self.device)
+        docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, [block_tokens] * n, [BASE_ROUTE] * n, use_cache=False)
         states = [state]
         for index in range(last_layer + 1):
@@ -163,7 +159,12 @@ class BlockRankForward:
         embed = self.decoder.embed_tokens
         device = self.device
         cache_on = self.prefix_cache is not None and use_cache
-        prefix, final, rope_prefix, rope_final, offsets, shared = [], [], [], [], [], []
+        prefix: list[torch.Tensor] = []
+        final: list[torch.Tensor] = []
+        rope_prefix: list[Rope] = []
+        rope_final: list[Rope] = []
+        offsets: list[int] = []
+        shared: list[_Shared | None] = []
         for p, route, width in zip(prompts, routes, block_tokens, strict=True):
             n0 = len(p.prefix)
             offsets.append(n0)
@@ -182,11 +183,12 @@ class BlockRankForward:
         return _State(prefix, embed(docs.ids), final, rope_prefix, self._rope(positions), rope_final,
                       shared=shared if any(shared) else [])
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor) -> Rope:
         dummy = self.decoder.embed_tokens.weight[:1]
-        return self.decoder.rotary_emb(dummy, positions)
+        cos, sin = self.decoder.rotary_emb(dummy, positions)
+        return cos, sin
 
-    def _advance_shared(self, index: int, layer, state: _State, routes: Sequence[Route],
+    def _advance_shared(self, index: int, layer: HFModule, state: _State, routes: Sequence[Route],
                         deltas: Sequence[LayerDeltas | None]) -> None:
         """Make sure every prompt's shared-prefix K/V at this layer exist: from the cache, or computed
         once per distinct (chain up to here, tokens) from the previous layer's output."""
@@ -199,22 +201,23 @@ class BlockRankForward:
             if entry is None:
                 hidden = self.decoder.embed_tokens(torch.tensor([shared.tokens], device=self.device)) \
                     if index == 0 else shared.hidden
+                assert hidden is not None
                 out, k, v = self._sequence(layer, hidden, shared.rope, deltas[i])
                 entry = (k, v, out)
                 self.prefix_cache.put(key, entry)
             state.shared_local[key] = entry
             shared.k, shared.v, shared.hidden = entry
 
-    def _sequence(self, layer, hidden: torch.Tensor, rope, deltas: LayerDeltas | None, parts: Sequence = ()
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sequence(self, layer: HFModule, hidden: torch.Tensor, rope: Rope, deltas: LayerDeltas | None,
+                  parts: Sequence[KeyPart] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sequence (1, T, D) of one chain through the layer, attending to `parts` fully and to
         itself causally: (output (1, T, D), its K, its V (T, kv, hd))."""
         seg = [Segment(0, 1, deltas)]
         q, k, v = self._qkv(layer, hidden, rope, seg)
-        out = self._attend(q[0], list(parts), causal=(k[0], v[0]))
+        out = attend(q[0], list(parts), (k[0], v[0]), self.scale)
         return self._finish(layer, hidden, out[None], seg), k[0], v[0]
 
-    def _qkv(self, layer, hidden: torch.Tensor, rope, segments: Sequence[Segment] = ()
+    def _qkv(self, layer: HFModule, hidden: torch.Tensor, rope: Rope, segments: Sequence[Segment] = ()
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, D) -> q (B, T, kv, group, hd), k/v (B, T, kv, hd), RoPE applied."""
         attn = layer.self_attn
@@ -223,101 +226,80 @@ class BlockRankForward:
         q = project(attn.q_proj, "self_attn.q_proj", x, segments).view(b, t, self.n_heads, self.head_dim)
         k = project(attn.k_proj, "self_attn.k_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
         v = project(attn.v_proj, "self_attn.v_proj", x, segments).view(b, t, self.n_kv, self.head_dim)
-        q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q.view(b, t, self.n_kv, self.group, self.head_dim), k, v
 
-    def _finish(self, layer, hidden: torch.Tensor, attn_out: torch.Tensor,
+    def _finish(self, layer: HFModule, hidden: torch.Tensor, attn_out: torch.Tensor,
                 segments: Sequence[Segment] = ()) -> torch.Tensor:
         """o_proj, residual, MLP, residual. attn_out: (B, T, kv, group, hd)."""
         b, t = attn_out.shape[:2]
         flat = attn_out.reshape(b, t, self.n_heads * self.head_dim)
         hidden = hidden + project(layer.self_attn.o_proj, "self_attn.o_proj", flat, segments)
-        return hidden + mlp(layer.mlp, layer.post_attention_layernorm(hidden), segments)
+        out: torch.Tensor = hidden + mlp(layer.mlp, layer.post_attention_layernorm(hidden), segments)
+        return out
 
-    def _layer(self, index: int, layer, state: _State, docs: DocBatch,
+    def _layer(self, index: int, layer: HFModule, state: _State, docs: DocBatch,
                deltas: Sequence[LayerDeltas | None], in_place: bool) -> _State:
-        n_docs, width = docs.ids.shape
-        # In place, the documents' hidden states are overwritten chunk by chunk (chunks are independent)
-        # and one K/V buffer serves every layer: no large allocation per layer. Autograd, captures and
-        # traces need every layer's tensors kept, so they get fresh ones.
-        shape = (n_docs, width, self.n_kv, self.head_dim)
-        if in_place:
-            if state.kv_buffer is None:
-                state.kv_buffer = torch.empty((2, *shape), dtype=state.docs.dtype, device=state.docs.device)
-            doc_keys, doc_values = state.kv_buffer
-        else:
-            doc_keys = torch.empty(shape, dtype=state.docs.dtype, device=state.docs.device)
-            doc_values = torch.empty_like(doc_keys)
+        """One decoder layer over every part: prefixes, documents (chunked), final segments."""
+        doc_keys, doc_values = self._kv_buffers(state, docs, in_place)
         new_docs = state.docs if in_place else torch.empty_like(state.docs)
         new_prefix, prefix_kv = [], []
         for i in range(len(docs.spans)):
             shared = state.shared[i] if state.shared else None
-            parts = [(shared.k, shared.v, None)] if shared is not None else []
+            parts: list[KeyPart] = [(shared.k, shared.v, None)] if shared is not None and shared.k is not None \
+                and shared.v is not None else []
             out, kp, vp = self._sequence(layer, state.prefix[i], state.rope_prefix[i], deltas[i], parts)
             new_prefix.append(out)
-            if shared is not None:
-                kp, vp = torch.cat([shared.k, kp]), torch.cat([shared.v, vp])
+            if parts:
+                kp, vp = torch.cat([parts[0][0], kp]), torch.cat([parts[0][1], vp])
             prefix_kv.append((kp, vp))
-        # Documents go through the layer a chunk at a time: every tensor stays cache-sized, so the cost
-        # per document does not grow with the number of documents. A chunk may hold several prompts (and
-        # chains): projections run once over the chunk, attention per prompt over its own prefix.
-        rows = max(1, self.chunk_tokens // width)
-        for lo in range(0, n_docs, rows):
-            hi = min(n_docs, lo + rows)
-            segments = _segments_in(docs.spans, lo, hi, deltas)
-            rope = tuple(r[lo:hi] for r in state.rope_docs)
-            q, doc_keys[lo:hi], doc_values[lo:hi] = self._qkv(layer, state.docs[lo:hi], rope, segments)
-            k, v = doc_keys[lo:hi], doc_values[lo:hi]
-            out = torch.empty_like(q)
-            for s in segments:
-                out[s.lo:s.hi] = self._attend_docs(q[s.lo:s.hi], k[s.lo:s.hi], v[s.lo:s.hi],
-                                                   docs.valid[lo + s.lo:lo + s.hi], *prefix_kv[s.owner])
-            new_docs[lo:hi] = self._finish(layer, state.docs[lo:hi], out, segments)
+        self._docs_layer(layer, state, docs, deltas, prefix_kv, (doc_keys, doc_values), new_docs)
         new_final = []
         for i, (start, end) in enumerate(docs.spans):
             keys = doc_keys[start:end].reshape(-1, self.n_kv, self.head_dim)
             values = doc_values[start:end].reshape(-1, self.n_kv, self.head_dim)
-            pad = _key_bias(docs.valid[start:end].reshape(-1), keys.dtype)
+            pad = key_bias(docs.valid[start:end].reshape(-1), keys.dtype)
             kp, vp = prefix_kv[i]
-            parts = [(kp, vp, None), (keys, values, pad)]
-            new_final.append(self._sequence(layer, state.final[i], state.rope_final[i], deltas[i], parts)[0])
+            final_parts: list[KeyPart] = [(kp, vp, None), (keys, values, pad)]
+            new_final.append(self._sequence(layer, state.final[i], state.rope_final[i], deltas[i], final_parts)[0])
         return _State(new_prefix, new_docs, new_final, state.rope_prefix, state.rope_docs, state.rope_final,
                       state.kv_buffer, state.shared, state.shared_local)
 
-    def _attend(self, q: torch.Tensor, parts, causal) -> torch.Tensor:
-        """One sequence of queries q (T, kv, g, hd) over key parts that it sees fully
-        (each (keys (S, kv, hd), values, additive key bias (S,) or None)) plus its own
-        keys/values under the causal rule; a single softmax over all of them."""
-        scores, values = [], []
-        for keys, vals, bias in parts:
-            s = torch.einsum("tkgd,skd->tkgs", q, keys) * self.scale
-            scores.append(s if bias is None else s + bias)
-            values.append(vals)
-        own_keys, own_values = causal
-        t = q.shape[0]
-        s = torch.einsum("tkgd,skd->tkgs", q, own_keys) * self.scale
-        scores.append(s + _causal_bias(t, s.dtype, s.device)[:, None, None, :])
-        values.append(own_values)
-        probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
-        out, offset = 0, 0
-        for vals in values:
-            out = out + torch.einsum("tkgs,skd->tkgd", probs[..., offset:offset + vals.shape[0]], vals)
-            offset += vals.shape[0]
-        return out
+    def _kv_buffers(self, state: _State, docs: DocBatch, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the documents' K/V of this layer go. In place (inference), one buffer serves every layer: no
+        large allocation per layer. Autograd, captures and traces keep every layer's tensors: fresh ones."""
+        n_docs, width = docs.ids.shape
+        shape = (n_docs, width, self.n_kv, self.head_dim)
+        if in_place:
+            if state.kv_buffer is None:
+                state.kv_buffer = torch.empty((2, *shape), dtype=state.docs.dtype, device=state.docs.device)
+            return state.kv_buffer[0], state.kv_buffer[1]
+        keys = torch.empty(shape, dtype=state.docs.dtype, device=state.docs.device)
+        return keys, torch.empty_like(keys)
 
-    def _attend_docs(self, q, k, v, valid, kp, vp) -> torch.Tensor:
-        """Documents (N, T, kv, g, hd) over the shared prefix (read in place) and their own block."""
-        n, t = q.shape[:2]
-        to_prefix = torch.einsum("ntkgd,lkd->ntkgl", q, kp) * self.scale
-        own = torch.einsum("ntkgd,nskd->ntkgs", q, k) * self.scale
-        bias = _causal_bias(t, own.dtype, own.device)[None, :, None, None, :] + \
-            _key_bias(valid, own.dtype)[:, None, None, None, :]
-        probs = torch.softmax(torch.cat([to_prefix, own + bias], dim=-1).float(), dim=-1).to(q.dtype)
-        n_prefix = kp.shape[0]
-        return (torch.einsum("ntkgl,lkd->ntkgd", probs[..., :n_prefix], vp)
-                + torch.einsum("ntkgs,nskd->ntkgd", probs[..., n_prefix:], v))
+    def _docs_layer(self, layer: HFModule, state: _State, docs: DocBatch, deltas: Sequence[LayerDeltas | None],
+                    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    doc_kv: tuple[torch.Tensor, torch.Tensor], new_docs: torch.Tensor) -> None:
+        """Documents go through the layer a chunk at a time: every tensor stays cache-sized, so the cost per
+        document does not grow with the number of documents. A chunk may hold several prompts (and chains):
+        projections run once over the chunk, attention per prompt over its own prefix. In place, a chunk's
+        hidden states are overwritten (chunks are independent); the K/V land in `doc_kv`."""
+        doc_keys, doc_values = doc_kv
+        n_docs, width = docs.ids.shape
+        rows = max(1, self.chunk_tokens // width)
+        for lo in range(0, n_docs, rows):
+            hi = min(n_docs, lo + rows)
+            segments = segments_in(docs.spans, lo, hi, deltas)
+            rope = (state.rope_docs[0][lo:hi], state.rope_docs[1][lo:hi])
+            q, doc_keys[lo:hi], doc_values[lo:hi] = self._qkv(layer, state.docs[lo:hi], rope, segments)
+            k, v = doc_keys[lo:hi], doc_values[lo:hi]
+            out = torch.empty_like(q)
+            for s in segments:
+                out[s.lo:s.hi] = attend_docs(q[s.lo:s.hi], k[s.lo:s.hi], v[s.lo:s.hi],
+                                             docs.valid[lo + s.lo:lo + s.hi], *prefix_kv[s.owner], self.scale)
+            new_docs[lo:hi] = self._finish(layer, state.docs[lo:hi], out, segments)
 
-    def _score_layer(self, layer, state: _State, docs: DocBatch, prompts: Sequence[Prompt],
+    def _score_layer(self, layer: HFModule, state: _State, docs: DocBatch, prompts: Sequence[Prompt],
                      which: Sequence[int], deltas: Sequence[LayerDeltas | None]) -> list[torch.Tensor]:
         """Attention mass of the signal tokens on each document: (signal, heads, n_docs) for each
         prompt in `which`. Only those documents' K and the signal tokens' Q are computed here."""
@@ -329,15 +311,15 @@ class BlockRankForward:
             x = layer.input_layernorm(state.docs[start:end])
             n, t, _ = x.shape
             k = project(attn.k_proj, "self_attn.k_proj", x, seg).view(n, t, self.n_kv, self.head_dim)
-            k = _apply_rope(k, tuple(r[start:end] for r in state.rope_docs))
+            k = apply_rope(k, (state.rope_docs[0][start:end], state.rope_docs[1][start:end]))
             s = prompts[i].signal_tokens
             hf = layer.input_layernorm(state.final[i][:, -s:])
             q = project(attn.q_proj, "self_attn.q_proj", hf, [Segment(0, 1, deltas[i])])
             q = q.view(1, s, self.n_heads, self.head_dim)
-            signal_rope = tuple(r[:, -s:] for r in state.rope_final[i])
-            q = _apply_rope(q, signal_rope)[0].view(s, self.n_kv, self.group, self.head_dim)
+            signal_rope = (state.rope_final[i][0][:, -s:], state.rope_final[i][1][:, -s:])
+            q = apply_rope(q, signal_rope)[0].view(s, self.n_kv, self.group, self.head_dim)
             logits = torch.einsum("skgd,ntkd->skgnt", q, k).float() * self.scale
-            logits = logits + _key_bias(docs.scored[start:end], torch.float32)
+            logits = logits + key_bias(docs.scored[start:end], torch.float32)
             probs = torch.softmax(logits.reshape(s, self.n_kv, self.group, n * t), dim=-1)
             out.append(probs.view(s, self.n_heads, n, t).sum(-1))
         return out
@@ -354,7 +336,7 @@ class _Shared:
     """A prompt's shared instruction tokens and, at the current layer, their K/V and output."""
 
     tokens: tuple[int, ...]
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: Rope
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
@@ -365,61 +347,16 @@ class _State:
     prefix: list[torch.Tensor]  # per prompt (1, L0 - shared, D)
     docs: torch.Tensor  # (D, T, hidden)
     final: list[torch.Tensor]  # per prompt (1, Lf, D)
-    rope_prefix: list
-    rope_docs: tuple[torch.Tensor, torch.Tensor]
-    rope_final: list
+    rope_prefix: list[Rope]
+    rope_docs: Rope
+    rope_final: list[Rope]
     kv_buffer: torch.Tensor | None = None  # (2, docs, T, kv, hd), reused across layers at inference
     shared: list[_Shared | None] = field(default_factory=list)  # empty: no prompt uses the cache
-    shared_local: dict = field(default_factory=dict)  # this forward's shared entries, safe from eviction
+    # this forward's shared entries, safe from eviction
+    shared_local: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
 def _real_tokens(state: _State, docs: DocBatch) -> torch.Tensor:
     """Every real token's hidden state as one (tokens, hidden) matrix (padding dropped)."""
     parts = [p[0] for p in state.prefix] + [state.docs[docs.valid]] + [f[0] for f in state.final]
     return torch.cat(parts).float()
-
-
-def _segments_in(spans: Sequence[tuple[int, int]], lo: int, hi: int,
-                 deltas: Sequence[LayerDeltas | None]) -> list[Segment]:
-    """The prompts' row ranges inside rows [lo, hi), relative to lo."""
-    out = []
-    for owner, (start, end) in enumerate(spans):
-        a, b = max(start, lo), min(end, hi)
-        if a < b:
-            out.append(Segment(a - lo, b - lo, deltas[owner], owner))
-    return out
-
-
-def _pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
-    rows = [doc for p in prompts for doc in p.docs]
-    if not rows or any(not row for row in rows):
-        raise ValueError("every prompt needs at least one non-empty document")
-    width = max(len(row) for row in rows)
-    tags = [n for p in prompts for n in p.tag_lengths]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        valid[i, : len(row)] = True
-    scored = valid & (torch.arange(width)[None] >= torch.tensor(tags)[:, None])
-    spans, start = [], 0
-    for p in prompts:
-        spans.append((start, start + p.n_docs))
-        start += p.n_docs
-    return DocBatch(ids.to(device), valid.to(device), scored.to(device), spans)
-
-
-def _causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((t, t), NEG_INF, dtype=dtype, device=device).triu(1)
-
-
-def _key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, NEG_INF)
-
-
-def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotary embedding for x laid out (B, T, heads, hd); cos/sin are (B, T, hd)."""
-    cos, sin = rope[0][:, :, None], rope[1][:, :, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

@@ -11,8 +11,9 @@ tenant block at layer l are
     small random-projection fingerprint of each block's update, then checked.
 
 A substitution is accepted only when, on the calibration prompts,
-  1. the maximum relative error of the layer's residual update
-     ||u_sub - u_own|| / ||u_own|| over tokens is below `max_relative_error`, and
+  1. the maximum relative error of the layer's residual update, taken relative
+     to the substitute's update, max over tokens of ||u_own - u_sub|| / ||u_sub||,
+     is below `max_relative_error`, and
   2. the whole chain with the substitution ranks every calibration prompt's
      documents like the chain without it (mean Kendall tau >= `min_agreement`)
      and moves no calibration score by more than `max_score_change` (so a
@@ -20,6 +21,11 @@ A substitution is accepted only when, on the calibration prompts,
 Every evaluated candidate is recorded as a Decision, accepted or not.
 Identical uploads need no evaluation: content addressing already makes them
 the same block.
+
+Locking: `EquivalenceChecker._lock` makes evaluations one at a time and guards
+the trace and fingerprints; every forward pass of an evaluation also holds the
+engine's forward lock (the same one serving batches take), so evaluations and
+serving never run the model at once. Zoo calls take the zoo's own lock.
 """
 
 from __future__ import annotations
@@ -27,18 +33,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 from reranker.blockrank import BlockRankForward, LayerTrace, ScoringSpec
 from reranker.prompt import Prompt
+from reranker.ranking import kendall_tau
 from reranker.routing import LayerDeltas, Route
 from reranker.zoo import BlockZoo
 
 log = logging.getLogger(__name__)
 FINGERPRINT_DIM = 8  # per token; the fingerprint only shortlists candidates, the exact check decides
+
+
+class ReplacementKind(StrEnum):
+    BASE = "base"
+    TENANT = "tenant"
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class Decision:
     layer: int
     block: str
     replacement: str
-    replacement_kind: str  # "base" | "tenant"
+    replacement_kind: ReplacementKind
     max_relative_error: float
     ranking_agreement: float  # mean Kendall tau over the calibration prompts
     max_score_change: float  # largest change of a calibration document's score
@@ -58,12 +72,13 @@ class Decision:
 
 class EquivalenceChecker:
     def __init__(self, forward: BlockRankForward, zoo: BlockZoo, calibration: Sequence[Prompt],
-                 spec_of: Callable[[str], ScoringSpec], max_relative_error: float = 1e-3,
-                 min_agreement: float = 0.999, max_score_change: float = 1e-4, max_decisions: int = 1000) -> None:
+                 forward_lock: AbstractContextManager[object],
+                 max_relative_error: float = 1e-3, min_agreement: float = 0.999, max_score_change: float = 1e-4,
+                 max_decisions: int = 1000) -> None:
         self.forward = forward
+        self.forward_lock = forward_lock
         self.zoo = zoo
         self.calibration = list(calibration)
-        self.spec_of = spec_of
         self.max_relative_error = max_relative_error
         self.min_agreement = min_agreement
         self.max_score_change = max_score_change
@@ -74,27 +89,26 @@ class EquivalenceChecker:
         self._projection: torch.Tensor | None = None
         self._lock = threading.Lock()  # one evaluation at a time
 
-    def check_tenant(self, tenant: str) -> list[Decision]:
-        """Evaluate every tenant block of the tenant's chain; substitute where equivalent."""
+    def check_tenant(self, tenant: str, spec: ScoringSpec) -> list[Decision]:
+        """Evaluate every tenant block of the tenant's chain (scored as `spec`); substitute where equivalent."""
         with self._lock:
-            record, route = self.zoo.route(tenant)
-            for gone in self._fingerprints.keys() - self.zoo.blocks.keys():  # blocks unloaded since
+            resolved = self.zoo.resolve(tenant)
+            for gone in self._fingerprints.keys() - self.zoo.known_block_ids():  # blocks unloaded since
                 del self._fingerprints[gone]
-            spec = self.spec_of(tenant)
             trace = self._trace_to(spec.layer)
             made: list[Decision] = []
             for layer in range(spec.layer + 1):
-                deltas = route.at(layer)
+                deltas = resolved.route.at(layer)
                 if deltas is None:
                     continue
-                block_id = record.chain[layer + 1]
-                decision = self._check_block(tenant, layer, block_id, deltas, route, trace, spec)
+                block_id = resolved.chain.layers[layer]
+                decision = self._check_block(tenant, layer, block_id, deltas, resolved.route, trace, spec)
                 if decision is None:
                     continue
                 made.append(decision)
                 if decision.accepted:
-                    self.zoo.replace_block(tenant, layer + 1, decision.replacement)
-                    record, route = self.zoo.route(tenant)
+                    self.zoo.replace_block(tenant, layer, decision.replacement)
+                    resolved = self.zoo.resolve(tenant)
             self._record(made)
             log.info("equivalence %s: %d candidate(s), %d substituted", tenant, len(made),
                      sum(d.accepted for d in made))
@@ -103,41 +117,47 @@ class EquivalenceChecker:
     # ---- internals -------------------------------------------------------------
     def _check_block(self, tenant: str, layer: int, block_id: str, deltas: LayerDeltas, route: Route,
                      trace: LayerTrace, spec: ScoringSpec) -> Decision | None:
-        own = self.forward.layer_update(trace, layer, deltas)
-        base = self.forward.layer_update(trace, layer, None)
+        own = self._update(trace, layer, deltas)
+        base = self._update(trace, layer, None)
         self._fingerprints[block_id] = self._fingerprint(own)
         error = _max_relative_error(base, own)
         if error <= self.max_relative_error:
-            return self._decide(tenant, layer, block_id, self.zoo.base_chain[layer + 1], "base", error,
-                                route, None, spec)
+            return self._decide(tenant, layer, block_id, self.zoo.base_chain.layers[layer], ReplacementKind.BASE,
+                                error, route, None, spec)
         for other_id, other in self._twins(layer, block_id):
-            error = _max_relative_error(self.forward.layer_update(trace, layer, other), own)
+            error = _max_relative_error(self._update(trace, layer, other), own)
             if error <= self.max_relative_error:
-                return self._decide(tenant, layer, block_id, other_id, "tenant", error, route, other, spec)
+                return self._decide(tenant, layer, block_id, other_id, ReplacementKind.TENANT, error, route, other,
+                                    spec)
         return None
+
+    def _update(self, trace: LayerTrace, layer: int, deltas: LayerDeltas | None) -> torch.Tensor:
+        with self.forward_lock:
+            return self.forward.layer_update(trace, layer, deltas)
 
     def _twins(self, layer: int, block_id: str) -> list[tuple[str, LayerDeltas]]:
         """Resident tenant blocks at this layer whose fingerprint is close to this block's."""
         mine = self._fingerprints[block_id]
         scale = float(mine.norm()) or 1.0
-        found = []
-        for other in list(self.zoo.blocks.values()):
-            if other.is_base or other.index != layer or other.id == block_id or other.deltas is None:
-                continue
+        found: list[tuple[str, LayerDeltas]] = []
+        for other in self.zoo.layer_blocks(layer):
             print_ = self._fingerprints.get(other.id)
-            if print_ is not None and float((print_ - mine).norm()) / scale <= 10 * self.max_relative_error:
+            if other.id == block_id or print_ is None or other.deltas is None:
+                continue
+            if float((print_ - mine).norm()) / scale <= 10 * self.max_relative_error:
                 found.append((other.id, other.deltas))
         return found
 
-    def _decide(self, tenant: str, layer: int, block_id: str, replacement: str, kind: str, error: float,
+    def _decide(self, tenant: str, layer: int, block_id: str, replacement: str, kind: ReplacementKind, error: float,
                 route: Route, replacement_deltas: LayerDeltas | None, spec: ScoringSpec) -> Decision:
         layers = list(route.layers)
         layers[layer] = replacement_deltas
         substituted = Route(layers=tuple(layers), chain_keys=())
         plain = Route(layers=route.layers, chain_keys=())
         n = len(self.calibration)
-        before = self.forward.score_routed(self.calibration, [spec] * n, [plain] * n)
-        after = self.forward.score_routed(self.calibration, [spec] * n, [substituted] * n)
+        with self.forward_lock:
+            before = self.forward.score_routed(self.calibration, [spec] * n, [plain] * n)
+            after = self.forward.score_routed(self.calibration, [spec] * n, [substituted] * n)
         agreement = sum(kendall_tau(a.tolist(), b.tolist()) for a, b in zip(before, after, strict=True)) / n
         change = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
         if agreement < self.min_agreement:
@@ -152,9 +172,9 @@ class EquivalenceChecker:
 
     def _trace_to(self, layer: int) -> LayerTrace:
         if self._trace is None or len(self._trace.states) < layer + 2:
-            depth = layer
             block_tokens = max(len(d) for p in self.calibration for d in p.docs)
-            self._trace = self.forward.trace(self.calibration, block_tokens, depth)
+            with self.forward_lock:
+                self._trace = self.forward.trace(self.calibration, block_tokens, layer)
         return self._trace
 
     def _fingerprint(self, update: torch.Tensor) -> torch.Tensor:
@@ -172,15 +192,3 @@ def _max_relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> flo
     """max over tokens of ||candidate - reference|| / ||reference||."""
     diff = (candidate - reference).norm(dim=-1)
     return float((diff / reference.norm(dim=-1).clamp_min(1e-12)).max())
-
-
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-a between two score lists (1 = the same order)."""
-    n = len(a)
-    if n < 2:
-        return 1.0
-    concordant = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            concordant += 1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else (-1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0)
-    return concordant / (n * (n - 1) / 2)

@@ -12,14 +12,19 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from retriever.embedder import resolve_device
+from common.device import Dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 SUPPORTED = {"llama", "mistral", "qwen2"}
+# A Hugging Face module of a supported family (the causal LM, its decoder, a decoder layer, its attention or
+# MLP): their attributes (layers, q_proj, rotary_emb, ...) exist by architecture, checked at load time, and
+# torch's stubs cannot name them, so code reaching into them types them as this.
+HFModule = Any
 
 
 def default_model_file() -> Path:
@@ -33,29 +38,22 @@ def default_model_file() -> Path:
     return files[0]
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    model: HFModule  # a PreTrainedModel (causal LM) of a supported family
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
     dtype: torch.dtype
 
 
-def load_model(path: str = "", device: str = "auto", dtype: str = "auto",
+def load_model(path: str = "", device: str = "auto", dtype: Dtype | str = Dtype.AUTO,
                attn_implementation: str = "sdpa") -> LoadedModel:
     """`path`: empty (bundled SmolLM2), a .gguf file, or a local Hugging Face model directory."""
     target = Path(path) if path else default_model_file()
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device)  # auto: fp32 on CPU, bf16/fp16 on CUDA
+    kwargs: dict[str, str]
     if target.suffix == ".gguf":
         kwargs = {"gguf_file": target.name}
         directory = target.parent
@@ -64,7 +62,7 @@ def load_model(path: str = "", device: str = "auto", dtype: str = "auto",
     else:
         raise FileNotFoundError(f"{target} is neither a .gguf file nor a Hugging Face model directory")
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype,
+    model: HFModule = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype,
                                                  attn_implementation=attn_implementation, **kwargs)
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"model type {model.config.model_type!r} is not one of {sorted(SUPPORTED)}")

@@ -11,9 +11,12 @@ segment boundaries are exact.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
+
+DEFAULT_BLOCK_TOKENS = 160  # H, the paper's block length; adapters record the one they were trained with
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class PromptTemplate:
 
 @dataclass(frozen=True)
 class PromptLimits:
-    block_tokens: int = 160  # H: every document block is cut to this many tokens
+    block_tokens: int = DEFAULT_BLOCK_TOKENS  # H: every document block is cut to this many tokens
     max_query_tokens: int = 128
     signal_tokens: int = 2
 
@@ -44,7 +47,7 @@ class Prompt:
     signal_tokens: int
     tag_lengths: list[int]  # leading tokens of each doc that are its identifier
     # Leading prefix tokens that are the same for every query (BOS + instruction): their K/V are
-    # computed once per model chain and reused (see blockrank.SharedPrefixCache).
+    # computed once per model chain and reused (see routing.SharedPrefixCache).
     shared_prefix: int = 0
 
     @property
@@ -72,7 +75,7 @@ class PromptBuilder:
 
     def query_ids_text(self, query: str) -> str:
         ids = self._ids(query)[: self.limits.max_query_tokens]
-        return self.tokenizer.decode(ids)
+        return str(self.tokenizer.decode(ids))
 
     def build(self, query: str, docs: list[tuple[str, str]]) -> Prompt:
         """docs: (title, text) pairs in slot order; slot i gets identifier i."""
@@ -89,6 +92,24 @@ class PromptBuilder:
     def answer_ids(self, index: int) -> list[int]:
         """Token ids of the completion naming document `index` (the LM target when training)."""
         return self._ids(f"{index}]")
+
+
+class PromptBuilders:
+    """One PromptBuilder per block length (tenants may differ), made on first use."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_query_tokens: int = 128) -> None:
+        self.tokenizer = tokenizer
+        self.max_query_tokens = max_query_tokens
+        self._builders: dict[int, PromptBuilder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, block_tokens: int) -> PromptBuilder:
+        with self._lock:
+            builder = self._builders.get(block_tokens)
+            if builder is None:
+                limits = PromptLimits(block_tokens=block_tokens, max_query_tokens=self.max_query_tokens)
+                builder = self._builders[block_tokens] = PromptBuilder(self.tokenizer, PromptTemplate(), limits)
+            return builder
 
 
 def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

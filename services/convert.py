@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from retriever.types import CollectionStats, Document, HnswSettings, IndexKind
+from common.types import Document
+from retriever.types import CollectionStats, HnswSettings, IndexKind
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2
 
 _INDEX_TO_PB = {IndexKind.FLAT: retriever_pb2.INDEX_TYPE_FLAT, IndexKind.HNSW: retriever_pb2.INDEX_TYPE_HNSW}

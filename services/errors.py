@@ -38,8 +38,8 @@ class NotReady(ServiceError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, what)
 
 
-# Ordered: the first matching class wins. Other modules register theirs with `register_error`.
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+# Ordered: the first matching class wins.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (RerankInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownTenant, grpc.StatusCode.NOT_FOUND),
@@ -50,11 +50,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (CollectionNotFound, grpc.StatusCode.NOT_FOUND),
     (CollectionExists, grpc.StatusCode.ALREADY_EXISTS),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-]
-
-
-def register_error(exc: type[BaseException], code: grpc.StatusCode) -> None:
-    _CODES.insert(0, (exc, code))
+)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from dataclasses import dataclass
 
 import grpc
 
+from services.config import ServerConfig, option, parse_config
 from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
     reranker_pb2,
@@ -22,7 +21,16 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
-from services.server import GRPC_OPTIONS, Hosted, ServiceSpec, elapsed_ms, run_service, setup_logging
+from services.server import (
+    GRPC_OPTIONS,
+    Context,
+    Hosted,
+    ServiceSpec,
+    elapsed_ms,
+    run_service,
+    setup_logging,
+    time_budget,
+)
 
 MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
@@ -30,13 +38,11 @@ MAX_RERANK_DEPTH = 1000
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 50050
-    retriever_target: str = "127.0.0.1:50051"
-    reranker_target: str = ""
-    # When the reranker fails, answer with first-stage results (reranked=false) instead of an error.
-    rerank_fail_open: bool = False
-    grace_s: float = 10.0
+    server: ServerConfig = option(factory=lambda: ServerConfig(port=50050))
+    retriever_target: str = option("127.0.0.1:50051", "the RetrieverService, HOST:PORT")
+    reranker_target: str = option("", "the RerankerService, HOST:PORT (empty: no reranking)")
+    rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
+                                           "instead of an error")
 
 
 def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
@@ -47,13 +53,19 @@ def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.retriever = retriever_pb2_grpc.RetrieverServiceStub(
-            grpc.aio.insecure_channel(config.retriever_target, options=GRPC_OPTIONS))
-        self.reranker = (reranker_pb2_grpc.RerankerServiceStub(
-            grpc.aio.insecure_channel(config.reranker_target, options=GRPC_OPTIONS))
-            if config.reranker_target else None)
+        self.channels = [grpc.aio.insecure_channel(config.retriever_target, options=GRPC_OPTIONS)]
+        self.retriever: retriever_pb2_grpc.RetrieverServiceAsyncStub = \
+            retriever_pb2_grpc.RetrieverServiceStub(self.channels[0])
+        self.reranker: reranker_pb2_grpc.RerankerServiceAsyncStub | None = None
+        if config.reranker_target:
+            self.channels.append(grpc.aio.insecure_channel(config.reranker_target, options=GRPC_OPTIONS))
+            self.reranker = reranker_pb2_grpc.RerankerServiceStub(self.channels[1])
 
-    async def Search(self, request, context):
+    async def stop(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+    async def Search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
         start = time.perf_counter()
         _validate(request)
         depth = request.rerank_depth
@@ -78,21 +90,24 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         response.timings.total_ms = elapsed_ms(start)
         return response
 
-    async def _retrieve(self, request, k: int, context) -> list[retriever_pb2.ScoredDocument]:
+    async def _retrieve(self, request: search_pb2.SearchRequest, k: int, context: Context
+                        ) -> list[retriever_pb2.ScoredDocument]:
         call = retriever_pb2.RetrieveRequest(collection=request.collection, query=request.query, top_k=k)
         try:
-            response = await self.retriever.Retrieve(call, timeout=context.time_remaining())
+            response = await self.retriever.Retrieve(call, timeout=time_budget(context))
         except grpc.aio.AioRpcError as err:
             raise downstream_error("retriever", err) from None
         return list(response.results)
 
-    async def _rerank(self, request, hits: list[search_pb2.SearchHit], depth: int, context):
+    async def _rerank(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
+                      context: Context) -> list[search_pb2.SearchHit]:
+        assert self.reranker is not None
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
                                           tenant=request.tenant,
                                           first_stage_scores=[h.retrieval_score for h in head])
         try:
-            response = await self.reranker.Rerank(call, timeout=context.time_remaining())
+            response = await self.reranker.Rerank(call, timeout=time_budget(context))
         except grpc.aio.AioRpcError as err:
             raise downstream_error("reranker", err) from None
         reordered = []
@@ -118,22 +133,13 @@ def _validate(request: search_pb2.SearchRequest) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("GATEWAY_HOST", GatewayConfig.host))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", GatewayConfig.port)))
-    parser.add_argument("--retriever-target", default=os.environ.get("RETRIEVER_TARGET",
-                                                                     GatewayConfig.retriever_target))
-    parser.add_argument("--reranker-target", default=os.environ.get("RERANKER_TARGET", ""))
-    parser.add_argument("--rerank-fail-open", action="store_true",
-                        help="serve first-stage results when the reranker fails, instead of an error")
-    parser.add_argument("--grace-s", type=float, default=GatewayConfig.grace_s)
-    return GatewayConfig(**vars(parser.parse_args(argv)))
+    return parse_config(GatewayConfig(), "GATEWAY", argv, __doc__ or "")
 
 
 def build(config: GatewayConfig) -> Hosted:
     servicer = SearchServicer(config)  # aio channels must be made inside the running loop
     return Hosted([ServiceSpec.of(search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server,
-                                  servicer)])
+                                  servicer)], on_stop=[servicer.stop])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,13 +2,16 @@
 
 protoc emits absolute imports (`from retrieval.v1 import x_pb2`); they are
 rewritten to `services.gen.retrieval.v1` so the generated code is an ordinary
-subpackage and needs no sys.path tricks.
+subpackage and needs no sys.path tricks. Type stubs come beside the code: `.pyi`
+for the messages always, and for the service stubs and servicers too when
+mypy-protobuf's plugin is installed (the `[dev]` extra; the type checker needs them).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -25,7 +28,12 @@ def main() -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
     args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={OUT}", f"--pyi_out={OUT}",
-            f"--grpc_python_out={OUT}", *protos]
+            f"--grpc_python_out={OUT}"]
+    plugin = shutil.which("protoc-gen-mypy_grpc", path=str(Path(sys.executable).parent)) or \
+        shutil.which("protoc-gen-mypy_grpc")
+    if plugin:
+        args += [f"--plugin=protoc-gen-mypy_grpc={plugin}", f"--mypy_grpc_out={OUT}"]
+    args += protos
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     for path in OUT.rglob("*.py*"):

@@ -1,18 +1,18 @@
 """RetrieverService: a thin gRPC layer over `retriever.engine.RetrieverEngine`.
 
-    python -m services.retriever --port 50051 --data-dir var/retriever
+    python -m services.retriever --port 50051 --data-dir var/retriever [--model DIR] [--dtype auto]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.embedder import Embedder, EmbedderConfig, set_cpu_threads
-from retriever.engine import RetrieverEngine
+from common.device import set_cpu_threads
+from retriever.embedder import Embedder, EmbedderConfig
+from retriever.engine import Limits, RetrieverEngine
+from services.config import ServerConfig, option, parse_config
 from services.convert import (
     collection_info_to_pb,
     document_from_pb,
@@ -22,32 +22,26 @@ from services.convert import (
 )
 from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
-from services.server import Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
+from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
 @dataclass(frozen=True)
-class RetrieverConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    data_dir: str = "var/retriever"
-    model_path: str = ""
-    device: str = "auto"
-    precision: str = "auto"
-    worker_threads: int = 2
-    grace_s: float = 10.0
+class RetrieverServiceConfig:
+    server: ServerConfig = option(factory=lambda: ServerConfig(port=50051))
+    data_dir: str = option("var/retriever", "where collections persist (one directory each)")
+    embedder: EmbedderConfig = option(factory=EmbedderConfig)
+    limits: Limits = option(factory=Limits)
 
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
-    def __init__(self, config: RetrieverConfig) -> None:
+    def __init__(self, config: RetrieverServiceConfig) -> None:
         self.config = config
-        self.worker = Worker(config.worker_threads)
+        self.worker = Worker(config.server.worker_threads)
         self._engine: RetrieverEngine | None = None
 
     def load(self) -> None:
         set_cpu_threads()
-        embedder = Embedder(EmbedderConfig(model_path=self.config.model_path, device=self.config.device,
-                                           precision=self.config.precision))
-        engine = RetrieverEngine(Path(self.config.data_dir), embedder)
+        engine = RetrieverEngine(Path(self.config.data_dir), Embedder(self.config.embedder), self.config.limits)
         engine.load()
         self._engine = engine
 
@@ -57,59 +51,58 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
             raise NotReady()
         return self._engine
 
-    async def CreateCollection(self, request, context):
+    async def stop(self) -> None:
+        self.worker.stop()
+
+    async def CreateCollection(self, request: retriever_pb2.CreateCollectionRequest, context: Context
+                               ) -> retriever_pb2.CreateCollectionResponse:
         stats = await self.worker.run(context, self.engine.create_collection, request.collection,
                                       index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw))
         return retriever_pb2.CreateCollectionResponse(collection=collection_info_to_pb(stats))
 
-    async def DeleteCollection(self, request, context):
+    async def DeleteCollection(self, request: retriever_pb2.DeleteCollectionRequest, context: Context
+                               ) -> retriever_pb2.DeleteCollectionResponse:
         await self.worker.run(context, self.engine.delete_collection, request.collection)
         return retriever_pb2.DeleteCollectionResponse()
 
-    async def ListCollections(self, request, context):
-        stats = self.engine.list_collections()
+    async def ListCollections(self, request: retriever_pb2.ListCollectionsRequest, context: Context
+                              ) -> retriever_pb2.ListCollectionsResponse:
+        stats = await self.worker.run(context, self.engine.list_collections)
         return retriever_pb2.ListCollectionsResponse(collections=[collection_info_to_pb(s) for s in stats])
 
-    async def UpsertDocuments(self, request, context):
+    async def UpsertDocuments(self, request: retriever_pb2.UpsertDocumentsRequest, context: Context
+                              ) -> retriever_pb2.UpsertDocumentsResponse:
         start = time.perf_counter()
         documents = [document_from_pb(d) for d in request.documents]
         count = await self.worker.run(context, self.engine.upsert, request.collection, documents)
-        return retriever_pb2.UpsertDocumentsResponse(upserted_count=count,
-                                                     timings=document_pb2.Timings(total_ms=elapsed_ms(start)))
+        return retriever_pb2.UpsertDocumentsResponse(upserted_count=count, timings=_timings(start))
 
-    async def DeleteDocuments(self, request, context):
-        deleted, missing = await self.worker.run(context, self.engine.delete, request.collection,
-                                                 list(request.ids))
+    async def DeleteDocuments(self, request: retriever_pb2.DeleteDocumentsRequest, context: Context
+                              ) -> retriever_pb2.DeleteDocumentsResponse:
+        deleted, missing = await self.worker.run(context, self.engine.delete, request.collection, list(request.ids))
         return retriever_pb2.DeleteDocumentsResponse(deleted_count=len(deleted), not_found_ids=missing)
 
-    async def Retrieve(self, request, context):
+    async def Retrieve(self, request: retriever_pb2.RetrieveRequest, context: Context
+                       ) -> retriever_pb2.RetrieveResponse:
         start = time.perf_counter()
-        hits = await self.worker.run(context, self.engine.search, request.collection, request.query,
-                                     request.top_k)
+        hits = await self.worker.run(context, self.engine.search, request.collection, request.query, request.top_k)
         results = [retriever_pb2.ScoredDocument(document=document_to_pb(h.document), score=h.score) for h in hits]
-        return retriever_pb2.RetrieveResponse(results=results,
-                                              timings=document_pb2.Timings(total_ms=elapsed_ms(start)))
+        return retriever_pb2.RetrieveResponse(results=results, timings=_timings(start))
 
 
-def parse_args(argv: list[str] | None = None) -> RetrieverConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("RETRIEVER_HOST", RetrieverConfig.host))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("RETRIEVER_PORT", RetrieverConfig.port)))
-    parser.add_argument("--data-dir", default=os.environ.get("RETRIEVER_DATA_DIR", RetrieverConfig.data_dir))
-    parser.add_argument("--model", dest="model_path", default=os.environ.get("EMBEDDER_MODEL", ""),
-                        help="local Hugging Face encoder directory (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--worker-threads", type=int, default=RetrieverConfig.worker_threads)
-    parser.add_argument("--grace-s", type=float, default=RetrieverConfig.grace_s)
-    return RetrieverConfig(**vars(parser.parse_args(argv)))
+def _timings(start: float) -> document_pb2.Timings:
+    return document_pb2.Timings(total_ms=elapsed_ms(start))
 
 
-def build(config: RetrieverConfig) -> Hosted:
+def parse_args(argv: list[str] | None = None) -> RetrieverServiceConfig:
+    return parse_config(RetrieverServiceConfig(), "RETRIEVER", argv, __doc__ or "")
+
+
+def build(config: RetrieverServiceConfig) -> Hosted:
     servicer = RetrieverServicer(config)
     spec = ServiceSpec.of(retriever_pb2, "RetrieverService", retriever_pb2_grpc.add_RetrieverServiceServicer_to_server,
                           servicer)
-    return Hosted([spec], load=servicer.load)
+    return Hosted([spec], load=servicer.load, on_stop=[servicer.stop])
 
 
 def main(argv: list[str] | None = None) -> None:

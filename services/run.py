@@ -18,11 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.beir import count_corpus, load_qrels, split_queries
+from common.beir import count_corpus, load_qrels, split_queries
+from common.paths import REPO_ROOT, SCIFACT, VAR_DIR
 from services.client import collection_size, format_search, ingest_corpus, search, wait_for_serving
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
 
 
 @dataclass
@@ -39,7 +37,7 @@ def start(name: str, module: str, args: list[str], port: int, log_dir: Path) -> 
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
     popen = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     print(f"started {name} on 127.0.0.1:{port} (pid {popen.pid}, log {log_dir / (name + '.log')})")
     return Process(name, f"127.0.0.1:{port}", popen)
 
@@ -59,9 +57,9 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("RUN_DATA", DEFAULT_DATA)))
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("RUN_DATA", SCIFACT)))
     parser.add_argument("--collection", default="scifact")
-    parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
+    parser.add_argument("--var-dir", type=Path, default=VAR_DIR)
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("RUN_BASE_PORT", 50050)))
     parser.add_argument("--query", default="", help="default: the first SciFact test query")
     parser.add_argument("--rerank-depth", type=int, default=20)
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
     parser.add_argument("--eval", type=Path, default=None, metavar="OUT_JSON",
-                        help="instead of the demo query, run services.eval on the split and write OUT_JSON")
+                        help="instead of the demo query, run deploy.eval on the split and write OUT_JSON")
     parser.add_argument("--eval-split", default="test")
     args = parser.parse_args(argv)
 
@@ -120,7 +118,7 @@ def ensure_ingested(target: str, collection: str, data: Path) -> None:
 
 
 def run_eval(gateway: str, args: argparse.Namespace) -> int:
-    from services.eval import evaluate, table
+    from deploy.eval import evaluate, table
 
     depth = 0 if args.no_reranker else args.rerank_depth
     result = evaluate(gateway, args.data, args.collection, args.eval_split, depth)

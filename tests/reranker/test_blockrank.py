@@ -84,11 +84,20 @@ def test_permuting_documents_permutes_scores(eager_lm):
 
 
 def test_engine_ranks_and_enforces_limits(eager_lm):
-    reranker = Reranker(RerankerConfig(adapter="none", block_tokens=BLOCK, max_documents=4, max_document_tokens=64), loaded=eager_lm)
-    ranked = reranker.rank("kittens purring", ["The stock market fell.", ("Cats", "Cats purr.")], top_n=1)
-    assert len(ranked) == 1 and ranked[0].index in (0, 1)
-    full = reranker.rank("kittens purring", ["The stock market fell.", ("Cats", "Cats purr.")])
-    assert sorted(r.index for r in full) == [0, 1] and full[0].score >= full[1].score
-    for query, docs in [("", ["x"]), ("q", []), ("q", ["a"] * 5), ("q", ["word " * 500]), ("q", ["  "])]:
+    reranker = Reranker(RerankerConfig(adapter="none", block_tokens=BLOCK, max_documents=4, max_document_tokens=64),
+                        loaded=eager_lm)
+    docs = ["The stock market fell.", ("Cats", "Cats purr."), ("Rome", "Emperors built roads.")]
+    handle = reranker.handle()
+    model = reranker.score_prompts([reranker.build_prompt("kittens purring", docs, handle)], [handle])[0]
+    full = reranker.rank("kittens purring", docs)
+    assert [r.index for r in full] == sorted(range(3), key=lambda i: -model[i]), "best model score first"
+    assert [r.score for r in full] == [r.model_score for r in full] == sorted(model, reverse=True)
+    assert [r.index for r in reranker.rank("kittens purring", docs, top_n=1)] == [full[0].index]
+    # The base model's fusion weight is 0 (it does not beat the first stage): first-stage order, model scores kept.
+    assert handle.settings.fusion_weight == 0.0
+    fused = reranker.rank("kittens purring", docs, first_stage_scores=[0.1, 0.9, 0.5])
+    assert [r.index for r in fused] == [1, 2, 0]
+    assert {r.index: r.model_score for r in fused} == pytest.approx(dict(enumerate(model)))
+    for query, bad in [("", ["x"]), ("q", []), ("q", ["a"] * 5), ("q", ["word " * 500]), ("q", ["  "])]:
         with pytest.raises(RerankInputError):
-            reranker.rank(query, docs)
+            reranker.rank(query, bad)

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from reranker.engine import Reranker, RerankerConfig, fuse, rank_scores
+from reranker.engine import Reranker, RerankerConfig
 from tests.conftest import ROOT, SCIFACT
 
 pytestmark = pytest.mark.slow
 
 
 def train(out, retriever_dir, steps: int = 3):
-    cmd = [sys.executable, "-m", "reranker.train", "--data", str(SCIFACT), "--out", str(out), "--steps", str(steps),
+    cmd = [sys.executable, "-m", "reranker.training.train", "--data", str(SCIFACT), "--out", str(out), "--steps", str(steps),
            "--n-docs", "4", "--block-tokens", "32", "--dev-queries", "5", "--save-every", "2",
            "--layer", "6", "--retriever-dir", str(retriever_dir), "--collection", "scifact"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -34,15 +34,8 @@ def test_train_saves_a_loadable_reproducible_adapter(tmp_path, scifact_retriever
     tuned = Reranker(RerankerConfig(adapter=str(adapter)))
     base = Reranker(RerankerConfig(adapter="none", block_tokens=32, scoring_layer=6))
     docs = [("Cats", "Cats purr."), ("Stocks", "Markets fell."), ("Insulin", "Insulin lowers glucose.")]
-    assert tuned.spec.layer == 6 and tuned.model_name.endswith("+a")
-    tuned_scores = tuned.score_prompts([tuned.build_prompt("blood sugar", docs)])[0]
-    base_scores = base.score_prompts([base.build_prompt("blood sugar", docs)])[0]
+    tuned_handle, base_handle = tuned.handle(), base.handle()
+    assert tuned_handle.settings.spec.layer == 6 and tuned_handle.settings.model_name.endswith("+a")
+    tuned_scores = tuned.score_prompts([tuned.build_prompt("blood sugar", docs, tuned_handle)], [tuned_handle])[0]
+    base_scores = base.score_prompts([base.build_prompt("blood sugar", docs, base_handle)], [base_handle])[0]
     assert tuned_scores != pytest.approx(base_scores, abs=1e-7), "the adapter changes the model"
-
-
-def test_fusion_is_a_convex_mix_of_normalised_scores():
-    model, first = [0.1, 0.5, 0.2], [3.0, 1.0, 2.0]
-    assert [r.index for r in rank_scores(fuse(model, first, 1.0))] == [1, 2, 0]
-    assert [r.index for r in rank_scores(fuse(model, first, 0.0))] == [0, 2, 1]
-    assert fuse(model, first, 0.5) == pytest.approx([0.5, 0.5, 0.5 * 0.25 + 0.5 * 0.5])
-    assert fuse([1.0, 1.0], [2.0, 1.0], 0.5) == pytest.approx([0.5, 0.0])

@@ -1,19 +1,26 @@
-"""Multi-tenant rerankers as shared blocks (reranker.zoo, reranker.equivalence), real model, fp32."""
+"""Multi-tenant rerankers as shared blocks (reranker.zoo, reranker.tenants, reranker.equivalence), real
+model, fp32. The model is loaded once per module; every test loads the tenants it uses under its own
+names, and a fixture unloads every tenant and restores the budget afterwards, so no test depends on
+another's leftovers or on the order they run in."""
 
 from __future__ import annotations
 
 import copy
 import json
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
 
+from reranker.adapters import ADAPTER_CONFIG, ADAPTER_META, DEFAULT_ADAPTER
 from reranker.blockrank import BlockRankForward
-from reranker.engine import DEFAULT_ADAPTER, Reranker, RerankerConfig, merge_adapter
+from reranker.engine import Reranker, RerankerConfig
+from reranker.equivalence import ReplacementKind
 from reranker.errors import AdapterInvalid, AdapterNotFound, UnknownTenant
 from reranker.prompt import PromptTemplate
-from reranker.synthetic import derive_adapter
+from reranker.tenants import DEFAULT_TENANT, EquivalenceMode, TenantHandle
+from reranker.training.derive import derive_adapter, merge_adapter
 
 QUERY = "Insulin lowers blood glucose in diabetes"
 DOCS = [("Insulin", "Insulin lowers blood glucose; type 1 diabetes destroys the beta cells that make it."),
@@ -35,10 +42,22 @@ def adapters_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reranker(adapters_root):
-    r = Reranker(RerankerConfig(adapter="none", equivalence="sync", adapters_root=str(adapters_root)))
-    yield r
-    r.close()
+def shared_reranker(adapters_root) -> Iterator[Reranker]:
+    with Reranker(RerankerConfig(adapter="none", equivalence=EquivalenceMode.SYNC,
+                                 adapters_root=str(adapters_root))) as r:
+        yield r
+
+
+@pytest.fixture
+def reranker(shared_reranker: Reranker) -> Iterator[Reranker]:
+    """The module's reranker with no tenant but the default; whatever a test loads is unloaded after it."""
+    zoo = shared_reranker.tenants.zoo
+    budget = zoo.budget_bytes
+    assert shared_reranker.tenants.loaded() == [], "a previous test left tenants behind"
+    yield shared_reranker
+    zoo.set_budget(budget)
+    for tenant in shared_reranker.tenants.loaded():
+        shared_reranker.tenants.unload(tenant)
 
 
 def scores(r: Reranker, tenant: str, query: str = QUERY) -> torch.Tensor:
@@ -46,38 +65,46 @@ def scores(r: Reranker, tenant: str, query: str = QUERY) -> torch.Tensor:
     return torch.tensor(r.score_prompts([r.build_prompt(query, DOCS, handle)], [handle])[0])
 
 
-def handle_bytes(handle) -> int:
+def merged_scores(r: Reranker, adapter_dir, handle: TenantHandle) -> torch.Tensor:
+    """The same tenant as the naive deployment would serve it: its adapter merged into its own model."""
+    merged = merge_adapter(copy.deepcopy(r.lm.model), adapter_dir)
+    return BlockRankForward(merged).score([r.build_prompt(QUERY, DOCS, handle)], handle.settings.spec)[0]
+
+
+def handle_bytes(handle: TenantHandle) -> int:
     return sum(d.nbytes for layer in handle.route.layers if layer for d in layer.values())
 
 
+def decisions_of(r: Reranker, tenant: str):
+    return [d for d in r.tenants.checker.decisions if d.tenant == tenant]
+
+
 def test_prefix_split_keeps_the_joined_tokenisation(reranker):
-    builder = reranker.default.builder
-    template = PromptTemplate()
+    builder = reranker.handle().builder
+    template, tokenizer = PromptTemplate(), builder.tokenizer
+    bos = [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id else []
     for query in [QUERY, "x", "  two spaces", "5'-nucleotidase metabolizes 6MP.", "Ünïcode — dash"]:
         prompt = builder.build(query, DOCS[:1])
-        joined = builder._bos + builder._ids(template.prefix.format(instruction=template.instruction,
-                                                                      query=builder.query_ids_text(query)))
-        assert prompt.prefix == joined
+        text = template.prefix.format(instruction=template.instruction, query=builder.query_ids_text(query))
+        assert prompt.prefix == bos + tokenizer(text, add_special_tokens=False)["input_ids"]
         assert 0 < prompt.shared_prefix < len(prompt.prefix)
 
 
 def test_tenant_scores_equal_the_merged_standalone_model(reranker):
-    reranker.load_adapter("acme", "scifact")
+    reranker.tenants.load("acme", "scifact")
     served = scores(reranker, "acme")
+    hits = reranker.prefix_cache.hits
     cached = scores(reranker, "acme")  # second pass reads the shared-prefix K/V from the cache
-    assert reranker.prefix_cache.hits > 0
-    handle = reranker.handle("acme")
-    merged = merge_adapter(copy.deepcopy(reranker.lm.model), DEFAULT_ADAPTER)
-    standalone = BlockRankForward(merged).score([reranker.build_prompt(QUERY, DOCS, handle)], handle.spec)[0]
+    assert reranker.prefix_cache.hits > hits
+    standalone = merged_scores(reranker, DEFAULT_ADAPTER, reranker.handle("acme"))
     assert (served - standalone).abs().max() <= 1e-4
     assert (cached - standalone).abs().max() <= 1e-4
-    base = scores(reranker, "")
-    assert (served - base).abs().max() > 1e-3, "the adapter must change the scores"
+    assert (served - scores(reranker, DEFAULT_TENANT)).abs().max() > 1e-3, "the adapter must change the scores"
 
 
 def test_mixed_tenant_batch_keeps_each_tenant_apart(reranker):
-    reranker.load_adapter("acme", "scifact")
-    reranker.load_adapter("noisy", "noisy")
+    reranker.tenants.load("acme", "scifact")
+    reranker.tenants.load("noisy", "noisy")
     alone = {(t, q): scores(reranker, t, q) for t in ("acme", "noisy", "") for q in (QUERY, OTHER_QUERY)}
     assert (alone[("acme", QUERY)] - alone[("noisy", QUERY)]).abs().max() > 1e-3
     order = [("acme", QUERY), ("noisy", QUERY), ("", OTHER_QUERY), ("acme", OTHER_QUERY), ("noisy", OTHER_QUERY)]
@@ -92,83 +119,89 @@ def test_mixed_tenant_batch_keeps_each_tenant_apart(reranker):
         assert (torch.tensor(got) - alone[key]).abs().max() <= 1e-5, key
 
 
-def test_identical_and_equivalent_blocks_are_stored_once(reranker):
-    reranker.load_adapter("acme", "scifact")
-    before = reranker.zoo.usage().tenant_bytes
-    reranker.load_adapter("acme-copy", "scifact")  # same bytes: same content-addressed blocks
-    assert reranker.zoo.usage().tenant_bytes == before
-    assert reranker.zoo.tenants["acme-copy"].chain == reranker.zoo.tenants["acme"].chain
-    assert reranker.tenant_usage("acme-copy").own_blocks == 0
+def test_identical_uploads_share_their_blocks(reranker):
+    zoo = reranker.tenants.zoo
+    reranker.tenants.load("acme", "scifact")
+    before = zoo.usage().tenant_bytes
+    reranker.tenants.load("acme-copy", "scifact")  # same bytes: same content-addressed blocks
+    assert zoo.usage().tenant_bytes == before
+    assert zoo.tenants["acme-copy"].chain == zoo.tenants["acme"].chain
+    assert reranker.tenants.usage("acme-copy").own_blocks == 0
 
-    reranker.load_adapter("fresh", "untrained")  # B = 0: every block equals the base block
-    decisions = [d for d in reranker.checker.decisions if d.tenant == "fresh"]
-    assert decisions and all(d.accepted and d.replacement_kind == "base" for d in decisions)
-    assert reranker.zoo.tenants["fresh"].chain == reranker.zoo.base_chain
-    assert reranker.tenant_usage("fresh").own_bytes == 0
+
+def test_untrained_adapter_collapses_onto_the_base_chain(reranker):
+    zoo = reranker.tenants.zoo
+    reranker.tenants.load("fresh", "untrained")  # B = 0: every block equals the base block
+    decisions = decisions_of(reranker, "fresh")
+    assert decisions and all(d.accepted and d.replacement_kind is ReplacementKind.BASE for d in decisions)
+    assert zoo.tenants["fresh"].chain == zoo.base_chain
+    assert reranker.tenants.usage("fresh").own_bytes == 0
     fresh = reranker.handle("fresh")
-    base = reranker.forward.score([reranker.build_prompt(QUERY, DOCS, fresh)], fresh.spec)[0]
+    base = reranker.forward.score([reranker.build_prompt(QUERY, DOCS, fresh)], fresh.settings.spec)[0]
     assert torch.allclose(scores(reranker, "fresh"), base, atol=1e-6)
 
-    reranker.load_adapter("twin", "twin")  # within 1e-6 of scifact: equivalent to acme's blocks
-    twin = [d for d in reranker.checker.decisions if d.tenant == "twin"]
-    assert twin and all(d.accepted and d.replacement_kind == "tenant" for d in twin)
+
+def test_equivalent_blocks_are_substituted_and_different_ones_are_not(reranker):
+    zoo = reranker.tenants.zoo
+    reranker.tenants.load("acme", "scifact")
+    before = zoo.usage().tenant_bytes
+    reranker.tenants.load("twin", "twin")  # within 1e-6 of scifact: equivalent to acme's blocks
+    twin = decisions_of(reranker, "twin")
+    assert twin and all(d.accepted and d.replacement_kind is ReplacementKind.TENANT for d in twin)
     assert all(d.max_relative_error <= 1e-3 and d.ranking_agreement >= 0.999 and d.max_score_change <= 1e-4
                for d in twin)
-    assert reranker.zoo.tenants["twin"].chain == reranker.zoo.tenants["acme"].chain
-    assert reranker.zoo.usage().tenant_bytes == before
-
-    reranker.load_adapter("noisy", "noisy")  # really different: nothing substituted
-    assert not [d for d in reranker.checker.decisions if d.tenant == "noisy" and d.accepted]
-    for tenant in ("acme-copy", "fresh", "twin"):
-        reranker.unload_adapter(tenant)
+    assert zoo.tenants["twin"].chain == zoo.tenants["acme"].chain
+    assert zoo.usage().tenant_bytes == before
+    reranker.tenants.load("different", "noisy")  # really different: nothing substituted
+    assert not [d for d in decisions_of(reranker, "different") if d.accepted]
+    assert reranker.tenants.usage("different").own_blocks > 0
 
 
 def test_tight_budget_evicts_lru_blocks_and_reloads_them(reranker):
-    zoo = reranker.zoo
-    reranker.load_adapter("acme", "scifact")
-    reranker.load_adapter("noisy", "noisy")
+    zoo = reranker.tenants.zoo
+    reranker.tenants.load("acme", "scifact")
+    reranker.tenants.load("noisy", "noisy")
     expected = scores(reranker, "acme")
-    one_adapter = reranker.tenant_usage("acme").own_bytes
-    budget = zoo.budget_bytes
+    one_adapter = reranker.tenants.usage("acme").own_bytes
     zoo.set_budget(one_adapter)
-    try:
-        scores(reranker, "noisy")  # noisy's chain is pinned, acme's blocks are the LRU victims
-        assert not reranker.tenant_usage("acme").resident
-        assert zoo.usage().tenant_bytes <= one_adapter
-        evictions, reloads = zoo.evictions, zoo.reloads
-        assert torch.equal(scores(reranker, "acme"), expected)  # read back transparently
-        assert zoo.reloads > reloads and zoo.evictions > evictions
-        assert reranker.tenant_usage("acme").resident and not reranker.tenant_usage("noisy").resident
-    finally:
-        zoo.set_budget(budget)
+    scores(reranker, "noisy")  # noisy's chain is pinned, acme's blocks are the LRU victims
+    assert not reranker.tenants.usage("acme").resident
+    assert zoo.usage().tenant_bytes <= one_adapter
+    evictions, reloads = zoo.evictions, zoo.reloads
+    assert torch.equal(scores(reranker, "acme"), expected)  # read back transparently
+    assert zoo.reloads > reloads and zoo.evictions > evictions
+    assert reranker.tenants.usage("acme").resident and not reranker.tenants.usage("noisy").resident
 
 
-def test_unload_frees_blocks_and_unknown_names_are_refused(reranker, adapters_root):
-    reranker.load_adapter("gone", "noisy")
+def test_unload_frees_blocks_and_in_flight_handles_still_score(reranker):
+    reranker.tenants.load("gone", "noisy")
+    reranker.tenants.load("stays", "noisy")
     handle = reranker.handle("gone")
-    if "noisy" in reranker.zoo.tenants:
-        assert reranker.unload_adapter("noisy") == 0, "its blocks are still used by tenant 'gone'"
-    freed = reranker.unload_adapter("gone")
-    assert freed == handle_bytes(handle) > 0
+    assert reranker.tenants.unload("stays") == 0, "its blocks are still used by tenant 'gone'"
+    assert reranker.tenants.unload("gone") == handle_bytes(handle) > 0
     with pytest.raises(UnknownTenant):
         reranker.handle("gone")
     # A request that resolved its handle before the unload still runs.
     prompt = reranker.build_prompt(QUERY, DOCS, handle)
     assert len(reranker.score_prompts([prompt], [handle])[0]) == len(DOCS)
+
+
+def test_bad_names_and_files_are_refused(reranker, adapters_root):
     for bad in ["../scifact", "/etc", "a/b", "", ".hidden", "x" * 200]:
         with pytest.raises(AdapterInvalid):
-            reranker.load_adapter("t", bad)
+            reranker.tenants.load("t", bad)
     with pytest.raises(AdapterNotFound):
-        reranker.load_adapter("t", "missing")
+        reranker.tenants.load("t", "missing")
     with pytest.raises(AdapterInvalid):
-        reranker.load_adapter("", "scifact")
+        reranker.tenants.load("", "scifact")
     with pytest.raises(UnknownTenant):
-        reranker.unload_adapter("never-loaded")
+        reranker.tenants.unload("never-loaded")
     broken = adapters_root / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "use_dora": True}))
+    broken.mkdir(exist_ok=True)
+    (broken / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 8, "use_dora": True}))
     with pytest.raises(AdapterInvalid):
-        reranker.load_adapter("t", "broken")
+        reranker.tenants.load("t", "broken")
+    assert reranker.tenants.loaded() == [], "nothing half-loaded"
 
 
 def test_mlp_and_attention_deltas_match_the_merged_model(reranker, adapters_root):
@@ -185,14 +218,11 @@ def test_mlp_and_attention_deltas_match_the_merged_model(reranker, adapters_root
             param.data.mul_(0.05)
     peft_model.save_pretrained(str(adapters_root / "all-linear"))
     meta = {"layer": 5, "heads": [], "block_tokens": 64, "base_model": reranker.lm.name}
-    (adapters_root / "all-linear" / "blockrank.json").write_text(json.dumps(meta))
-    reranker.load_adapter("wide", "all-linear")
+    (adapters_root / "all-linear" / ADAPTER_META).write_text(json.dumps(meta))
+    reranker.tenants.load("wide", "all-linear")
     handle = reranker.handle("wide")
     assert any("mlp.down_proj" in layer for layer in handle.route.layers if layer)
     served = scores(reranker, "wide")
-    merged = merge_adapter(copy.deepcopy(reranker.lm.model), adapters_root / "all-linear")
-    standalone = BlockRankForward(merged).score([reranker.build_prompt(QUERY, DOCS, handle)], handle.spec)[0]
-    assert (served - standalone).abs().max() <= 1e-4
+    assert (served - merged_scores(reranker, adapters_root / "all-linear", handle)).abs().max() <= 1e-4
     # Layer 0's update is within 1e-3 of the base's, but swapping it would move scores by ~1e-3: refused.
-    assert not any(d.accepted for d in reranker.checker.decisions if d.tenant == "wide")
-    reranker.unload_adapter("wide")
+    assert not any(d.accepted for d in decisions_of(reranker, "wide"))

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from common.types import Document
 from retriever.engine import RetrieverEngine
-from retriever.types import CollectionExists, CollectionNotFound, Document, IndexKind, InvalidArgument
+from retriever.types import CollectionExists, CollectionNotFound, IndexKind, InvalidArgument
 from tests.conftest import FIXTURE_DOCS
 
 
@@ -11,13 +12,14 @@ def docs() -> list[Document]:
 
 
 def test_embedder_is_normalised_and_matches_plain_fp32(embedder):
+    from common.device import Dtype
     from retriever.embedder import Embedder, EmbedderConfig
 
     texts = [d.embedding_text() for d in docs()]
     fast = embedder.encode(texts)
     assert fast.shape == (len(texts), 384)
     np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-4)
-    reference = Embedder(EmbedderConfig(precision="fp32")).encode(texts)
+    reference = Embedder(EmbedderConfig(dtype=Dtype.FP32)).encode(texts)
     assert float((fast * reference).sum(1).min()) > 0.999
     assert embedder.encode([]).shape == (0, 384)
 

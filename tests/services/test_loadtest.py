@@ -5,7 +5,7 @@ import json
 import grpc
 import pytest
 
-from services import loadtest
+from deploy.loadtest import cli
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def test_load_levels_against_gateway(server_factory, fixture_retriever, tmp_path
     write_queries(tmp_path)
     out = tmp_path / "bench" / "load.json"
 
-    code = loadtest.main(["--target", gateway.target, "--collection", "c", "--queries", str(tmp_path),
+    code = cli.main(["--target", gateway.target, "--collection", "c", "--queries", str(tmp_path),
                           "--top-k", "3", "--concurrency", "1,2", "--requests", "20", "--duration-s", "20",
                           "--no-progress", "--out", str(out)])
 
@@ -53,7 +53,7 @@ def test_non_loopback_target_is_refused_before_connecting(tmp_path, monkeypatch,
     write_queries(tmp_path)
     out = tmp_path / "load.json"
 
-    code = loadtest.main(["--target", "10.1.2.3:50050", "--collection", "c", "--queries", str(tmp_path),
+    code = cli.main(["--target", "10.1.2.3:50050", "--collection", "c", "--queries", str(tmp_path),
                           "--concurrency", "1", "--requests", "1", "--duration-s", "1", "--out", str(out)])
 
     assert code != 0
@@ -61,9 +61,9 @@ def test_non_loopback_target_is_refused_before_connecting(tmp_path, monkeypatch,
     assert not out.exists()
     for target in ["10.1.2.3:50050", "192.168.1.1:1", "8.8.8.8:443", "[2001:db8::1]:50050", "0.0.0.0:50050",
                    "dns:///127.0.0.1:50050", "unix:/tmp/socket", "127.0.0.1", "127.0.0.1:0"]:
-        with pytest.raises(loadtest.NotLoopbackError):
-            loadtest.loopback_target(target)
-    assert loadtest.loopback_target("127.0.0.1:50050") == "127.0.0.1:50050"
-    assert loadtest.loopback_target("127.1.2.3:9") == "127.1.2.3:9"
-    assert loadtest.loopback_target("[::1]:50050") == "[::1]:50050"
-    assert loadtest.loopback_target("localhost:50050") in {"127.0.0.1:50050", "[::1]:50050"}
+        with pytest.raises(target.NotLoopbackError):
+            target.loopback_target(target)
+    assert target.loopback_target("127.0.0.1:50050") == "127.0.0.1:50050"
+    assert target.loopback_target("127.1.2.3:9") == "127.1.2.3:9"
+    assert target.loopback_target("[::1]:50050") == "[::1]:50050"
+    assert target.loopback_target("localhost:50050") in {"127.0.0.1:50050", "[::1]:50050"}

@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from reranker.engine import DEFAULT_ADAPTER
-from reranker.synthetic import derive_adapter
+from reranker.adapters import DEFAULT_ADAPTER
+from reranker.training.derive import derive_adapter
 from services.gen.retrieval.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
@@ -141,6 +141,25 @@ def test_gateway_reranks_through_the_reranker(server_factory, fixture_retriever,
     finally:
         adapters(reranker_server).UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="acme"), timeout=60,
                                                 metadata=ADMIN)
+
+
+def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever, reranker_server):
+    """A deadline that runs out while the reranker is working: the servers give up before the caller's
+    own timer fires, so the status carries the servers' reason (the client library's own timeout would
+    only say "Deadline Exceeded"), and both keep serving."""
+    gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
+                                                  "--reranker-target", reranker_server.target]).start()
+    stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
+    request = search_pb2.SearchRequest(collection="c", query="insulin and blood sugar", top_k=8, rerank_depth=8)
+    timed = stub.Search(request, timeout=120)
+    assert timed.reranked
+    # Room for the first stage, then a deadline that falls while the 8 documents are being reranked.
+    timeout_s = (timed.timings.retrieve_ms + timed.timings.rerank_ms / 2) / 1000 + 0.15
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(request, timeout=timeout_s)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.details().startswith("reranker: deadline exceeded"), info.value.details()
+    assert stub.Search(request, timeout=120).reranked, "still serving after the deadline"
 
 
 def adapters(server) -> adapter_pb2_grpc.AdapterServiceStub:

@@ -4,7 +4,7 @@ import ir_measures
 import pytest
 from ir_measures import nDCG
 
-from retriever.beir import load_qrels, split_queries
+from common.beir import load_qrels, split_queries
 from services.client import search
 from tests.conftest import SCIFACT
 

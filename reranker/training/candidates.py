@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.beir import count_corpus, iter_corpus, load_qrels, load_queries
+from common.beir import count_corpus, iter_corpus, load_qrels, load_queries
+from common.types import Document
 from retriever.embedder import Embedder
 from retriever.engine import RetrieverEngine
-from retriever.types import CollectionNotFound, Document
+from retriever.types import CollectionNotFound
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Fine-tune BlockRank with LoRA: next-token loss on the relevant document's
 identifier plus the auxiliary InfoNCE loss on the attention scores at l*.
 
-    python -m reranker.train --data ../shared/data/scifact --out reranker/adapters/scifact-lora \
+    python -m reranker.training.train --data ../shared/data/scifact --out reranker/adapters/scifact-lora \
         --steps 300 --n-docs 8 --block-tokens 96            # CPU, small settings
-    python -m reranker.train ... --steps 3000 --n-docs 30 --block-tokens 160 --device cuda   # GPU
+    python -m reranker.training.train ... --steps 3000 --n-docs 30 --block-tokens 160 --device cuda   # GPU
 
 Training data: the train split's judged queries (never test), each with one
 relevant document and hard negatives from the first-stage retriever (its
@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.beir import iter_corpus, load_qrels
+from common.paths import SCIFACT, VAR_DIR
+from common.plots import figure
+from common.types import Document
+from reranker.adapters import ADAPTER_META, base_scoring
 from reranker.blockrank import BlockRankForward
-from reranker.candidates import Candidates, first_stage
-from reranker.model import load_model
-from reranker.plots import figure
+from reranker.model import HFModule, LoadedModel, load_model
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
-from retriever.beir import iter_corpus, load_qrels
-from retriever.types import Document
-
-ROOT = Path(__file__).resolve().parent.parent
+from reranker.training.candidates import Candidates, first_stage
 
 
 @dataclass
@@ -92,7 +92,7 @@ def training_losses(forward: BlockRankForward, lm_head: torch.nn.Module, norm: t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "scifact")
+    parser.add_argument("--data", type=Path, default=SCIFACT)
     parser.add_argument("--split", default="train")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--retriever-dir", type=Path, default=ROOT / "var" / "retriever")
+    parser.add_argument("--retriever-dir", type=Path, default=VAR_DIR / "retriever")
     parser.add_argument("--collection", default="scifact")
     args = parser.parse_args(argv)
     if args.split == "test":
@@ -121,36 +121,64 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(args: argparse.Namespace) -> None:
-    from peft import LoraConfig, get_peft_model
+@dataclass
+class Run:
+    """What one training run works on: the model, l*, the prompt builder, examples and held-out queries."""
 
-    from reranker.engine import load_scoring_choice
+    lm: LoadedModel
+    layer: int
+    builder: PromptBuilder
+    examples: list[Example]
+    dev: list[Candidates]
 
+
+def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    lm = load_model(args.model, args.device, "fp32" if args.device in ("auto", "cpu") and
-                    not torch.cuda.is_available() else "auto")
-    layer = args.layer if args.layer >= 0 else load_scoring_choice(lm.name, lm.model.config.num_hidden_layers).layer
+    cpu_only = args.device in ("auto", "cpu") and not torch.cuda.is_available()
+    lm = load_model(args.model, args.device, "fp32" if cpu_only else "auto")
+    layer = args.layer if args.layer >= 0 else int(base_scoring(lm.name).get("layer",
+                                                                              lm.model.config.num_hidden_layers // 2))
     builder = PromptBuilder(lm.tokenizer, PromptTemplate(), PromptLimits(block_tokens=args.block_tokens))
-
     candidates = first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
     rng.shuffle(candidates)
     dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
-    qrels = load_qrels(args.data, args.split)
-    examples = build_examples(train_cands, qrels, args.n_docs)
+    examples = build_examples(train_cands, load_qrels(args.data, args.split), args.n_docs)
     if args.pseudo_queries:
         examples += [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1]
     rng.shuffle(examples)
     print(f"{len(examples)} training examples, {len(dev)} dev queries held out, l*={layer}")
+    return Run(lm, layer, builder, examples, dev)
 
+
+def train(args: argparse.Namespace) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    rng = random.Random(args.seed)
+    run = prepare(args, rng)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      layers_to_transform=list(range(layer + 1)))
-    for p in lm.model.parameters():
+                      layers_to_transform=list(range(run.layer + 1)))
+    for p in run.lm.model.parameters():
         p.requires_grad_(False)
-    model = get_peft_model(lm.model, lora)
+    model = get_peft_model(run.lm.model, lora)
     model.print_trainable_parameters()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    train_loop(args, run, model, rng, args.out / "train_log.jsonl")
+    model.save_pretrained(args.out)
+    plot_losses(args.out / "train_log.jsonl", args.out / "loss.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta = {"layer": run.layer, "heads": [], "block_tokens": args.block_tokens, "base_model": run.lm.name,
+            "train_seconds": time.perf_counter() - start, "device": str(run.lm.device), "settings": settings,
+            "dev_query_ids": [c.query_id for c in run.dev]}
+    (args.out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"saved adapter to {args.out} in {meta['train_seconds']:.0f}s")
+
+
+def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.Random,
+               log_path: Path) -> None:
+    """AdamW with linear warm-up and cosine decay; one prompt per step; a JSON line per step."""
     base = model.base_model.model
     forward = BlockRankForward(base)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,21 +186,20 @@ def train(args: argparse.Namespace) -> None:
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                                  (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "train_log.jsonl"
     log_path.write_text("")
     model.train()
     start = time.perf_counter()
+    examples = run.examples
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
         if step and step % len(examples) == 0:
             rng.shuffle(examples)  # a new epoch, in a new order
         example = examples[step % len(examples)]
         docs, slot = example.draw(args.n_docs, rng)
-        prompt = builder.build(example.query, docs)
-        answer = builder.answer_ids(slot)[0]
-        lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt, answer, [slot],
-                                            layer, args.block_tokens, args.tau)
+        prompt = run.builder.build(example.query, docs)
+        lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt,
+                                            run.builder.answer_ids(slot)[0], [slot], run.layer,
+                                            args.block_tokens, args.tau)
         loss = lm_loss + args.aux_weight * aux_loss
         optimizer.zero_grad()
         loss.backward()
@@ -186,20 +213,12 @@ def train(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux']:.3f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             model.save_pretrained(args.out / f"checkpoint-{step + 1}")
-    model.save_pretrained(args.out)
-    plot_losses(log_path, args.out / "loss.png")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    meta = {"layer": layer, "heads": [], "block_tokens": args.block_tokens, "base_model": lm.name,
-            "train_seconds": time.perf_counter() - start, "device": str(lm.device), "settings": settings,
-            "dev_query_ids": [c.query_id for c in dev]}
-    (args.out / "blockrank.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"saved adapter to {args.out} in {meta['train_seconds']:.0f}s")
 
 
 def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
     """Titles as queries for their own document (negatives: the title's first-stage neighbours);
     documents judged in any other split (test) are never used."""
-    judged_elsewhere = set()
+    judged_elsewhere: set[str] = set()
     for path in (args.data / "qrels").glob("*.tsv"):
         if path.stem != args.split:
             for rel in load_qrels(args.data, path.stem).values():

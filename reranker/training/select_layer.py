@@ -1,7 +1,7 @@
 """Pick BlockRank's scoring layer, heads and fusion weight on training data (never test).
 
-    python -m reranker.select_layer --data ../shared/data/scifact --split train --max-queries 120
-    python -m reranker.select_layer --adapter reranker/adapters/scifact-lora     # after training
+    python -m reranker.training.select_layer --data ../shared/data/scifact --split train --max-queries 120
+    python -m reranker.training.select_layer --adapter reranker/adapters/scifact-lora     # after training
 
 For each judged query, the first-stage top-`depth` candidates are scored at
 every layer up to `--max-layer` in one pass (attention mass of the signal
@@ -21,6 +21,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ir_measures
@@ -28,12 +30,15 @@ import torch
 from ir_measures import nDCG
 from tqdm.auto import tqdm
 
-from reranker.candidates import Candidates, first_stage
-from reranker.engine import ADAPTER_META, SCORING_DIR, Reranker, RerankerConfig, fuse
-from reranker.plots import figure
-from retriever.beir import load_qrels
+from common.beir import load_qrels
+from common.paths import SCIFACT, VAR_DIR
+from common.plots import figure
+from reranker.adapters import ADAPTER_META, read_json, scoring_file
+from reranker.engine import Reranker, RerankerConfig
+from reranker.ranking import fuse
+from reranker.tenants import TenantHandle
+from reranker.training.candidates import Candidates, first_stage
 
-ROOT = Path(__file__).resolve().parent.parent
 Run = dict[str, dict[str, float]]
 FUSION_GRID = [i / 20 for i in range(21)]
 
@@ -44,13 +49,14 @@ def ndcg10(qrels: dict, run: Run) -> float:
 
 def collect_masses(reranker: Reranker, candidates: list[Candidates], layers: list[int]) -> dict[str, torch.Tensor]:
     """query id -> (layers, heads, docs) attention masses, averaged over the signal tokens."""
+    handle = reranker.handle()
     masses = {}
     for cand in tqdm(candidates, desc="scoring layers", unit="query"):
-        prompt = reranker.build_prompt(cand.query, [(d.title, d.text) for d in cand.documents])
+        prompt = reranker.build_prompt(cand.query, [(d.title, d.text) for d in cand.documents], handle)
         with torch.inference_mode():
             masses[cand.query_id] = reranker.forward.head_masses(
-                [prompt], max(layers), layers, reranker.spec.block_tokens,
-                routes=[reranker.default.route])[0].mean(dim=1).float().cpu()
+                [prompt], max(layers), layers, handle.settings.spec.block_tokens,
+                routes=[handle.route])[0].mean(dim=1).float().cpu()
     return masses
 
 
@@ -66,20 +72,18 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
         return ndcg10(qrels, run_from(candidates, lambda c: select(masses[c.query_id]).tolist()))
 
     first = ndcg10(qrels, run_from(candidates, lambda c: c.first_stage_scores))
-    per_layer = [at(lambda m, i=i: m[i].mean(0)) for i in range(len(layers))]
+    per_layer = [at(partial(_heads_mean, i, slice(None))) for i in range(len(layers))]
     best = len(layers) - 1 if fixed_layer else max(range(len(layers)), key=per_layer.__getitem__)
     n_heads = reranker.forward.n_heads
-    per_head = [at(lambda m, h=h: m[best, h]) for h in range(n_heads)]
+    per_head = [at(partial(_heads_mean, best, [h])) for h in range(n_heads)]
     ranked_heads = sorted(range(n_heads), key=lambda h: -per_head[h])
     subsets = {k: ranked_heads[:k] for k in sorted({1, 2, 3, 4, 6, n_heads}) if k <= n_heads}
-    subset_scores = {k: at(lambda m, hs=hs: m[best, hs].mean(0)) for k, hs in subsets.items()}
+    subset_scores = {k: at(partial(_heads_mean, best, hs)) for k, hs in subsets.items()}
     k_best = max(subset_scores, key=subset_scores.__getitem__)
     heads = subsets[k_best]
 
     model_scores = {c.query_id: masses[c.query_id][best, heads].mean(0).tolist() for c in candidates}
-    fusion = {w: ndcg10(qrels, run_from(candidates, lambda c, w=w: fuse(model_scores[c.query_id],
-                                                                          c.first_stage_scores, w)))
-              for w in FUSION_GRID}
+    fusion = {w: ndcg10(qrels, run_from(candidates, partial(_fused, model_scores, w))) for w in FUSION_GRID}
     weight = max(FUSION_GRID, key=lambda w: (round(fusion[w], 6), -w))  # ties: the more conservative weight
     return {
         "layer": layers[best], "heads": sorted(heads) if k_best < n_heads else [], "fusion_weight": weight,
@@ -91,9 +95,9 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "scifact")
+    parser.add_argument("--data", type=Path, default=SCIFACT)
     parser.add_argument("--split", default="train")
     parser.add_argument("--max-queries", type=int, default=120)
     parser.add_argument("--depth", type=int, default=20)
@@ -101,44 +105,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-layer", type=int, default=-1, help="default: 2/3 of the depth (keep it cheap)")
     parser.add_argument("--model", default="")
     parser.add_argument("--adapter", default="", help="calibrate this adapter (its layer stays fixed)")
-    parser.add_argument("--retriever-dir", type=Path, default=ROOT / "var" / "retriever")
+    parser.add_argument("--retriever-dir", type=Path, default=VAR_DIR / "retriever")
     parser.add_argument("--collection", default="scifact")
     args = parser.parse_args(argv)
     if args.split == "test":
         sys.exit("refusing to tune on the test split")
+    return args
 
-    reranker = Reranker(RerankerConfig(model_path=args.model, adapter=args.adapter or "none",
-                                       block_tokens=args.block_tokens))
+
+@dataclass
+class Target:
+    """Where the choice is written, what it starts from, which queries and layers it is picked on."""
+
+    path: Path
+    meta: dict
+    candidates: list[Candidates]
+    layers: list[int]
+
+
+def target(args: argparse.Namespace, reranker: Reranker, handle: TenantHandle) -> Target:
     candidates = first_stage(args.data, args.split, args.depth, args.retriever_dir, args.collection)
-    if args.adapter:
-        meta_path = Path(args.adapter) / ADAPTER_META
-        meta = json.loads(meta_path.read_text())
+    if args.adapter:  # an adapter is calibrated on the train queries its training held out
+        path = Path(args.adapter) / ADAPTER_META
+        meta = read_json(path)
         held_out = set(meta.get("dev_query_ids", []))
-        candidates = [c for c in candidates if c.query_id in held_out] or candidates[: args.max_queries]
-        layers = [reranker.spec.layer]
-    else:
-        meta_path = SCORING_DIR / f"{Path(reranker.lm.name).stem}.json"
-        meta = {}
-        candidates = candidates[: args.max_queries]
-        max_layer = args.max_layer if args.max_layer >= 0 else (2 * reranker.forward.num_layers) // 3
-        layers = list(range(1, max_layer + 1))
+        chosen = [c for c in candidates if c.query_id in held_out] or candidates[: args.max_queries]
+        return Target(path, meta, chosen, [handle.settings.spec.layer])
+    max_layer = args.max_layer if args.max_layer >= 0 else (2 * reranker.forward.num_layers) // 3
+    return Target(scoring_file(reranker.lm.name), {}, candidates[: args.max_queries], list(range(1, max_layer + 1)))
+
+
+def _heads_mean(layer: int, heads: slice | list[int], masses: torch.Tensor) -> torch.Tensor:
+    """Scores from one layer's (heads, docs) masses, averaged over the chosen heads."""
+    chosen: torch.Tensor = masses[layer, heads].mean(0)
+    return chosen
+
+
+def _fused(model_scores: dict[str, list[float]], weight: float, candidates: Candidates) -> list[float]:
+    return fuse(model_scores[candidates.query_id], candidates.first_stage_scores, weight)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    reranker = Reranker(RerankerConfig(model=args.model, adapter=args.adapter or "none",
+                                       block_tokens=args.block_tokens))
+    handle = reranker.handle()
+    goal = target(args, reranker, handle)
     qrels = load_qrels(args.data, args.split)
-    qrels = {c.query_id: qrels[c.query_id] for c in candidates}
-    chosen = choose(reranker, candidates, qrels, layers, fixed_layer=bool(args.adapter))
-    meta.update(chosen)
-    meta.update({"model": reranker.lm.name, "picked_on": {"data": args.data.name, "split": args.split,
-                                                          "queries": len(candidates), "depth": args.depth,
-                                                          "block_tokens": reranker.spec.block_tokens},
-                 "selection_command": "python -m reranker.select_layer " + " ".join(
-                     argv if argv is not None else sys.argv[1:])})
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    if len(layers) > 1:
-        plot(meta, meta_path.with_suffix(".png"))
+    qrels = {c.query_id: qrels[c.query_id] for c in goal.candidates}
+    chosen = choose(reranker, goal.candidates, qrels, goal.layers, fixed_layer=bool(args.adapter))
+    meta = goal.meta | chosen | {
+        "model": reranker.lm.name,
+        "picked_on": {"data": args.data.name, "split": args.split, "queries": len(goal.candidates),
+                      "depth": args.depth, "block_tokens": handle.settings.spec.block_tokens},
+        "selection_command": "python -m reranker.training.select_layer " + " ".join(
+            argv if argv is not None else sys.argv[1:])}
+    goal.path.parent.mkdir(parents=True, exist_ok=True)
+    goal.path.write_text(json.dumps(meta, indent=2) + "\n")
+    if len(goal.layers) > 1:
+        plot(meta, goal.path.with_suffix(".png"))
     n = chosen["ndcg_at_10"]
-    print(f"nDCG@10 on {len(candidates)} {args.split} queries: first stage {n['first_stage']:.4f}, "
+    print(f"nDCG@10 on {len(goal.candidates)} {args.split} queries: first stage {n['first_stage']:.4f}, "
           f"layer {chosen['layer']} heads {chosen['heads'] or 'all'} -> {n['reranker_alone']:.4f}, "
-          f"fused (w={chosen['fusion_weight']:.2f}) {n['fused']:.4f}; wrote {meta_path}")
+          f"fused (w={chosen['fusion_weight']:.2f}) {n['fused']:.4f}; wrote {goal.path}")
     return 0
 
 

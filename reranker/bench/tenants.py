@@ -31,13 +31,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.beir import iter_corpus, load_queries
+from common.paths import SCIFACT
+from common.plots import figure
+from reranker.adapters import DEFAULT_ADAPTER
 from reranker.blockrank import BlockRankForward
-from reranker.engine import DEFAULT_ADAPTER, Reranker, RerankerConfig, merge_adapter
-from reranker.plots import figure
+from reranker.engine import Reranker, RerankerConfig
 from reranker.prompt import Prompt
-from reranker.synthetic import derive_adapter
+from reranker.tenants import EquivalenceMode, TenantHandle
+from reranker.training.derive import derive_adapter, merge_adapter
 from reranker.zoo import unique_bytes
-from retriever.beir import iter_corpus, load_queries
 
 
 def rss_bytes() -> int:
@@ -64,8 +67,10 @@ def make_requests(data: Path, n_requests: int, n_docs: int, seed: int) -> list[t
     return [(rng.choice(queries), rng.sample(corpus, n_docs)) for _ in range(n_requests)]
 
 
-def stream_seconds(batches: list[list[tuple[Prompt, str]]], run_batch: Callable[[list[tuple[Prompt, str]]], None]
-                   ) -> float:
+Batch = list[tuple[Prompt, str]]  # (prompt, tenant) pairs scored in one forward
+
+
+def stream_seconds(batches: list[Batch], run_batch: Callable[[Batch], None]) -> float:
     start = time.perf_counter()
     for batch in batches:
         run_batch(batch)
@@ -76,86 +81,115 @@ def run(args: argparse.Namespace) -> dict:
     counts = sorted(int(t) for t in args.tenants.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="tenant-bench-"))
     names = make_adapters(workdir, max(counts), args.noise)
-    reranker = Reranker(RerankerConfig(model_path=args.model, device=args.device, adapter="none",
-                                       adapters_root=str(workdir), equivalence="off",
-                                       tenant_budget_bytes=args.budget_mb << 20))
-    one_model = reranker.zoo.base_bytes
+    reranker = Reranker(RerankerConfig(model=args.model, device=args.device, adapter="none",
+                                       adapters_root=str(workdir), equivalence=EquivalenceMode.OFF,
+                                       tenant_budget_mb=args.budget_mb))
     requests = make_requests(args.data, args.requests, args.docs, args.seed)
-    rows = []
-    for count in tqdm(counts, desc="tenant counts", unit="T"):
-        tenants = [f"t{i}" for i in range(count)]
-        for t in list(reranker.zoo.tenants):
-            if t and t not in tenants:
-                reranker.unload_adapter(t)
-        load_ms = []
-        for tenant, name in zip(tenants, names, strict=False):
-            if tenant in reranker.zoo.tenants:
-                reranker.unload_adapter(tenant)  # every count measures cold loads of all its tenants
-            start = time.perf_counter()
-            reranker.load_adapter(tenant, name)
-            load_ms.append((time.perf_counter() - start) * 1000)
-        handles = {t: reranker.handle(t) for t in tenants}
-        builder = handles[tenants[0]].builder
-        prompts = [builder.build(q, docs) for q, docs in requests]
-        single = _batches(prompts, [tenants[0]] * len(prompts), args.batch)
-        mixed = _batches(prompts, [tenants[i % count] for i in range(len(prompts))], args.batch)
-
-        def engine_batch(batch: list[tuple[Prompt, str]]) -> None:
-            reranker.score_prompts([p for p, _ in batch], [reranker.handle(t) for _, t in batch])
-
-        engine_batch(single[0])  # warm-up (and fills the shared-prefix cache for these chains)
-        engine_batch(mixed[0])
-        rss_before_copies = rss_bytes()
-        copies = _standalone_copies(reranker, tenants, names, workdir) if args.naive else {}
-        naive_bytes = sum(unique_bytes(m.model.parameters()) for m in copies.values())
-        rss_copies = rss_bytes() - rss_before_copies
-
-        def naive_batch(batch: list[tuple[Prompt, str]], copies=copies, handles=handles) -> None:
-            for tenant in dict.fromkeys(t for _, t in batch):
-                own = [p for p, t in batch if t == tenant]
-                copies[tenant].score(own, handles[tenant].spec)
-
-        timings: dict[str, list[float]] = {"single": [], "mixed": [], "naive": []}
-        for _ in range(args.repeats):
-            timings["single"].append(stream_seconds(single, engine_batch))
-            timings["mixed"].append(stream_seconds(mixed, engine_batch))
-            if copies:
-                timings["naive"].append(stream_seconds(mixed, naive_batch))
-        usage = reranker.zoo.usage()
-        resident = one_model + usage.tenant_bytes + reranker.prefix_cache.nbytes
-        med = {k: statistics.median(v) for k, v in timings.items() if v}
-        row = {
-            "tenants": count,
-            "memory_ratio": resident / one_model,
-            "mixed_throughput_ratio": med["single"] / med["mixed"],
-            "cold_load_ms": statistics.median(load_ms),
-            "naive_memory_ratio": (naive_bytes / one_model) if copies else float(count),
-            "naive_mixed_throughput_ratio": (med["single"] / med["naive"]) if "naive" in med else None,
-            "single_requests_per_s": len(prompts) / med["single"],
-            "mixed_requests_per_s": len(prompts) / med["mixed"],
-            "cold_load_ms_all": load_ms,
-            "tenant_block_bytes": usage.tenant_bytes,
-            "prefix_cache_bytes": reranker.prefix_cache.nbytes,
-            "naive_rss_growth_bytes": rss_copies,
-            "stream_seconds": timings,
-            "naive_measured": bool(copies),
-        }
-        rows.append(row)
-        tqdm.write(str({k: v for k, v in row.items() if k not in ("cold_load_ms_all", "stream_seconds")}))
-        del copies
-        gc.collect()
+    rows = [measure_count(args, reranker, count, names, workdir, requests)
+            for count in tqdm(counts, desc="tenant counts", unit="T")]
     return {
         "model": reranker.lm.name, "device": str(reranker.lm.device), "dtype": str(reranker.lm.dtype),
-        "threads": torch.get_num_threads(), "one_model_bytes": one_model,
+        "threads": torch.get_num_threads(), "one_model_bytes": reranker.tenants.zoo.base_bytes,
         "requests": args.requests, "docs_per_request": args.docs, "batch_requests": args.batch,
-        "block_tokens": handles[tenants[0]].spec.block_tokens, "repeats": args.repeats,
-        "adapters": "the shipped scifact-lora + derived copies (seeded noise, reranker.synthetic)",
+        "block_tokens": reranker.handle("t0").settings.spec.block_tokens, "repeats": args.repeats,
+        "adapters": "the shipped scifact-lora + derived copies (seeded noise, reranker.training.derive)",
         "equivalence": "off while measuring (it runs in the background in service)",
         "results": rows,
     }
 
 
-def _batches(prompts: list[Prompt], tenants: list[str], size: int) -> list[list[tuple[Prompt, str]]]:
+def load_cold(reranker: Reranker, tenants: list[str], names: list[str]) -> list[float]:
+    """Exactly these tenants resident, each loaded cold; returns the load times in ms."""
+    for t in reranker.tenants.loaded():
+        if t not in tenants:
+            reranker.tenants.unload(t)
+    load_ms = []
+    for tenant, name in zip(tenants, names, strict=False):
+        if tenant in reranker.tenants.loaded():
+            reranker.tenants.unload(tenant)  # every count measures cold loads of all its tenants
+        start = time.perf_counter()
+        reranker.tenants.load(tenant, name)
+        load_ms.append((time.perf_counter() - start) * 1000)
+    return load_ms
+
+
+def measure_count(args: argparse.Namespace, reranker: Reranker, count: int, names: list[str], workdir: Path,
+                  requests: list[tuple[str, list[tuple[str, str]]]]) -> dict:
+    """One tenant count: cold loads, then single / mixed / naive streams alternated --repeats times."""
+    tenants = [f"t{i}" for i in range(count)]
+    load_ms = load_cold(reranker, tenants, names)
+    handles = {t: reranker.handle(t) for t in tenants}
+    prompts = [handles[tenants[0]].builder.build(q, docs) for q, docs in requests]
+    single = _batches(prompts, [tenants[0]] * len(prompts), args.batch)
+    mixed = _batches(prompts, [tenants[i % count] for i in range(len(prompts))], args.batch)
+
+    def engine_batch(batch: Batch) -> None:
+        reranker.score_prompts([p for p, _ in batch], [reranker.handle(t) for _, t in batch])
+
+    engine_batch(single[0])  # warm-up (and fills the shared-prefix cache for these chains)
+    engine_batch(mixed[0])
+    rss_before_copies = rss_bytes()
+    copies = _standalone_copies(reranker, tenants, names, workdir) if args.naive else {}
+    naive_bytes = sum(unique_bytes(m.model.parameters()) for m in copies.values())
+    rss_copies = rss_bytes() - rss_before_copies
+    timings = time_streams(args.repeats, single, mixed, engine_batch, _naive_runner(copies, handles))
+    row = summarize(reranker, count, len(prompts), timings, load_ms, naive_bytes if copies else None)
+    row["naive_rss_growth_bytes"] = rss_copies
+    tqdm.write(str({k: v for k, v in row.items() if k not in ("cold_load_ms_all", "stream_seconds")}))
+    del copies
+    gc.collect()
+    return row
+
+
+def _naive_runner(copies: dict[str, BlockRankForward], handles: dict[str, TenantHandle]
+                  ) -> Callable[[Batch], None] | None:
+    """The naive deployment's batch: split by tenant, one forward per tenant's own model."""
+    if not copies:
+        return None
+
+    def naive_batch(batch: Batch) -> None:
+        for tenant in dict.fromkeys(t for _, t in batch):
+            own = [p for p, t in batch if t == tenant]
+            copies[tenant].score(own, handles[tenant].settings.spec)
+
+    return naive_batch
+
+
+def time_streams(repeats: int, single: list[Batch], mixed: list[Batch], engine_batch: Callable[[Batch], None],
+                 naive_batch: Callable[[Batch], None] | None) -> dict[str, list[float]]:
+    timings: dict[str, list[float]] = {"single": [], "mixed": [], "naive": []}
+    for _ in range(repeats):
+        timings["single"].append(stream_seconds(single, engine_batch))
+        timings["mixed"].append(stream_seconds(mixed, engine_batch))
+        if naive_batch is not None:
+            timings["naive"].append(stream_seconds(mixed, naive_batch))
+    return timings
+
+
+def summarize(reranker: Reranker, count: int, n_prompts: int, timings: dict[str, list[float]],
+              load_ms: list[float], naive_bytes: int | None) -> dict:
+    one_model = reranker.tenants.zoo.base_bytes
+    usage = reranker.tenants.zoo.usage()
+    resident = one_model + usage.tenant_bytes + reranker.prefix_cache.nbytes
+    med = {k: statistics.median(v) for k, v in timings.items() if v}
+    return {
+        "tenants": count,
+        "memory_ratio": resident / one_model,
+        "mixed_throughput_ratio": med["single"] / med["mixed"],
+        "cold_load_ms": statistics.median(load_ms),
+        "naive_memory_ratio": (naive_bytes / one_model) if naive_bytes is not None else float(count),
+        "naive_mixed_throughput_ratio": (med["single"] / med["naive"]) if "naive" in med else None,
+        "single_requests_per_s": n_prompts / med["single"],
+        "mixed_requests_per_s": n_prompts / med["mixed"],
+        "cold_load_ms_all": load_ms,
+        "tenant_block_bytes": usage.tenant_bytes,
+        "prefix_cache_bytes": reranker.prefix_cache.nbytes,
+        "stream_seconds": timings,
+        "naive_measured": naive_bytes is not None,
+    }
+
+
+def _batches(prompts: list[Prompt], tenants: list[str], size: int) -> list[Batch]:
     pairs = list(zip(prompts, tenants, strict=True))
     return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
@@ -197,7 +231,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{result['model']} on {result['device']}, {result['docs_per_request']} docs/request")
 
 
-def add_arguments(p: argparse.ArgumentParser, data_default: Path) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenants", default="1,4,16")
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--docs", type=int, default=20, help="documents per request")
@@ -208,7 +242,7 @@ def add_arguments(p: argparse.ArgumentParser, data_default: Path) -> None:
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip building T standalone copies")
     p.add_argument("--model", default="")
     p.add_argument("--device", default="auto")
-    p.add_argument("--data", type=Path, default=data_default)
+    p.add_argument("--data", type=Path, default=SCIFACT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
 

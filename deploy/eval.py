@@ -1,6 +1,6 @@
 """Retrieval quality through the real SearchService, scored the way IR people do.
 
-    python -m services.eval --target 127.0.0.1:50050 --data ../shared/data/scifact \
+    python -m deploy.eval --target 127.0.0.1:50050 --data ../shared/data/scifact \
         --collection scifact [--split test] [--rerank-depth 20] [--max-queries M] [--out FILE.json]
 
 Each judged query of the split runs twice through the gateway: first stage
@@ -26,7 +26,8 @@ import ir_measures
 from ir_measures import RR, R, nDCG
 from tqdm.auto import tqdm
 
-from retriever.beir import count_corpus, load_qrels, split_queries
+from common.beir import count_corpus, load_qrels, split_queries
+from common.report import text_table
 from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
 from services.server import GRPC_OPTIONS
 
@@ -87,9 +88,8 @@ def score(qrels: dict, run: Run) -> dict[str, float]:
 
 def table(rows: dict[str, dict[str, float]]) -> str:
     names = [str(m) for m in MEASURES]
-    lines = [f"{'system':<28}" + "".join(f"{n:>12}" for n in names)]
-    lines += [f"{system:<28}" + "".join(f"{vals[n]:>12.4f}" for n in names) for system, vals in rows.items()]
-    return "\n".join(lines)
+    return text_table([("system", ""), *[(n, ".4f") for n in names]],
+                      [[system, *[vals[n] for n in names]] for system, vals in rows.items()])
 
 
 def ensure_collection(retriever_target: str, collection: str, data: Path) -> None:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from retriever.types import Document
+from common.types import Document
 
 
 def iter_corpus(data_dir: Path | str) -> Iterator[Document]:

@@ -1,0 +1,77 @@
+"""Device, dtype and CPU-thread resolution, one rule set for every engine.
+
+`Dtype` is the single name services use for numeric precision (`--dtype`); each engine passes its own
+rule for what "auto" means on a CPU and on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+
+class Dtype(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+_TORCH_DTYPES = {Dtype.FP32: torch.float32, Dtype.BF16: torch.bfloat16, Dtype.FP16: torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": the first CUDA device when there is one, else the CPU; otherwise torch's own names."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cuda_half_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_dtype(dtype: Dtype | str, device: torch.device, auto_cpu: torch.dtype = torch.float32,
+                  auto_cuda: torch.dtype | None = None) -> torch.dtype:
+    """A named dtype, or for "auto" the engine's own choice on this device (CUDA default: bf16 where
+    supported, else fp16)."""
+    try:
+        named = Dtype(dtype)
+    except ValueError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {[d.value for d in Dtype]}") from None
+    if named is not Dtype.AUTO:
+        return _TORCH_DTYPES[named]
+    if device.type == "cuda":
+        return auto_cuda or cuda_half_dtype()
+    return auto_cpu
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run at about twice fp32 speed."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def set_cpu_threads() -> int:
+    """Use every core this process may run on (cgroup/affinity-aware); returns the count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores))
+    return max(1, cores)
+
+
+def describe_device(device: torch.device) -> str:
+    """What a benchmark ran on, for its JSON: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return f"cpu: {model}, {torch.get_num_threads()} threads"

@@ -1,0 +1,5 @@
+import sys
+
+from deploy.loadtest.cli import main
+
+sys.exit(main())

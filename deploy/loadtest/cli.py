@@ -1,0 +1,109 @@
+"""The load test's command line (`python -m deploy.loadtest`); see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from deploy.loadtest import __doc__ as DESCRIPTION
+from deploy.loadtest.report import format_table, plot_levels
+from deploy.loadtest.runner import run_all
+from deploy.loadtest.target import LoadTestError, loopback_target
+from deploy.loadtest.workloads import read_documents, read_queries
+from services.gen.retrieval.v1 import document_pb2
+
+
+def concurrency_levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or any(c < 1 for c in levels):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+    return levels
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="127.0.0.1:50050", help="loopback HOST:PORT of the service")
+    parser.add_argument("--service", choices=["search", "reranker"], default="search",
+                        help="search: SearchService.Search (the gateway); reranker: RerankerService.Rerank")
+    parser.add_argument("--queries", type=Path, required=True, help="BEIR directory or its queries.jsonl")
+    parser.add_argument("--max-queries", type=int, default=0, help="use only the first N queries (0 = all)")
+    parser.add_argument("--collection", default="scifact", help="search mode: collection to query")
+    parser.add_argument("--top-k", type=int, default=10, help="search mode: results per query")
+    parser.add_argument("--rerank-depth", type=int, default=0, help="search mode: candidates sent to the reranker")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="reranker mode: BEIR directory or corpus.jsonl (default: the --queries directory)")
+    parser.add_argument("--docs-per-request", type=int, default=20, help="reranker mode: documents per Rerank")
+    parser.add_argument("--tenant", default="",
+                        help="tenant, or comma-separated tenants that requests cycle through (a mixed-tenant stream)")
+    parser.add_argument("--concurrency", type=concurrency_levels, default=[1, 4, 8],
+                        help="comma-separated levels (default 1,4,8)")
+    parser.add_argument("--requests", type=int, default=200, help="max requests per level")
+    parser.add_argument("--duration-s", type=float, default=60.0, help="max seconds per level")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each request")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests before the first level")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    parser.add_argument("--out", type=Path, required=True, help="JSON output; the PNG goes beside it")
+    args = parser.parse_args(argv)
+    for name in ("requests", "docs_per_request", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.duration_s <= 0 or args.timeout_s <= 0:
+        parser.error("--duration-s and --timeout-s must be > 0")
+    if args.warmup < 0 or args.rerank_depth < 0:
+        parser.error("--warmup and --rerank-depth must be >= 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the target, load the inputs, run every level; returns the result written to --out."""
+    target = loopback_target(args.target)  # first: nothing is read or connected before this check
+    queries = read_queries(args.queries, args.max_queries)
+    documents: list[document_pb2.Document] = []
+    if args.service == "reranker":
+        documents = read_documents(args.corpus or args.queries, args.docs_per_request * 8)
+    levels = asyncio.run(run_all(args, target, queries, documents))
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "progress"}
+    config.update(target=args.target, resolved_target=target, query_count=len(queries),
+                  document_pool=len(documents))
+    return {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "client": {"python": platform.python_version(), "machine": platform.machine(), "grpc": grpc.__version__},
+        "config": config,
+        "levels": levels,
+    }
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot_levels(result, png)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except LoadTestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    png = write_outputs(result, args.out)
+    print(format_table(result["levels"]))
+    print(f"wrote {args.out} and {png}")
+    if any(lv["ok"] == 0 for lv in result["levels"]):
+        print("error: a concurrency level had no successful request", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,53 @@
+"""Documents of several prompts as one right-padded (docs, T) batch: BlockRank runs every document of every
+batched request through the projections and MLPs together; each prompt owns a span of rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reranker.prompt import Prompt
+from reranker.routing import LayerDeltas, Segment
+
+
+@dataclass
+class DocBatch:
+    """Documents of several prompts as one right-padded (docs, T) batch."""
+
+    ids: torch.Tensor  # (D, T)
+    valid: torch.Tensor  # (D, T) bool: real tokens (keys everyone may see)
+    scored: torch.Tensor  # (D, T) bool: content tokens whose attention mass scores the doc
+    spans: list[tuple[int, int]]  # [start, end) rows of each prompt
+
+
+def segments_in(spans: Sequence[tuple[int, int]], lo: int, hi: int,
+                 deltas: Sequence[LayerDeltas | None]) -> list[Segment]:
+    """The prompts' row ranges inside rows [lo, hi), relative to lo."""
+    out: list[Segment] = []
+    for owner, (start, end) in enumerate(spans):
+        a, b = max(start, lo), min(end, hi)
+        if a < b:
+            out.append(Segment(a - lo, b - lo, deltas[owner], owner))
+    return out
+
+
+def pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
+    rows = [doc for p in prompts for doc in p.docs]
+    if not rows or any(not row for row in rows):
+        raise ValueError("every prompt needs at least one non-empty document")
+    width = max(len(row) for row in rows)
+    tags = [n for p in prompts for n in p.tag_lengths]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        valid[i, : len(row)] = True
+    scored = valid & (torch.arange(width)[None] >= torch.tensor(tags)[:, None])
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for p in prompts:
+        spans.append((start, start + p.n_docs))
+        start += p.n_docs
+    return DocBatch(ids.to(device), valid.to(device), scored.to(device), spans)

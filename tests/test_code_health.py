@@ -1,0 +1,62 @@
+"""What keeps the codebase one a new engineer can take over: serving code that imports no tooling, a
+serving image without training/benchmark packages, and small files and functions."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ["services.retriever", "services.reranker", "services.gateway"]
+TOOLING = ["reranker.training", "reranker.bench", "retriever.bench", "deploy", "common.plots", "common.report",
+           "matplotlib", "peft", "ir_measures", "sentence_transformers"]
+PACKAGES = ["common", "retriever", "reranker", "services", "deploy", "tests"]
+
+
+def test_servers_import_no_training_benchmark_or_plotting_code():
+    probe = f"import sys, {', '.join(SERVERS)}; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = result.stdout.split()
+    offending = [m for m in loaded if any(m == t or m.startswith(t + ".") for t in TOOLING)]
+    assert not offending, f"serving processes import tooling: {offending}"
+
+
+def test_serving_dependencies_exclude_tooling_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    serving = {re.split(r"[=<>\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert not serving & {"peft", "matplotlib", "ir-measures", "sentence-transformers", "pytest"}
+    assert {"train", "bench", "dev"} <= set(project["optional-dependencies"])
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'ARG PROJECT_EXTRAS=""' in dockerfile, "the serving image installs no extras by default"
+    assert "['project']['dependencies']" in dockerfile
+
+
+def python_files() -> list[Path]:
+    return [p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "gen" not in p.parts]
+
+
+def test_no_file_over_400_lines_and_no_function_over_60():
+    long_files, long_functions = [], []
+    for path in python_files():
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_files.append(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno:
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long_files and not long_functions, (long_files, long_functions)
+
+
+def test_engines_know_nothing_of_grpc():
+    for package in ("common", "retriever", "reranker"):
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+            imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert not {m for m in imported if m.split(".")[0] in ("grpc", "services", "deploy")}, path
