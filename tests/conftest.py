@@ -52,7 +52,8 @@ class Server:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.popen: subprocess.Popen | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.data_dir: Path | None = None  # where a retriever keeps its collections, when a test needs it
 
     def start(self, wait: bool = True, timeout: float = 300) -> Server:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -64,6 +65,7 @@ class Server:
         return self
 
     def wait_serving(self, timeout: float = 300) -> None:
+        assert self.popen is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if health_status(self.target, timeout=1) == "SERVING":

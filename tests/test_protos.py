@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _buf() -> str:
     local = Path(sys.executable).parent / "buf"
-    return str(local) if local.exists() else shutil.which("buf")
+    found = str(local) if local.exists() else shutil.which("buf")
+    assert found, "buf is installed by make setup (buf-bin)"
+    return found
 
 
 def test_buf_lint_is_clean():

@@ -86,7 +86,7 @@ def test_permuting_documents_permutes_scores(eager_lm):
 def test_engine_ranks_and_enforces_limits(eager_lm):
     reranker = Reranker(RerankerConfig(adapter="none", block_tokens=BLOCK, max_documents=4, max_document_tokens=64),
                         loaded=eager_lm)
-    docs = ["The stock market fell.", ("Cats", "Cats purr."), ("Rome", "Emperors built roads.")]
+    docs: list[str | tuple[str, str]] = ["The stock market fell.", ("Cats", "Cats purr."), ("Rome", "Emperors built roads.")]
     handle = reranker.handle()
     model = reranker.score_prompts([reranker.build_prompt("kittens purring", docs, handle)], [handle])[0]
     full = reranker.rank("kittens purring", docs)

@@ -4,6 +4,8 @@ Tiny randomly initialised models of each family are saved as ordinary HF directo
 SmolLM2 tokenizer), loaded through `load_model(dir)`, and held to the dense block-masked reference.
 """
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -14,7 +16,7 @@ from reranker.model import default_model_file, load_model
 from reranker.prompt import PromptBuilder, PromptLimits
 from reranker.reference import reference_scores
 
-FAMILIES = {
+FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {"sliding_window": None},
     "qwen2": {"use_sliding_window": False},  # q/k/v biases: a different projection shape
@@ -47,7 +49,7 @@ def test_local_hf_directory_matches_reference(tmp_path, tokenizer, family):
     reference, _ = reference_scores(lm.model, prompt, spec)
     assert float((fast - reference).abs().max()) <= 1e-4
 
-    served = Reranker(RerankerConfig(model_path=str(tmp_path / family), adapter="default", device="cpu",
+    served = Reranker(RerankerConfig(model=str(tmp_path / family), adapter="default", device="cpu",
                                      block_tokens=24))
     assert served.adapter is None, "the shipped adapter belongs to another base model"
     assert len(served.rank("query", ["one", "two", "three"])) == 3

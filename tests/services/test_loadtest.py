@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from deploy.loadtest import cli
+from deploy.loadtest.target import NotLoopbackError, loopback_target
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +62,9 @@ def test_non_loopback_target_is_refused_before_connecting(tmp_path, monkeypatch,
     assert not out.exists()
     for target in ["10.1.2.3:50050", "192.168.1.1:1", "8.8.8.8:443", "[2001:db8::1]:50050", "0.0.0.0:50050",
                    "dns:///127.0.0.1:50050", "unix:/tmp/socket", "127.0.0.1", "127.0.0.1:0"]:
-        with pytest.raises(target.NotLoopbackError):
-            target.loopback_target(target)
-    assert target.loopback_target("127.0.0.1:50050") == "127.0.0.1:50050"
-    assert target.loopback_target("127.1.2.3:9") == "127.1.2.3:9"
-    assert target.loopback_target("[::1]:50050") == "[::1]:50050"
-    assert target.loopback_target("localhost:50050") in {"127.0.0.1:50050", "[::1]:50050"}
+        with pytest.raises(NotLoopbackError):
+            loopback_target(target)
+    assert loopback_target("127.0.0.1:50050") == "127.0.0.1:50050"
+    assert loopback_target("127.1.2.3:9") == "127.1.2.3:9"
+    assert loopback_target("[::1]:50050") == "[::1]:50050"
+    assert loopback_target("localhost:50050") in {"127.0.0.1:50050", "[::1]:50050"}

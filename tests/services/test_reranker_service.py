@@ -3,6 +3,7 @@
 import asyncio
 import shutil
 import threading
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ from tests.conftest import Server, fixture_documents
 
 pytestmark = pytest.mark.integration
 ADMIN_TOKEN = "s3cret"
-ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +63,14 @@ def test_rerank_orders_and_limits(reranker_server):
 
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     too_long = document_pb2.Document(id="long", text="many words " * 400)
-    for fields, code in [({"query": ""}, invalid), ({"documents": []}, invalid),
+    cases: list[tuple[dict[str, Any], grpc.StatusCode]] = [({"query": ""}, invalid), ({"documents": []}, invalid),
                          ({"documents": fixture_documents() * 2}, invalid),  # 16 > --max-documents 10
                          ({"documents": [too_long]}, invalid),  # > --max-document-tokens 200
                          ({"documents": [document_pb2.Document(id="e")]}, invalid),
                          ({"top_n": -1}, invalid),
                          ({"first_stage_scores": [1.0, 2.0]}, invalid),  # not one per document
-                         ({"tenant": "nobody"}, grpc.StatusCode.NOT_FOUND)]:
+                         ({"tenant": "nobody"}, grpc.StatusCode.NOT_FOUND)]
+    for fields, code in cases:
         with pytest.raises(grpc.RpcError) as info:
             rerank(reranker_server, **fields)
         assert info.value.code() == code, fields
@@ -158,7 +160,7 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
     with pytest.raises(grpc.RpcError) as info:
         stub.Search(request, timeout=timeout_s)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert info.value.details().startswith("reranker: deadline exceeded"), info.value.details()
+    assert str(info.value.details()).startswith("reranker: deadline exceeded"), info.value.details()
     assert stub.Search(request, timeout=120).reranked, "still serving after the deadline"
 
 
@@ -168,8 +170,8 @@ def adapters(server) -> adapter_pb2_grpc.AdapterServiceStub:
 
 def test_adapter_service_guards_and_errors(reranker_server):
     stub = adapters(reranker_server)
-    for metadata, code in [(None, grpc.StatusCode.UNAUTHENTICATED),
-                           ([("authorization", "Bearer wrong")], grpc.StatusCode.PERMISSION_DENIED)]:
+    for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED)]:
         with pytest.raises(grpc.RpcError) as info:
             stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=metadata)
         assert info.value.code() == code
