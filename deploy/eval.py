@@ -95,7 +95,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def ensure_collection(retriever_target: str, collection: str, data: Path) -> None:
     from services.client import collection_size, ingest_corpus
 
-    if collection_size(retriever_target, collection) != count_corpus(data):
+    if collection_size(retriever_target, collection) != count_corpus(data, indexable_only=True):
         ingest_corpus(retriever_target, collection, data)
 
 

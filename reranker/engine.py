@@ -162,17 +162,21 @@ class Reranker:
         return [s.float().cpu().tolist() for s in scores]
 
     def rank(self, query: str, documents: Sequence[DocumentInput], top_n: int | None = None,
-             first_stage_scores: Sequence[float] | None = None, tenant: str = DEFAULT_TENANT) -> list[RankedResult]:
+             first_stage_scores: Sequence[float] | None = None, tenant: str = DEFAULT_TENANT,
+             fusion_weight: float | None = None) -> list[RankedResult]:
         handle = self.handle(tenant)
         scores = self.score_prompts([self.build_prompt(query, documents, handle)], [handle])[0]
-        return self.ranked(scores, first_stage_scores, top_n, handle).results
+        return self.ranked(scores, first_stage_scores, top_n, handle, fusion_weight).results
 
     def ranked(self, model_scores: Sequence[float], first_stage_scores: Sequence[float] | None,
-               top_n: int | None, handle: TenantHandle) -> Ranking:
-        """Rank by the fused score when first-stage scores and a fusion weight exist, else by the model's."""
+               top_n: int | None, handle: TenantHandle, fusion_weight: float | None = None) -> Ranking:
+        """Rank by the fused score when first-stage scores and a fusion weight exist (`fusion_weight`, e.g. one
+        fitted for the documents' collection, else the tenant's), else by the model's."""
         if first_stage_scores is not None and len(first_stage_scores) != len(model_scores):
             raise RerankInputError(f"{len(first_stage_scores)} first-stage scores for {len(model_scores)} documents")
-        weight = handle.settings.fusion_weight
+        if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
+            raise RerankInputError(f"fusion_weight must be in 0..1, got {fusion_weight}")
+        weight = handle.settings.fusion_weight if fusion_weight is None else fusion_weight
         if first_stage_scores and weight is not None:
             return Ranking(rank_scores(fuse(model_scores, first_stage_scores, weight), top_n, model_scores), True)
         return Ranking(rank_scores(model_scores, top_n), False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from common.types import Document
+from retriever.fusion import FusionSettings, RetrievalMode
 
 
 class IndexKind(StrEnum):
@@ -26,12 +27,16 @@ class CollectionSpec:
     dimension: int
     index: IndexKind = IndexKind.FLAT
     hnsw: HnswSettings = field(default_factory=HnswSettings)
+    default_mode: RetrievalMode = RetrievalMode.HYBRID
+    fusion: FusionSettings = field(default_factory=FusionSettings)
 
 
 @dataclass(frozen=True)
 class Hit:
     document: Document
-    score: float
+    score: float  # what hits are ordered by: dense, lexical or fused
+    dense_score: float | None = None  # cosine, when the dense side retrieved the document
+    lexical_score: float | None = None  # BM25, when the lexical side retrieved it
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -77,8 +78,14 @@ def _batched(items: Iterable[document_pb2.Document], size: int) -> Iterator[list
         yield batch
 
 
+@dataclass
+class Ingested:
+    upserted: int
+    skipped: list[str]  # ids of empty documents (neither title nor text), not stored
+
+
 def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 256, create: bool = True,
-                  index_type: str = "flat", progress: bool = True, timeout: float = 600.0) -> int:
+                  index_type: str = "flat", progress: bool = True, timeout: float = 600.0) -> Ingested:
     """Upsert a BEIR corpus.jsonl (or the directory holding it) into a collection."""
     data_dir = corpus.parent if corpus.is_file() else corpus
     with channel(target) as ch:
@@ -90,16 +97,17 @@ def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise
-        total = 0
+        result = Ingested(0, [])
         bar = tqdm(total=count_corpus(data_dir), desc=f"ingest {collection}", unit="doc", disable=not progress)
         docs = (document_to_pb(d) for d in iter_corpus(data_dir))
         for batch in _batched(docs, batch_size):
             reply = stub.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection=collection,
                                                                               documents=batch), timeout=timeout)
-            total += reply.upserted_count
+            result.upserted += reply.upserted_count
+            result.skipped += list(reply.skipped_ids)
             bar.update(len(batch))
         bar.close()
-    return total
+    return result
 
 
 def collection_size(target: str, collection: str) -> int | None:
@@ -207,9 +215,11 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    count = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
-                          index_type=args.index, progress=not args.json)
-    _emit(args, {"collection": args.collection, "upserted": count}, f"upserted {count} documents")
+    result = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
+                           index_type=args.index, progress=not args.json)
+    skipped = f"; skipped {len(result.skipped)} empty documents: {', '.join(result.skipped)}" if result.skipped else ""
+    _emit(args, {"collection": args.collection, "upserted": result.upserted, "skipped_empty": result.skipped},
+          f"upserted {result.upserted} documents{skipped}")
     return 0
 
 

@@ -71,14 +71,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         depth = request.rerank_depth
         first_stage = await self._retrieve(request, max(request.top_k, depth), context)
         retrieve_ms = elapsed_ms(start)
-        hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score) for r in first_stage]
-        response = search_pb2.SearchResponse()
+        hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=_opt(r, "dense_score"),
+                                     lexical_score=_opt(r, "lexical_score")) for r in first_stage.results]
+        response = search_pb2.SearchResponse(mode=first_stage.mode)
         if depth > 0 and self.reranker is None:
             response.rerank_skipped_reason = "no reranker configured on this gateway"
         elif depth > 0 and hits:
             rerank_start = time.perf_counter()
+            weight = first_stage.rerank_weight if first_stage.HasField("rerank_weight") else None
             try:
-                hits = await self._rerank(request, hits, depth, context)
+                hits = await self._rerank(request, hits, depth, weight, context)
                 response.reranked = True
             except ServiceError as err:
                 if not self.config.rerank_fail_open:
@@ -91,20 +93,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return response
 
     async def _retrieve(self, request: search_pb2.SearchRequest, k: int, context: Context
-                        ) -> list[retriever_pb2.ScoredDocument]:
-        call = retriever_pb2.RetrieveRequest(collection=request.collection, query=request.query, top_k=k)
+                        ) -> retriever_pb2.RetrieveResponse:
+        call = retriever_pb2.RetrieveRequest(collection=request.collection, query=request.query, top_k=k,
+                                             mode=request.mode)
         try:
-            response = await self.retriever.Retrieve(call, timeout=time_budget(context))
+            response: retriever_pb2.RetrieveResponse = await self.retriever.Retrieve(call, timeout=time_budget(context))
         except grpc.aio.AioRpcError as err:
             raise downstream_error("retriever", err) from None
-        return list(response.results)
+        return response
 
     async def _rerank(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
-                      context: Context) -> list[search_pb2.SearchHit]:
+                      weight: float | None, context: Context) -> list[search_pb2.SearchHit]:
+        """The head reranked (fused with the first stage by the collection's fitted weight when it has one,
+        else by the reranker's own), then the rest in first-stage order."""
         assert self.reranker is not None
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
-                                          tenant=request.tenant,
+                                          tenant=request.tenant, fusion_weight=weight,
                                           first_stage_scores=[h.retrieval_score for h in head])
         try:
             response = await self.reranker.Rerank(call, timeout=time_budget(context))
@@ -118,6 +123,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             reordered.append(hit)
         # Candidates beyond the rerank depth keep their first-stage order, after the reranked ones.
         return reordered + tail
+
+
+def _opt(message: retriever_pb2.ScoredDocument, field: str) -> float | None:
+    return float(getattr(message, field)) if message.HasField(field) else None
 
 
 def _validate(request: search_pb2.SearchRequest) -> None:

@@ -93,13 +93,16 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
             raise RerankInputError("top_n must be >= 0 (0 = all)")
         if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
             raise RerankInputError("first_stage_scores must be empty or one per document")
+        weight = request.fusion_weight if request.HasField("fusion_weight") else None
+        if weight is not None and not 0.0 <= weight <= 1.0:
+            raise RerankInputError(f"fusion_weight must be in 0..1, got {weight}")
         docs = [(d.title, d.text) for d in request.documents]
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
         handle, prompt = await self.prepare.run(context, self._prepare, request.tenant, request.query, docs)
         scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
         ranking = reranker.ranked(scored.scores, list(request.first_stage_scores) or None, request.top_n or None,
-                                  handle)
+                                  handle, weight)
         results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
                                                model_score=r.model_score) for r in ranking.results]
         timings = document_pb2.Timings(total_ms=elapsed_ms(start), queue_ms=scored.queue_ms, model_ms=scored.model_ms)

@@ -12,13 +12,16 @@ from pathlib import Path
 from common.device import set_cpu_threads
 from retriever.embedder import Embedder, EmbedderConfig
 from retriever.engine import Limits, RetrieverEngine
+from retriever.fusion import RetrievalMode
 from services.config import ServerConfig, option, parse_config
 from services.convert import (
     collection_info_to_pb,
     document_from_pb,
-    document_to_pb,
+    fusion_from_pb,
     hnsw_from_pb,
     index_kind_from_pb,
+    mode_from_pb,
+    retrieved_to_pb,
 )
 from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
@@ -53,12 +56,23 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     async def stop(self) -> None:
         self.worker.stop()
+        if self._engine is not None:
+            self._engine.close()
 
     async def CreateCollection(self, request: retriever_pb2.CreateCollectionRequest, context: Context
                                ) -> retriever_pb2.CreateCollectionResponse:
         stats = await self.worker.run(context, self.engine.create_collection, request.collection,
-                                      index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw))
+                                      index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw),
+                                      mode_from_pb(request.default_mode) or RetrievalMode.HYBRID,
+                                      fusion_from_pb(request.fusion))
         return retriever_pb2.CreateCollectionResponse(collection=collection_info_to_pb(stats))
+
+    async def UpdateCollection(self, request: retriever_pb2.UpdateCollectionRequest, context: Context
+                               ) -> retriever_pb2.UpdateCollectionResponse:
+        fusion = fusion_from_pb(request.fusion) if request.HasField("fusion") else None
+        stats = await self.worker.run(context, self.engine.update_collection, request.collection,
+                                      mode_from_pb(request.default_mode), fusion)
+        return retriever_pb2.UpdateCollectionResponse(collection=collection_info_to_pb(stats))
 
     async def DeleteCollection(self, request: retriever_pb2.DeleteCollectionRequest, context: Context
                                ) -> retriever_pb2.DeleteCollectionResponse:
@@ -74,8 +88,9 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
                               ) -> retriever_pb2.UpsertDocumentsResponse:
         start = time.perf_counter()
         documents = [document_from_pb(d) for d in request.documents]
-        count = await self.worker.run(context, self.engine.upsert, request.collection, documents)
-        return retriever_pb2.UpsertDocumentsResponse(upserted_count=count, timings=_timings(start))
+        result = await self.worker.run(context, self.engine.upsert, request.collection, documents)
+        return retriever_pb2.UpsertDocumentsResponse(upserted_count=result.upserted, skipped_ids=result.skipped,
+                                                     timings=_timings(start))
 
     async def DeleteDocuments(self, request: retriever_pb2.DeleteDocumentsRequest, context: Context
                               ) -> retriever_pb2.DeleteDocumentsResponse:
@@ -85,9 +100,11 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
     async def Retrieve(self, request: retriever_pb2.RetrieveRequest, context: Context
                        ) -> retriever_pb2.RetrieveResponse:
         start = time.perf_counter()
-        hits = await self.worker.run(context, self.engine.search, request.collection, request.query, request.top_k)
-        results = [retriever_pb2.ScoredDocument(document=document_to_pb(h.document), score=h.score) for h in hits]
-        return retriever_pb2.RetrieveResponse(results=results, timings=_timings(start))
+        retrieved = await self.worker.run(context, self.engine.search, request.collection, request.query,
+                                          request.top_k, mode_from_pb(request.mode))
+        response = retrieved_to_pb(retrieved)
+        response.timings.CopyFrom(_timings(start))
+        return response
 
 
 def _timings(start: float) -> document_pb2.Timings:

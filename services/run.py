@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_ingested(target: str, collection: str, data: Path) -> None:
-    expected = count_corpus(data)
+    expected = count_corpus(data, indexable_only=True)
     have = collection_size(target, collection)
     if have == expected:
         print(f"collection {collection} already holds {have} documents")

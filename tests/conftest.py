@@ -46,9 +46,11 @@ def free_port() -> int:
 class Server:
     """A service module run as its own process, the way it is deployed."""
 
-    def __init__(self, module: str, args: list[str], port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, module: str, args: list[str], port: int | None = None, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.module = module
         self.args = args
+        self.env = env or {}
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -59,7 +61,7 @@ class Server:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.popen = subprocess.Popen(
             [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         if wait:
             self.wait_serving(timeout)
         return self
@@ -97,8 +99,9 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator:
     started: list[Server] = []
 
-    def make(module: str, args: list[str], port: int | None = None) -> Server:
-        server = Server(module, args, port, log_path=tmp_path / f"{module.split('.')[-1]}-{len(started)}.log")
+    def make(module: str, args: list[str], port: int | None = None, env: dict[str, str] | None = None) -> Server:
+        server = Server(module, args, port, log_path=tmp_path / f"{module.split('.')[-1]}-{len(started)}.log",
+                        env=env)
         started.append(server)
         return server
 

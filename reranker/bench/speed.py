@@ -30,7 +30,7 @@ from common.paths import SCIFACT
 from common.plots import figure
 from reranker.batcher import prompt_tokens
 from reranker.engine import Reranker, RerankerConfig
-from reranker.prompt import Prompt
+from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.reference import full_causal_ids
 from reranker.tenants import TenantHandle
 
@@ -128,7 +128,7 @@ def plot_speed(result: dict, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-docs", default="10,25,50,100,200,500")
-    p.add_argument("--block-tokens", type=int, default=160)
+    p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS)
     p.add_argument("--model", default="")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", type=Path, default=SCIFACT)

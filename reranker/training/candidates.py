@@ -29,7 +29,7 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
     """Top-`depth` first-stage candidates for the judged queries of `split`."""
     engine = RetrieverEngine(data_dir, Embedder())
     engine.load()
-    expected = count_corpus(data)
+    expected = count_corpus(data, indexable_only=True)
     try:
         have = engine.get_stats(collection).document_count
     except CollectionNotFound:

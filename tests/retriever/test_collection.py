@@ -30,16 +30,20 @@ def vectors(ids: list[str]) -> np.ndarray:
 
 
 def docs(ids: list[str], text: str) -> list[Document]:
-    return [Document(id=i, text=f"{text} {i}") for i in ids]
+    return [Document(id=i, text=f"{text} token{i}") for i in ids]
 
 
 def state(collection: Collection) -> dict[str, str]:
-    """id -> text, after checking that every document is in the index and found by its own vector."""
+    """id -> text, after checking that every document is in both indexes: found by its own vector, and by
+    its own words in the lexical index (each text names its id)."""
     ids = sorted(collection.documents)
-    assert len(collection.index) == len(ids)
+    assert len(collection.index) == len(ids) == len(collection.lexical)
     if ids:
-        top = collection.search(vectors(ids), 1)
-        assert [row[0].document.id for row in top] == ids
+        top = collection.search_dense(vectors(ids), 1)
+        assert [row[0][0] for row in top] == ids
+        for doc_id in ids:
+            text = collection.documents[doc_id].text
+            assert collection.search_lexical(text, 1)[0][0] == doc_id, text
     return {i: collection.documents[i].text for i in ids}
 
 
@@ -59,7 +63,7 @@ def crash_on(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
             raise Crash(step)
         return real_rmtree(path, ignore_errors=ignore_errors)
 
-    real_fsync_dir = collection_module._fsync_dir
+    real_fsync_dir = collection_module.fsync_dir
 
     def fsync_dir(path: Path) -> None:
         if path.name == "c":  # the collection directory, right after CURRENT was swapped
@@ -72,7 +76,7 @@ def crash_on(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
     if step == "index file":
         monkeypatch.setattr(StringIdIndex, "write", fail)
     elif step == "directory fsync":
-        monkeypatch.setattr(collection_module, "_fsync_dir", fsync_dir)
+        monkeypatch.setattr(collection_module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(collection_module.os, "replace", replace)
     monkeypatch.setattr(collection_module.shutil, "rmtree", rmtree)
 
@@ -92,13 +96,38 @@ def test_a_crash_at_any_step_leaves_old_or_new_never_torn(tmp_path: Path, monkey
     with pytest.raises(Crash):
         collection.upsert(docs(changed, "new"), vectors(changed))
     monkeypatch.undo()
+    collection.close()  # the process is gone: its index writer lock goes with it
 
-    new = old | {i: f"new {i}" for i in changed}
+    new = old | {i: f"new token{i}" for i in changed}
     recovered = Collection.load(directory)
     assert state(recovered) in (old, new), f"torn collection after a crash at {step}"
     assert state(recovered) == (old if step in ("index file", "snapshot rename", "CURRENT swap") else new)
 
     later = ["d99"]
     recovered.upsert(docs(later, "later"), vectors(later))
-    assert state(Collection.load(directory)) == state(recovered), "the next write after the restart persists"
+    expected = state(recovered)
+    recovered.close()
+    assert state(Collection.load(directory)) == expected, "the next write after the restart persists"
     assert len(list(directory.glob("snap-*"))) == 1, "leftovers of the crashed write are cleaned up"
+
+
+def test_a_crash_between_the_dense_and_the_lexical_write_is_repaired_on_load(tmp_path: Path, monkeypatch):
+    directory = tmp_path / "c"
+    collection = Collection(CollectionSpec("c", DIM), directory)
+    first = [f"d{i}" for i in range(10)]
+    collection.upsert(docs(first, "old"), vectors(first))
+
+    def crash(*_args: object) -> None:
+        raise Crash("between the writes")
+
+    monkeypatch.setattr(collection.lexical, "apply", crash)
+    with pytest.raises(Crash):
+        collection.upsert(docs(["d3", "d42"], "new"), vectors(["d3", "d42"]))
+    monkeypatch.undo()
+    collection.close()
+    assert collection.lexical.applied == 1, "the dense snapshot (2) is ahead of the lexical index (1)"
+
+    recovered = Collection.load(directory)
+    assert recovered.lexical.applied == 2
+    assert state(recovered)["d42"] == "new tokend42" and state(recovered)["d3"] == "new tokend3"
+    assert recovered.search_lexical("old tokend3", 1)[0][0] == "d3" and recovered.search_lexical("tokend42", 1)

@@ -1,6 +1,7 @@
 """RetrieverService against a real server process on 127.0.0.1."""
 
 import time
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -8,6 +9,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
+from services.gen.retrieval.v1.document_pb2 import (
+    RETRIEVAL_MODE_DENSE,
+    RETRIEVAL_MODE_HYBRID,
+    RETRIEVAL_MODE_LEXICAL,
+    RETRIEVAL_MODE_UNSPECIFIED,
+    RetrievalMode,
+)
 from tests.conftest import fixture_documents
 
 pytestmark = pytest.mark.integration
@@ -137,3 +145,65 @@ def test_not_serving_until_loaded(server_factory, tmp_path):
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert {health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING} <= seen
+
+
+def test_retrieval_modes_scores_and_collection_settings(server_factory, tmp_path):
+
+    server = server_factory("services.retriever", ["--data-dir", str(tmp_path / "d")]).start()
+    s = stub(server)
+    info = s.CreateCollection(retriever_pb2.CreateCollectionRequest(
+        collection="c", fusion=retriever_pb2.FusionParams(dense_weight=0.7, candidate_depth=50)), timeout=30).collection
+    assert info.default_mode == RETRIEVAL_MODE_HYBRID and info.fusion.dense_weight == pytest.approx(0.7)
+    assert info.fusion.candidate_depth == 50 and not info.fusion.HasField("rerank_weight")
+    reply = s.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection="c", documents=[
+        *fixture_documents(), document_pb2.Document(id="blank")]), timeout=60)
+    assert reply.upserted_count == 8 and list(reply.skipped_ids) == ["blank"]
+
+    def retrieve(mode: RetrievalMode) -> retriever_pb2.RetrieveResponse:
+        return s.Retrieve(retriever_pb2.RetrieveRequest(collection="c", query="kittens purr", top_k=3, mode=mode),
+                          timeout=30)
+
+    dense, lexical, hybrid = (retrieve(m) for m in (RETRIEVAL_MODE_DENSE, RETRIEVAL_MODE_LEXICAL,
+                                                    RETRIEVAL_MODE_UNSPECIFIED))
+    assert hybrid.mode == RETRIEVAL_MODE_HYBRID, "unspecified: the collection's default"
+    assert all(r.HasField("dense_score") and not r.HasField("lexical_score") for r in dense.results)
+    assert [r.document.id for r in lexical.results] == ["cats"] and lexical.results[0].HasField("lexical_score")
+    top = hybrid.results[0]
+    assert top.document.id == "cats" and top.HasField("dense_score") and top.HasField("lexical_score")
+
+    updated = s.UpdateCollection(retriever_pb2.UpdateCollectionRequest(
+        collection="c", default_mode=RETRIEVAL_MODE_LEXICAL,
+        fusion=retriever_pb2.FusionParams(rerank_weight=0.25)), timeout=30).collection
+    assert updated.default_mode == RETRIEVAL_MODE_LEXICAL and updated.fusion.rerank_weight == pytest.approx(0.25)
+    answered = retrieve(RETRIEVAL_MODE_UNSPECIFIED)
+    assert answered.mode == RETRIEVAL_MODE_LEXICAL and answered.rerank_weight == pytest.approx(0.25)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for request in [retriever_pb2.UpdateCollectionRequest(collection="c", fusion=retriever_pb2.FusionParams(
+                        dense_weight=1.5)),
+                    retriever_pb2.UpdateCollectionRequest(collection="c", default_mode=cast(Any, 9))]:
+        assert code_of(s.UpdateCollection, request) == invalid
+    assert code_of(s.UpdateCollection, retriever_pb2.UpdateCollectionRequest(collection="nope")) == \
+        grpc.StatusCode.NOT_FOUND
+
+
+def test_kill_between_the_dense_and_the_lexical_write_is_repaired(server_factory, tmp_path):
+    """The process dies (as kill -9 would) after the snapshot is committed and before the lexical index is:
+    the write was not acknowledged; on restart both indexes hold the same documents."""
+    data_dir = str(tmp_path / "d")
+    doomed = server_factory("services.retriever", ["--data-dir", data_dir],
+                            env={"FAILPOINTS": "collection.between_dense_and_lexical"}).start()
+    s = stub(doomed)
+    s.CreateCollection(retriever_pb2.CreateCollectionRequest(collection="c"), timeout=30)
+    with pytest.raises(grpc.RpcError) as info:
+        s.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection="c", documents=fixture_documents()),
+                          timeout=60)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert doomed.popen is not None and doomed.popen.wait(timeout=30) == 137
+
+    restarted = server_factory("services.retriever", ["--data-dir", data_dir]).start()
+    s = stub(restarted)
+    assert s.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10).collections[0].document_count == 8
+    lexical = s.Retrieve(retriever_pb2.RetrieveRequest(collection="c", query="aqueducts colosseum", top_k=8,
+                                                       mode=RETRIEVAL_MODE_LEXICAL), timeout=30)
+    assert [r.document.id for r in lexical.results] == ["rome"], "the lexical index was rebuilt from the snapshot"
+    assert top_ids(s, "Qubits and superposition")[0] == "quantum"
