@@ -33,9 +33,9 @@ $(GEN_STAMP): $(PROTOS) $(STAMP) services/gen_protos.py
 run: setup
 	$(PY) -m services.run
 
-# SciFact test through the real services: first stage vs reranked, side by side.
+# Every collection under ../shared/data through the real services: lexical, dense, hybrid, reranked.
 eval: setup
-	$(PY) -m services.run --eval bench-results/eval-scifact.json
+	$(PY) -m services.run --eval bench-results/eval
 
 test: setup
 	$(PY) -m pytest -q

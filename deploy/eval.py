@@ -3,13 +3,12 @@
     python -m deploy.eval --target 127.0.0.1:50050 --data ../shared/data/scifact \
         --collection scifact [--split test] [--rerank-depth 20] [--max-queries M] [--out FILE.json]
 
-Each judged query of the split runs twice through the gateway: first stage
-alone (rerank_depth 0) and reranked (rerank_depth K), side by side. The
-reranked reply gives two rankings: the served one (fused with the first stage
-when the model carries a fusion weight) and the reranker's own scores alone.
-Runs are scored with ir-measures (nDCG@10, Recall@100, MRR@10). Works on any BEIR-layout
-directory; `--ingest-target RETRIEVER` first ingests the corpus if the
-collection is missing or incomplete.
+Each judged query of the split runs through the gateway as every first stage (lexical, dense, hybrid; no
+reranking) and once reranked (the collection's default first stage, top `--rerank-depth` reranked), side
+by side. The reranked reply gives two rankings: the served one (fused with the first stage when a fusion
+weight applies) and the reranker's own scores alone. Runs are scored with ir-measures (nDCG@10,
+Recall@100, MRR@10). Works on any BEIR-layout directory; `--ingest-target RETRIEVER` first ingests the
+corpus if the collection is missing or incomplete.
 """
 
 from __future__ import annotations
@@ -19,7 +18,10 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import ir_measures
@@ -28,20 +30,28 @@ from tqdm.auto import tqdm
 
 from common.beir import count_corpus, load_qrels, split_queries
 from common.report import text_table
-from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
+from services.gen.retrieval.v1 import document_pb2, search_pb2, search_pb2_grpc
 from services.server import GRPC_OPTIONS
 
 MEASURES = [nDCG @ 10, R @ 100, RR @ 10]
 Run = dict[str, dict[str, float]]
+FIRST_STAGES = {"lexical (BM25)": document_pb2.RETRIEVAL_MODE_LEXICAL,
+                "dense (MiniLM)": document_pb2.RETRIEVAL_MODE_DENSE,
+                "hybrid": document_pb2.RETRIEVAL_MODE_HYBRID}
+
+
+@dataclass
+class Runs:
+    by_system: dict[str, Run] = field(default_factory=dict)
+    rerank_ms: list[float] = field(default_factory=list)
+
+    def add(self, system: str, qid: str, run: dict[str, float]) -> None:
+        self.by_system.setdefault(system, {})[qid] = run
 
 
 async def collect_runs(target: str, collection: str, queries: dict[str, str], depth: int, top_k: int,
-                       concurrency: int, timeout: float) -> tuple[Run, Run, Run, list[float]]:
-    """(first-stage run, served reranked run, reranker-alone run, rerank latencies in ms)."""
-    first: Run = {}
-    reranked: Run = {}
-    alone: Run = {}
-    latencies: list[float] = []
+                       concurrency: int, timeout: float) -> Runs:
+    runs = Runs()
     limit = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(queries), desc=f"eval {collection}", unit="query")
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
@@ -49,39 +59,41 @@ async def collect_runs(target: str, collection: str, queries: dict[str, str], de
 
         async def one(qid: str, text: str) -> None:
             async with limit:
-                base = await stub.Search(search_pb2.SearchRequest(collection=collection, query=text, top_k=top_k),
-                                         timeout=timeout)
-                first[qid] = _as_run(base, rerank=False)
+                for system, mode in FIRST_STAGES.items():
+                    reply = await stub.Search(search_pb2.SearchRequest(collection=collection, query=text,
+                                                                       top_k=top_k, mode=mode), timeout=timeout)
+                    runs.add(system, qid, ranked_run(reply.results))
                 if depth > 0:
-                    reply = await stub.Search(search_pb2.SearchRequest(
-                        collection=collection, query=text, top_k=top_k, rerank_depth=depth), timeout=timeout)
-                    if not reply.reranked:
-                        raise RuntimeError(f"gateway did not rerank: {reply.rerank_skipped_reason}")
-                    reranked[qid] = _as_run(reply, rerank=True)
-                    alone[qid] = _reranker_alone(reply, depth)
-                    latencies.append(reply.timings.rerank_ms)
+                    await rerank_one(stub, collection, qid, text, depth, top_k, timeout, runs)
                 bar.update(1)
 
         await asyncio.gather(*(one(qid, text) for qid, text in queries.items()))
     bar.close()
-    return first, reranked, alone, latencies
+    return runs
 
 
-def _as_run(reply: search_pb2.SearchResponse, rerank: bool) -> dict[str, float]:
-    """Rank-preserving scores: reranked hits first (in rerank order), the tail after them."""
-    n = len(reply.results)
-    return {hit.document.id: float(n - rank) for rank, hit in enumerate(reply.results)} if rerank else \
-        {hit.document.id: hit.retrieval_score for hit in reply.results}
+async def rerank_one(stub: Any, collection: str, qid: str, text: str, depth: int, top_k: int, timeout: float,
+                     runs: Runs) -> None:
+    reply = await stub.Search(search_pb2.SearchRequest(collection=collection, query=text, top_k=top_k,
+                                                       rerank_depth=depth), timeout=timeout)
+    if not reply.reranked:
+        raise RuntimeError(f"gateway did not rerank: {reply.rerank_skipped_reason}")
+    runs.add(f"reranker alone (depth {depth})", qid, ranked_run(reranker_alone(reply.results, depth)))
+    runs.add(f"served: reranked (depth {depth})", qid, ranked_run(reply.results))
+    runs.rerank_ms.append(reply.timings.rerank_ms)
 
 
-def _reranker_alone(reply: search_pb2.SearchResponse, depth: int) -> dict[str, float]:
+def ranked_run(hits: Sequence[search_pb2.SearchHit]) -> dict[str, float]:
+    """Rank-preserving scores, best first (ties in the served scores cannot reorder anything)."""
+    return {hit.document.id: float(len(hits) - rank) for rank, hit in enumerate(hits)}
+
+
+def reranker_alone(hits: Sequence[search_pb2.SearchHit], depth: int) -> list[search_pb2.SearchHit]:
     """The reranked head ordered by the reranker's own score (no fusion), then the first-stage tail."""
-    head = sorted(reply.results[:depth], key=lambda h: -h.rerank_model_score)
-    ordered = [*head, *reply.results[depth:]]
-    return {hit.document.id: float(len(ordered) - rank) for rank, hit in enumerate(ordered)}
+    return [*sorted(hits[:depth], key=lambda h: -h.rerank_model_score), *hits[depth:]]
 
 
-def score(qrels: dict, run: Run) -> dict[str, float]:
+def score(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, float]:
     values = ir_measures.calc_aggregate(MEASURES, qrels, run)
     return {str(m): float(values[m]) for m in MEASURES}
 
@@ -100,22 +112,18 @@ def ensure_collection(retriever_target: str, collection: str, data: Path) -> Non
 
 
 def evaluate(target: str, data: Path, collection: str, split: str = "test", depth: int = 20,
-             max_queries: int | None = None, concurrency: int = 2, timeout: float = 600.0) -> dict:
+             max_queries: int | None = None, concurrency: int = 2, timeout: float = 600.0) -> dict[str, Any]:
     queries = split_queries(data, split)
     if max_queries:
         queries = dict(list(queries.items())[:max_queries])
     qrels = {q: rel for q, rel in load_qrels(data, split).items() if q in queries}
     start = time.perf_counter()
-    first, reranked, alone, latencies = asyncio.run(collect_runs(target, collection, queries, depth, 100,
-                                                                 concurrency, timeout))
-    rows = {"first stage": score(qrels, first)}
-    if depth > 0:
-        rows[f"reranker alone (depth {depth})"] = score(qrels, alone)
-        rows[f"served: fused (depth {depth})"] = score(qrels, reranked)
-    latencies.sort()
+    runs = asyncio.run(collect_runs(target, collection, queries, depth, 100, concurrency, timeout))
+    latencies = sorted(runs.rerank_ms)
     return {
         "data": str(data), "collection": collection, "split": split, "queries": len(queries),
-        "rerank_depth": depth, "results": rows, "seconds": time.perf_counter() - start,
+        "rerank_depth": depth, "results": {system: score(qrels, run) for system, run in runs.by_system.items()},
+        "seconds": time.perf_counter() - start,
         "rerank_ms_p50": latencies[len(latencies) // 2] if latencies else None,
     }
 

@@ -53,6 +53,15 @@ class Collection:
         self.lock = threading.RLock()
         self._snapshot_seq = 0
 
+    @classmethod
+    def create(cls, spec: CollectionSpec, directory: Path) -> Collection:
+        """A new, empty collection, written to disk (both indexes at the first snapshot)."""
+        collection = cls(spec, directory)
+        with collection.lock:
+            collection.persist()
+            collection.lexical.apply([], [], collection._snapshot_seq)
+        return collection
+
     def stats(self) -> CollectionStats:
         return CollectionStats(spec=self.spec, document_count=len(self.documents))
 

@@ -92,8 +92,7 @@ class RetrieverEngine:
         with self._lock:
             if name in self._collections:
                 raise CollectionExists(f"collection {name!r} already exists")
-            collection = Collection(spec, self.data_dir / name)
-            collection.persist()
+            collection = Collection.create(spec, self.data_dir / name)
             self._collections[name] = collection
         return collection.stats()
 
@@ -115,6 +114,10 @@ class RetrieverEngine:
 
     def get_stats(self, name: str) -> CollectionStats:
         return self._get(name).stats()
+
+    def lexical_write_seconds(self, name: str) -> float:
+        """Time the collection's lexical index has spent on writes since it was opened."""
+        return self._get(name).lexical.write_seconds
 
     def update_collection(self, name: str, default_mode: RetrievalMode | None = None,
                           fusion: FusionSettings | None = None) -> CollectionStats:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class LexicalIndex:
         self.index = tantivy.Index(self.schema, path=str(directory), reuse=True)
         self._writer: Any = None
         self._write_lock = threading.Lock()
+        self.write_seconds = 0.0  # spent in apply/rebuild since opened (what the index adds to ingest)
 
     @property
     def applied(self) -> int | None:
@@ -74,12 +76,14 @@ class LexicalIndex:
     def apply(self, upserts: Sequence[Document], deletes: Sequence[str], seq: int) -> None:
         """Delete `deletes`, replace or add `upserts`, commit, and record `seq` as applied."""
         with self._write_lock:
+            start = time.perf_counter()
             writer = self._open_writer()
             for doc_id in [*deletes, *(d.id for d in upserts)]:
                 writer.delete_documents_by_term("id", doc_id)
             for doc in upserts:
                 writer.add_document(tantivy.Document(id=doc.id, content=doc.embedding_text()))
             self._commit(writer, seq)
+            self.write_seconds += time.perf_counter() - start
 
     def rebuild(self, documents: Iterable[Document], seq: int) -> int:
         """Replace the whole index with `documents` (repair after a crash between writes)."""

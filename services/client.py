@@ -119,10 +119,11 @@ def collection_size(target: str, collection: str) -> int | None:
 
 
 def search(target: str, collection: str, query: str, top_k: int = 10, rerank_depth: int = 0, tenant: str = "",
-           timeout: float = 120.0) -> search_pb2.SearchResponse:
+           timeout: float = 120.0, mode: document_pb2.RetrievalMode = document_pb2.RETRIEVAL_MODE_UNSPECIFIED
+           ) -> search_pb2.SearchResponse:
     with channel(target) as ch:
         return search_pb2_grpc.SearchServiceStub(ch).Search(search_pb2.SearchRequest(
-            collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant),
+            collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant, mode=mode),
             timeout=timeout)
 
 

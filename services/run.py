@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.beir import count_corpus, load_qrels, split_queries
-from common.paths import REPO_ROOT, SCIFACT, VAR_DIR
+from common.paths import REPO_ROOT, SCIFACT, SHARED_DATA, VAR_DIR
 from services.client import collection_size, format_search, ingest_corpus, search, wait_for_serving
+from services.gen.retrieval.v1.document_pb2 import (
+    RETRIEVAL_MODE_DENSE,
+    RETRIEVAL_MODE_HYBRID,
+    RETRIEVAL_MODE_LEXICAL,
+)
 
 
 @dataclass
@@ -66,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reranker", action="store_true")
     parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
-    parser.add_argument("--eval", type=Path, default=None, metavar="OUT_JSON",
-                        help="instead of the demo query, run deploy.eval on the split and write OUT_JSON")
+    parser.add_argument("--eval", type=Path, default=None, metavar="OUT_DIR",
+                        help="instead of the demo query, run deploy.eval on every --eval-data collection and "
+                             "write OUT_DIR/<collection>.json")
+    parser.add_argument("--eval-data", type=Path, action="append", default=None,
+                        help="BEIR directory to evaluate (repeatable; default: every collection under "
+                             "../shared/data with a qrels file for the split)")
     parser.add_argument("--eval-split", default="test")
     args = parser.parse_args(argv)
 
@@ -85,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         for proc in processes:
             wait_for_serving(proc.target, timeout=600, alive=proc.alive)
             print(f"{proc.name} is SERVING")
-        ensure_ingested(processes[0].target, args.collection, args.data)
         if args.eval:
-            return run_eval(processes[-1].target, args)
+            return run_eval(processes[0].target, processes[-1].target, args)
+        ensure_ingested(processes[0].target, args.collection, args.data)
         answer_query(processes[-1].target, args)
         if args.exit_after_query:
             return 0
@@ -117,27 +126,45 @@ def ensure_ingested(target: str, collection: str, data: Path) -> None:
     print(f"ingested in {time.perf_counter() - start:.0f}s")
 
 
-def run_eval(gateway: str, args: argparse.Namespace) -> int:
+def run_eval(retriever: str, gateway: str, args: argparse.Namespace) -> int:
     from deploy.eval import evaluate, table
 
     depth = 0 if args.no_reranker else args.rerank_depth
-    result = evaluate(gateway, args.data, args.collection, args.eval_split, depth)
-    print(table(result["results"]))
-    args.eval.parent.mkdir(parents=True, exist_ok=True)
-    args.eval.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.eval}")
+    collections = args.eval_data or sorted(p for p in SHARED_DATA.iterdir()
+                                           if (p / "qrels" / f"{args.eval_split}.tsv").is_file())
+    args.eval.mkdir(parents=True, exist_ok=True)
+    for data in collections:
+        ensure_ingested(retriever, data.name, data)
+        result = evaluate(gateway, data, data.name, args.eval_split, depth)
+        print(f"\n{data.name} ({args.eval_split}, {result['queries']} queries)\n{table(result['results'])}")
+        out = args.eval / f"{data.name}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
 
 
+STAGES = [("lexical", RETRIEVAL_MODE_LEXICAL), ("dense", RETRIEVAL_MODE_DENSE), ("hybrid", RETRIEVAL_MODE_HYBRID)]
+
+
 def answer_query(gateway: str, args: argparse.Namespace) -> None:
+    """A real test query through every first stage and the reranker, judged documents marked."""
     queries = split_queries(args.data, "test")
     qrels = load_qrels(args.data, "test")
     query_id = next(iter(queries))
     query = args.query or queries[query_id]
     relevant = set() if args.query else set(qrels.get(query_id, {}))
     depth = 0 if args.no_reranker else args.rerank_depth
+    print(f"\nquery: {query}" + (f"\njudged relevant: {', '.join(sorted(relevant))}" if relevant else ""))
+    for name, mode in STAGES:
+        first = search(gateway, args.collection, query, top_k=10, mode=mode)
+        print(f"{name + ':':<9} " + " ".join(_mark(h.document.id, relevant) for h in first.results))
     response = search(gateway, args.collection, query, top_k=10, rerank_depth=depth)
+    print(f"{'reranked:':<9} " + " ".join(_mark(h.document.id, relevant) for h in response.results))
     print("\n" + format_search(response, query, relevant))
+
+
+def _mark(doc_id: str, relevant: set[str]) -> str:
+    return f"[{doc_id}]*" if doc_id in relevant else doc_id
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of the retriever's two hot paths: embedding documents and searching the index.
+"""Benchmark of the retriever's hot paths: embedding documents, searching the dense index, the lexical index.
 
 Run as `python -m retriever.bench --out bench-results/retriever.json`; it writes that JSON,
 a plot with the same stem (.png) and prints a summary table. Measured side by side:
@@ -15,6 +15,9 @@ a plot with the same stem (.png) and prints a summary table. Measured side by si
    through the project's `StringIdIndex`, on synthetic 384-d unit vectors at each `--sizes`,
    plus HNSW recall@10 against exact search and its build time. Larger efSearch rows are added
    while recall@10 stays under 0.98, so the speed/recall trade-off is visible.
+4. The lexical index (retriever/bench/lexical.py): BM25 indexing docs/s and search p50/p99 at each
+   `--lexical-sizes`; SciFact ingest with the lexical index against the dense part of the same writes;
+   hybrid against dense query latency through the engine.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from common.device import Dtype, describe_device, resolve_device, set_cpu_threads
 from common.paths import REPO_ROOT, SCIFACT
 from retriever.bench.embedding import bench_embedding, bench_quality, load_texts
+from retriever.bench.lexical import bench_hybrid_and_ingest, bench_lexical
 from retriever.bench.report import package_version, summary, write_outputs
 from retriever.bench.search import DIMENSION, K, bench_search
 from retriever.embedder import Embedder, EmbedderConfig
@@ -51,6 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=parse_sizes, default=[5000, 1_000_000],
                         help="comma-separated synthetic collection sizes (empty = skip search)")
     parser.add_argument("--queries", type=int, default=200, help="search queries per size")
+    parser.add_argument("--lexical-sizes", type=parse_sizes, default=[5000, 1_000_000],
+                        help="lexical index sizes, SciFact-vocabulary synthetic text past 5K (empty = skip)")
+    parser.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
+                        help="SciFact ingest with the lexical index, and hybrid vs dense query latency")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -77,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "embedding": [asdict(r) for r in bench_embedding(texts, embedders, device)] if texts else [],
         "quality": bench_quality(args.data, embedders, args.quality_max_docs) if args.quality else None,
     }
+    hybrid_embedder = embedders.get("auto") or Embedder(EmbedderConfig(device=args.device))
+    report["hybrid"] = bench_hybrid_and_ingest(args.data, hybrid_embedder, args.queries) if args.hybrid else None
     embedders.clear()  # the models are not needed for the index part
+    del hybrid_embedder
+    report["lexical"] = [asdict(r) for r in bench_lexical(args.data, args.lexical_sizes, args.queries, args.seed)]
     report["search"] = [asdict(r) for r in bench_search(args.sizes, args.queries, args.seed)]
     write_outputs(report, args.out)
     print(summary(report))

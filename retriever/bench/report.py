@@ -34,14 +34,54 @@ def summary(report: dict) -> str:
              ("recall@10", ".4f"), ("build s", ".2f")],
             [[r["size"], r["index"], r["ef_search"], r["p50_ms"], r["p99_ms"], r["recall_at_10"], r["build_s"]]
              for r in report["search"]])]
-    return "\n".join(parts)
+    return "\n".join(parts + lexical_summary(report))
+
+
+def lexical_summary(report: dict) -> list[str]:
+    parts = []
+    if report.get("lexical"):
+        parts += ["", "lexical index (BM25, tantivy): indexing and search, k=100, one query per call", text_table(
+            [("size", ","), ("index docs/s", ",.0f"), ("p50 ms", ".3f"), ("p99 ms", ".3f")],
+            [[r["size"], r["index_docs_per_s"], r["p50_ms"], r["p99_ms"]] for r in report["lexical"]])]
+    hybrid = report.get("hybrid")
+    if hybrid:
+        ingest = hybrid["ingest"]
+        parts += ["", f"SciFact through the engine: ingest {ingest['total_s']:.1f} s, of which the lexical index "
+                      f"{ingest['lexical_s']:.1f} s (+{100 * ingest['lexical_overhead']:.1f}% over dense alone)",
+                  text_table([("mode", ""), ("p50 ms", ".2f"), ("p99 ms", ".2f")],
+                             [[m, v["p50"], v["p99"]] for m, v in hybrid["query_ms"].items()]),
+                  f"hybrid / dense p50: {hybrid['hybrid_over_dense_p50']:.2f}x"]
+    return parts
 
 
 def plot(report: dict, path: Path) -> None:
-    with figures(path, 3, (17, 5), f"retriever benchmark — {report['device']}") as (ax_embed, ax_lat, ax_recall):
-        plot_embedding(ax_embed, report)
-        plot_latency(ax_lat, report["search"])
-        plot_recall(ax_recall, report["search"])
+    with figures(path, 4, (22, 5), f"retriever benchmark — {report['device']}") as axes:
+        plot_embedding(axes[0], report)
+        plot_latency(axes[1], report["search"])
+        plot_recall(axes[2], report["search"])
+        plot_lexical(axes[3], report)
+
+
+def plot_lexical(ax: Any, report: dict) -> None:
+    rows = report.get("lexical") or []
+    if not rows:
+        ax.set_title("lexical index (skipped)")
+        return
+    sizes = [r["size"] for r in rows]
+    ax.plot(sizes, [r["p50_ms"] for r in rows], marker="o", label="BM25 p50")
+    ax.plot(sizes, [r["p99_ms"] for r in rows], marker="x", linestyle="--", label="BM25 p99")
+    hybrid = report.get("hybrid")
+    if hybrid:
+        for mode, marker in (("dense", "s"), ("hybrid", "^")):
+            ax.scatter([hybrid["ingest"]["documents"]], [hybrid["query_ms"][mode]["p50"]], marker=marker,
+                       label=f"{mode} p50 via the engine (SciFact, k=10)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("collection size (documents)")
+    ax.set_ylabel("latency per query (ms)")
+    ax.set_title("lexical search and hybrid vs dense")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_embedding(ax: Any, report: dict) -> None:

@@ -86,7 +86,7 @@ def crash_on(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
                                   "old snapshot cleanup"])
 def test_a_crash_at_any_step_leaves_old_or_new_never_torn(tmp_path: Path, monkeypatch, step: str, kind: IndexKind):
     directory = tmp_path / "c"
-    collection = Collection(CollectionSpec("c", DIM, kind), directory)
+    collection = Collection.create(CollectionSpec("c", DIM, kind), directory)
     first = [f"d{i}" for i in range(20)]
     collection.upsert(docs(first, "old"), vectors(first))
     old = state(collection)
@@ -113,7 +113,7 @@ def test_a_crash_at_any_step_leaves_old_or_new_never_torn(tmp_path: Path, monkey
 
 def test_a_crash_between_the_dense_and_the_lexical_write_is_repaired_on_load(tmp_path: Path, monkeypatch):
     directory = tmp_path / "c"
-    collection = Collection(CollectionSpec("c", DIM), directory)
+    collection = Collection.create(CollectionSpec("c", DIM), directory)
     first = [f"d{i}" for i in range(10)]
     collection.upsert(docs(first, "old"), vectors(first))
 
@@ -125,9 +125,9 @@ def test_a_crash_between_the_dense_and_the_lexical_write_is_repaired_on_load(tmp
         collection.upsert(docs(["d3", "d42"], "new"), vectors(["d3", "d42"]))
     monkeypatch.undo()
     collection.close()
-    assert collection.lexical.applied == 1, "the dense snapshot (2) is ahead of the lexical index (1)"
+    assert collection.lexical.applied == 2, "the dense snapshot (3) is ahead of the lexical index (2)"
 
     recovered = Collection.load(directory)
-    assert recovered.lexical.applied == 2
+    assert recovered.lexical.applied == 3
     assert state(recovered)["d42"] == "new tokend42" and state(recovered)["d3"] == "new tokend3"
     assert recovered.search_lexical("old tokend3", 1)[0][0] == "d3" and recovered.search_lexical("tokend42", 1)

@@ -6,6 +6,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
+from services.gen.retrieval.v1.document_pb2 import (
+    RETRIEVAL_MODE_DENSE,
+    RETRIEVAL_MODE_HYBRID,
+    RETRIEVAL_MODE_LEXICAL,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -64,3 +69,17 @@ def test_unavailable_downstreams(server_factory, fixture_retriever):
     reply = search(fail_open, query="baking a loaf", rerank_depth=3)
     assert not reply.reranked and "reranker" in reply.rerank_skipped_reason
     assert reply.results[0].document.id == "bread"
+
+
+def test_modes_pass_through_the_gateway_with_each_sides_scores(server_factory, fixture_retriever):
+    gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target]).start()
+    for mode in (RETRIEVAL_MODE_LEXICAL, RETRIEVAL_MODE_DENSE, RETRIEVAL_MODE_HYBRID):
+        assert search(gateway, query="kittens purr", mode=mode).mode == mode
+    lexical = search(gateway, query="kittens purr", mode=RETRIEVAL_MODE_LEXICAL, top_k=8)
+    assert [h.document.id for h in lexical.results] == ["cats"]
+    assert lexical.results[0].HasField("lexical_score") and not lexical.results[0].HasField("dense_score")
+    hybrid = search(gateway, query="kittens purr", top_k=8)
+    assert hybrid.mode == RETRIEVAL_MODE_HYBRID, "the collection's default"
+    top = hybrid.results[0]
+    assert top.document.id == "cats" and top.HasField("dense_score") and top.HasField("lexical_score")
+    assert all(h.HasField("dense_score") for h in hybrid.results)

@@ -18,6 +18,8 @@ from services.gen.retrieval.v1 import (
     document_pb2,
     reranker_pb2,
     reranker_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
     search_pb2,
     search_pb2_grpc,
 )
@@ -162,6 +164,30 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert str(info.value.details()).startswith("reranker: deadline exceeded"), info.value.details()
     assert stub.Search(request, timeout=120).reranked, "still serving after the deadline"
+
+
+def test_collection_rerank_weight_reaches_the_reranker(server_factory, fixture_retriever, reranker_server):
+    """A collection's fitted reranker weight travels from the retriever through the gateway to the reranker:
+    weight 0 serves the first-stage order, with the reranker's own scores still reported."""
+    gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
+                                                  "--reranker-target", reranker_server.target]).start()
+    stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
+    settings = retriever_pb2_grpc.RetrieverServiceStub(fixture_retriever.channel())
+    settings.UpdateCollection(retriever_pb2.UpdateCollectionRequest(
+        collection="c", fusion=retriever_pb2.FusionParams(rerank_weight=0.0)), timeout=30)
+    try:
+        first = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8), timeout=60)
+        reranked = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8, rerank_depth=5),
+                               timeout=120)
+        assert reranked.reranked
+        assert [h.document.id for h in reranked.results] == [h.document.id for h in first.results]
+        assert len({h.rerank_model_score for h in reranked.results[:5]}) > 1
+    finally:
+        settings.UpdateCollection(retriever_pb2.UpdateCollectionRequest(
+            collection="c", fusion=retriever_pb2.FusionParams()), timeout=30)
+    with pytest.raises(grpc.RpcError) as info:
+        rerank(reranker_server, fusion_weight=1.5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def adapters(server) -> adapter_pb2_grpc.AdapterServiceStub:
