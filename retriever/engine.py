@@ -31,23 +31,12 @@ from retriever.types import (
     HnswSettings,
     IndexKind,
     InvalidArgument,
+    Retrieved,
+    UpsertResult,
 )
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    upserted: int
-    skipped: list[str]  # ids of documents with neither title nor text (not stored)
-
-
-@dataclass(frozen=True)
-class Retrieved:
-    hits: list[Hit]
-    mode: RetrievalMode  # the mode that answered
-    fusion: FusionSettings  # the collection's settings (rerank_weight travels on to the reranker)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,19 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class Retrieved:
+    hits: list[Hit]
+    mode: RetrievalMode  # the mode that answered
+    fusion: FusionSettings  # the collection's settings (rerank_weight travels on to the reranker)
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    upserted: int
+    skipped: list[str]  # ids of documents with neither title nor text (not stored)
+
+
+@dataclass(frozen=True)
 class CollectionStats:
     spec: CollectionSpec
     document_count: int

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from common.types import Document
-from retriever.engine import Retrieved
 from retriever.fusion import FusionMethod, FusionSettings, RetrievalMode
-from retriever.types import CollectionStats, Hit, HnswSettings, IndexKind, InvalidArgument
+from retriever.types import CollectionStats, Hit, HnswSettings, IndexKind, InvalidArgument, Retrieved
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2
 
 _INDEX_TO_PB = {IndexKind.FLAT: retriever_pb2.INDEX_TYPE_FLAT, IndexKind.HNSW: retriever_pb2.INDEX_TYPE_HNSW}

@@ -60,3 +60,12 @@ def test_engines_know_nothing_of_grpc():
             imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
             imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
             assert not {m for m in imported if m.split(".")[0] in ("grpc", "services", "deploy")}, path
+
+
+def test_the_cli_client_stays_light():
+    """Compose health checks run the client every few seconds: it must not pull in torch or the indexes."""
+    probe = "import sys, services.client; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    heavy = {m.split(".")[0] for m in result.stdout.split()} & {"torch", "transformers", "faiss", "tantivy", "numpy"}
+    assert not heavy, f"services.client imports {sorted(heavy)}"

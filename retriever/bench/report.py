@@ -75,13 +75,7 @@ def plot_lexical(ax: Any, report: dict) -> None:
         for mode, marker in (("dense", "s"), ("hybrid", "^")):
             ax.scatter([hybrid["ingest"]["documents"]], [hybrid["query_ms"][mode]["p50"]], marker=marker,
                        label=f"{mode} p50 via the engine (SciFact, k=10)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("collection size (documents)")
-    ax.set_ylabel("latency per query (ms)")
-    ax.set_title("lexical search and hybrid vs dense")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _log_latency_axes(ax, "collection size (documents)", "lexical search and hybrid vs dense")
 
 
 def plot_embedding(ax: Any, report: dict) -> None:
@@ -112,11 +106,15 @@ def plot_latency(ax: Any, rows: list[dict]) -> None:
         (line,) = ax.plot(sizes, [r["p50_ms"] for r in series], marker="o", label=f"{label} p50")
         ax.plot(sizes, [r["p99_ms"] for r in series], marker="x", linestyle="--", color=line.get_color(),
                 label=f"{label} p99")
+    _log_latency_axes(ax, "collection size (vectors)", f"search latency, k={K}, one query per call, {DIMENSION}-d")
+
+
+def _log_latency_axes(ax: Any, xlabel: str, title: str) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("collection size (vectors)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("latency per query (ms)")
-    ax.set_title(f"search latency, k={K}, one query per call, {DIMENSION}-d")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
 
