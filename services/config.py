@@ -136,7 +136,12 @@ def _converter(kind: Any) -> Callable[[str], Any]:
 def _add_flag(parser: argparse.ArgumentParser, leaf: _Leaf, env_prefix: str) -> None:
     env = f"{env_prefix}_{leaf.name.upper()}"
     convert = _converter(leaf.kind)
-    default = convert(os.environ[env]) if env in os.environ else leaf.value
+    default = leaf.value
+    if env in os.environ:
+        try:
+            default = convert(os.environ[env])
+        except ValueError:  # the value itself is not repeated: it may be a secret in the wrong variable
+            raise SystemExit(f"environment variable {env} is not a valid {leaf.flag} value") from None
     shown = "(empty)" if default in ("", ()) else (default.value if isinstance(default, enum.Enum) else default)
     own = leaf.field.metadata.get("help") or leaf.comment
     help_text = f"{own} [env {env}; default {shown}]".strip()

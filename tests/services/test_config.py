@@ -57,3 +57,13 @@ def test_secrets_are_masked_everywhere_they_could_be_shown(monkeypatch, caplog, 
     with caplog.at_level(logging.INFO):
         logging.getLogger("test").info("config: %s", describe(flagged))
     assert "from-flag" not in caplog.text
+
+
+def test_a_bad_environment_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("RERANKER_MAX_QUEUE", "many")
+    with pytest.raises(SystemExit, match="RERANKER_MAX_QUEUE"):
+        reranker.parse_args([])
+    monkeypatch.setenv("RERANKER_MAX_QUEUE", "8")
+    monkeypatch.setenv("RERANKER_EQUIVALENCE", "sometimes")
+    with pytest.raises(SystemExit, match="RERANKER_EQUIVALENCE"):
+        reranker.parse_args([])
