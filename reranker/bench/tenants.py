@@ -1,7 +1,7 @@
 """`python -m reranker.bench tenants`: what serving T tenants as shared blocks costs.
 
 For each T in --tenants (adapters: the shipped one plus T-1 derived from it with
-seeded noise, see reranker.synthetic), side by side in one process:
+seeded noise, see reranker.training.derive), side by side in one process:
 
   memory_ratio            (base + resident tenant blocks + shared-prefix cache) / one model
   naive_memory_ratio      T standalone models (each adapter merged into its own copy) / one model,
