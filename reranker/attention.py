@@ -55,6 +55,46 @@ def attend_docs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
             + torch.einsum("ntkgs,nskd->ntkgd", probs[..., n_prefix:], v))
 
 
+def attend_docs_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """attend_docs through torch's fused SDPA kernels: the same arithmetic in a handful of kernel launches
+    (on a GPU the einsum version is bound by launches and memory traffic, not by FLOPs). The prefix K/V are
+    broadcast to every document (a copy of L rows per document, small beside the block itself) and key heads
+    repeated to query heads, so that the memory-efficient kernel, which takes any boolean mask, applies."""
+    n, t, kv, g, hd = q.shape
+    n_prefix = prefix_k.shape[0]
+    keys = torch.cat([prefix_k.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), k.permute(0, 2, 1, 3)], dim=2)
+    values = torch.cat([prefix_v.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), v.permute(0, 2, 1, 3)], dim=2)
+    keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    own = causal[None] & valid[:, None, :]  # (N, T queries, T keys)
+    mask = torch.cat([own.new_ones(n, t, n_prefix), own], dim=-1)[:, None]  # (N, 1, T, L + T)
+    queries = q.reshape(n, t, kv * g, hd).transpose(1, 2)  # (N, heads, T, hd); head = kv * g + group
+    out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(n, t, kv, g, hd)
+
+
+def attend_masked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """One sequence through SDPA: q (T, heads, hd) over keys/values (S, kv, hd) where mask (T, S) is True;
+    key heads repeated to query heads (head = kv * group + g) so any mask takes a fused kernel."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    v = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def attention_mass(q: torch.Tensor, k: torch.Tensor, scored: torch.Tensor, scale: float) -> torch.Tensor:
+    """BlockRank's relevance: signal queries q (s, kv, g, hd) over the documents' keys k (N, T, kv, hd), softmax
+    over the `scored` (N, T) tokens only, summed per document: (s, heads, N)."""
+    s, n, t = q.shape[0], k.shape[0], k.shape[1]
+    logits = torch.einsum("skgd,ntkd->skgnt", q, k).float() * scale
+    logits = logits + key_bias(scored, torch.float32)
+    probs = torch.softmax(logits.reshape(s, q.shape[1], q.shape[2], n * t), dim=-1)
+    return probs.view(s, q.shape[1] * q.shape[2], n, t).sum(-1)
+
+
 def causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((t, t), NEG_INF, dtype=dtype, device=device).triu(1)
 

@@ -25,9 +25,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reranker.attention import KeyPart, Rope, apply_rope, attend, attend_docs, key_bias
+from reranker.attention import (
+    KeyPart,
+    Rope,
+    apply_rope,
+    attend,
+    attend_docs,
+    attend_docs_fused,
+    attention_mass,
+    key_bias,
+)
 from reranker.docbatch import DocBatch, pad_docs, segments_in
 from reranker.model import HFModule
+from reranker.packed import run_packed
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
@@ -51,7 +61,8 @@ class BlockRankForward:
     added to its own rows only (grouped low-rank matmuls), so tenants are never run one at a time.
     """
 
-    def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None) -> None:
+    def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None,
+                 gpu_path: bool | None = None) -> None:
         self.model = model
         self.decoder: HFModule = model.model
         cfg = model.config
@@ -61,7 +72,13 @@ class BlockRankForward:
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale: float = self.head_dim ** -0.5
         self.num_layers: int = cfg.num_hidden_layers
-        self.chunk_tokens = 2048  # document tokens per chunk inside a layer: temporaries stay ~10 MB
+        # The GPU path (default on CUDA): inference on packed rows (reranker.packed) and SDPA kernels for the
+        # documents' attention; on CPU the chunked einsum path is the faster. Both equal the dense reference.
+        self.gpu_path = self.device.type == "cuda" if gpu_path is None else gpu_path
+        self.attend_docs = attend_docs_fused if self.gpu_path else attend_docs
+        # Document tokens per chunk inside a layer (chunked path). CPU: temporaries stay cache-sized (~10 MB).
+        # GPU: launches, not memory, bound the time, so whole shortlists run as one chunk.
+        self.chunk_tokens = 1 << 16 if self.gpu_path else 2048
         self.prefix_cache = prefix_cache
 
     @property
@@ -110,6 +127,8 @@ class BlockRankForward:
             raise ValueError(f"scoring layer must be in 0..{self.num_layers - 1}, got {last_layer}")
         # At inference the documents' hidden states are updated in place; captures need every layer's.
         in_place = torch.is_inference_mode_enabled() and capture is None
+        if in_place and self.gpu_path:
+            return run_packed(self, prompts, routes, block_tokens, score_layers, last_layer)
         docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)
         masses: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
@@ -117,7 +136,7 @@ class BlockRankForward:
             layer = self.decoder.layers[index]
             deltas = [route.at(index) for route in routes]
             if state.shared:
-                self._advance_shared(index, layer, state, routes, deltas)
+                self.advance_shared(index, layer, state.shared, state.shared_local, routes, deltas)
             if capture is not None:
                 capture.append((state.prefix, state.docs, state.final))
             scoring = [i for i, layers in enumerate(score_layers) if index in layers]
@@ -158,7 +177,6 @@ class BlockRankForward:
                routes: Sequence[Route], use_cache: bool) -> _State:
         embed = self.decoder.embed_tokens
         device = self.device
-        cache_on = self.prefix_cache is not None and use_cache
         prefix: list[torch.Tensor] = []
         final: list[torch.Tensor] = []
         rope_prefix: list[Rope] = []
@@ -169,44 +187,53 @@ class BlockRankForward:
             n0 = len(p.prefix)
             offsets.append(n0)
             # The shared instruction tokens come from the cache; only the query part runs per prompt.
-            s = p.shared_prefix if cache_on and route.chain_keys and 0 < p.shared_prefix < n0 else 0
-            shared.append(_Shared(tuple(p.prefix[:s]), self._rope(torch.arange(s, device=device)[None]))
-                          if s else None)
+            cached = self.shared_for(p, route, use_cache)
+            s = len(cached.tokens) if cached is not None else 0
+            shared.append(cached)
             prefix.append(embed(torch.tensor([p.prefix[s:]], device=device)))
             final.append(embed(torch.tensor([p.final], device=device)))
-            rope_prefix.append(self._rope(torch.arange(s, n0, device=device)[None]))
-            rope_final.append(self._rope(torch.arange(len(p.final), device=device)[None] + n0 + width))
+            rope_prefix.append(self.rope(torch.arange(s, n0, device=device)[None]))
+            rope_final.append(self.rope(torch.arange(len(p.final), device=device)[None] + n0 + width))
         doc_offsets = torch.zeros(docs.ids.shape[0], 1, dtype=torch.long, device=device)
         for (start, end), n0 in zip(docs.spans, offsets, strict=True):
             doc_offsets[start:end] = n0
         positions = doc_offsets + torch.arange(docs.ids.shape[1], device=device)[None]
-        return _State(prefix, embed(docs.ids), final, rope_prefix, self._rope(positions), rope_final,
+        return _State(prefix, embed(docs.ids), final, rope_prefix, self.rope(positions), rope_final,
                       shared=shared if any(shared) else [])
 
-    def _rope(self, positions: torch.Tensor) -> Rope:
+    def shared_for(self, prompt: Prompt, route: Route, use_cache: bool) -> _Shared | None:
+        """The prompt's shared instruction tokens when they come from the cache: caching on, a chain that has
+        an identity, and a query part after them."""
+        s = prompt.shared_prefix
+        if self.prefix_cache is None or not use_cache or not route.chain_keys or not 0 < s < len(prompt.prefix):
+            return None
+        return _Shared(tuple(prompt.prefix[:s]), self.rope(torch.arange(s, device=self.device)[None]))
+
+    def rope(self, positions: torch.Tensor) -> Rope:
         dummy = self.decoder.embed_tokens.weight[:1]
         cos, sin = self.decoder.rotary_emb(dummy, positions)
         return cos, sin
 
-    def _advance_shared(self, index: int, layer: HFModule, state: _State, routes: Sequence[Route],
-                        deltas: Sequence[LayerDeltas | None]) -> None:
+    def advance_shared(self, index: int, layer: HFModule, shared: Sequence[_Shared | None],
+                       local: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]], routes: Sequence[Route],
+                       deltas: Sequence[LayerDeltas | None]) -> None:
         """Make sure every prompt's shared-prefix K/V at this layer exist: from the cache, or computed
         once per distinct (chain up to here, tokens) from the previous layer's output."""
         assert self.prefix_cache is not None
-        for i, shared in enumerate(state.shared):
-            if shared is None:
+        for i, cached in enumerate(shared):
+            if cached is None:
                 continue
-            key = (routes[i].chain_keys[index], shared.tokens)
-            entry = state.shared_local.get(key) or self.prefix_cache.get(key)
+            key = (routes[i].chain_keys[index], cached.tokens)
+            entry = local.get(key) or self.prefix_cache.get(key)
             if entry is None:
-                hidden = self.decoder.embed_tokens(torch.tensor([shared.tokens], device=self.device)) \
-                    if index == 0 else shared.hidden
+                hidden = self.decoder.embed_tokens(torch.tensor([cached.tokens], device=self.device)) \
+                    if index == 0 else cached.hidden
                 assert hidden is not None
-                out, k, v = self._sequence(layer, hidden, shared.rope, deltas[i])
+                out, k, v = self._sequence(layer, hidden, cached.rope, deltas[i])
                 entry = (k, v, out)
                 self.prefix_cache.put(key, entry)
-            state.shared_local[key] = entry
-            shared.k, shared.v, shared.hidden = entry
+            local[key] = entry
+            cached.k, cached.v, cached.hidden = entry
 
     def _sequence(self, layer: HFModule, hidden: torch.Tensor, rope: Rope, deltas: LayerDeltas | None,
                   parts: Sequence[KeyPart] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -295,7 +322,7 @@ class BlockRankForward:
             k, v = doc_keys[lo:hi], doc_values[lo:hi]
             out = torch.empty_like(q)
             for s in segments:
-                out[s.lo:s.hi] = attend_docs(q[s.lo:s.hi], k[s.lo:s.hi], v[s.lo:s.hi],
+                out[s.lo:s.hi] = self.attend_docs(q[s.lo:s.hi], k[s.lo:s.hi], v[s.lo:s.hi],
                                              docs.valid[lo + s.lo:lo + s.hi], *prefix_kv[s.owner], self.scale)
             new_docs[lo:hi] = self._finish(layer, state.docs[lo:hi], out, segments)
 
@@ -318,10 +345,7 @@ class BlockRankForward:
             q = q.view(1, s, self.n_heads, self.head_dim)
             signal_rope = (state.rope_final[i][0][:, -s:], state.rope_final[i][1][:, -s:])
             q = apply_rope(q, signal_rope)[0].view(s, self.n_kv, self.group, self.head_dim)
-            logits = torch.einsum("skgd,ntkd->skgnt", q, k).float() * self.scale
-            logits = logits + key_bias(docs.scored[start:end], torch.float32)
-            probs = torch.softmax(logits.reshape(s, self.n_kv, self.group, n * t), dim=-1)
-            out.append(probs.view(s, self.n_heads, n, t).sum(-1))
+            out.append(attention_mass(q, k, docs.scored[start:end], self.scale))
         return out
 
 

@@ -6,6 +6,8 @@ Uses the retriever engine in-process on a persisted data directory (the one
 
 from __future__ import annotations
 
+import gzip
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +44,24 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
     hits = engine.search_batch(collection, [queries[q] for q in judged], depth)
     return [Candidates(q, queries[q], [h.document for h in row], [h.score for h in row])
             for q, row in zip(judged, hits, strict=True)]
+
+
+def save_candidates(path: Path, candidates: list[Candidates]) -> None:
+    """Candidate lists as gzipped JSON lines of ids and first-stage scores (texts stay in the corpus), so work
+    on another machine (the GPU run) needs neither the embedder nor the index."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for c in candidates:
+            f.write(json.dumps({"query_id": c.query_id, "query": c.query, "doc_ids": [d.id for d in c.documents],
+                                "scores": c.first_stage_scores}) + "\n")
+
+
+def load_candidates(path: Path, data: Path, depth: int | None = None) -> list[Candidates]:
+    """What save_candidates wrote, documents read back from the BEIR corpus at `data`, cut to `depth`."""
+    corpus = {d.id: d for d in iter_corpus(data)}
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            ids = row["doc_ids"][:depth]
+            out.append(Candidates(row["query_id"], row["query"], [corpus[i] for i in ids], row["scores"][:len(ids)]))
+    return out

