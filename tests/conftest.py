@@ -1,4 +1,6 @@
-"""Shared fixtures: real servers started as subprocesses on 127.0.0.1."""
+"""Shared fixtures: real servers started as subprocesses on 127.0.0.1, and the --device option of the
+device-aware reranker tests. gRPC and the generated stubs are imported where used, so the reranker tests
+(which import FIXTURE_DOCS from here) run on a machine that has neither, a GPU machine say."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
 import pytest
 
-from services.client import health_status
-from services.gen.retrieval.v1 import document_pb2
+if TYPE_CHECKING:
+    import grpc
+
+    from services.gen.retrieval.v1 import document_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -34,7 +38,27 @@ FIXTURE_DOCS = [
 
 
 def fixture_documents() -> list[document_pb2.Document]:
+    from services.gen.retrieval.v1 import document_pb2
+
     return [document_pb2.Document(id=i, title=t, text=x, metadata={"topic": i}) for i, t, x in FIXTURE_DOCS]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the device-aware reranker tests put the model (the `device` fixture); "
+                          "cuda skips them when torch sees no GPU")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """The --device of this run. With cuda and no usable GPU every test using it is skipped, not failed:
+    the same command runs on a CPU machine and on a GPU one."""
+    import torch
+
+    name: str = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
+    return name
 
 
 def free_port() -> int:
@@ -67,6 +91,8 @@ class Server:
         return self
 
     def wait_serving(self, timeout: float = 300) -> None:
+        from services.client import health_status
+
         assert self.popen is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -92,6 +118,8 @@ class Server:
         return self.popen.returncode
 
     def channel(self) -> grpc.Channel:
+        import grpc
+
         return grpc.insecure_channel(self.target)
 
 
@@ -118,6 +146,8 @@ def embedder():
 
 
 def ingest_fixture(target: str, collection: str = "c") -> None:
+    import grpc
+
     from services.gen.retrieval.v1 import retriever_pb2, retriever_pb2_grpc
 
     with grpc.insecure_channel(target) as ch:

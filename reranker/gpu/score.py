@@ -80,7 +80,8 @@ def ndcg10(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -
     import ir_measures
     from ir_measures import nDCG
 
-    return float(ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10])
+    judged = {q: rel for q, rel in qrels.items() if q in run}  # the queries scored (all of them, on the GPU run)
+    return float(ir_measures.calc_aggregate([nDCG @ 10], judged, run)[nDCG @ 10])
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -96,7 +97,8 @@ def report(args: argparse.Namespace) -> dict:
         return {q: dict(zip(ids[q], s if weight is None else fuse(s, first[split][q][:len(s)], weight),
                             strict=True)) for q, s in scores.items()}
 
-    out: dict = {"device": scored.get("device"), "first_stage": {}, "adapters": {}}
+    out: dict = {"device": scored.get("device"), "first_stage": {}, "adapters": {},
+                 "queries": {split: len(ids) for split, ids in scored["doc_ids"].items()}}
     for split in ("test", "dev"):
         ids = scored["doc_ids"][split]
         out["first_stage"][split] = ndcg10({q: dict(zip(ids[q], first[split][q][:len(ids[q])], strict=True))

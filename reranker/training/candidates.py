@@ -13,9 +13,6 @@ from pathlib import Path
 
 from common.beir import count_corpus, iter_corpus, load_qrels, load_queries
 from common.types import Document
-from retriever.embedder import Embedder
-from retriever.engine import RetrieverEngine
-from retriever.types import CollectionNotFound
 
 
 @dataclass
@@ -29,6 +26,11 @@ class Candidates:
 def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: str,
                 max_queries: int | None = None) -> list[Candidates]:
     """Top-`depth` first-stage candidates for the judged queries of `split`."""
+    # Imported here: the GPU run reads candidates from a file and has no faiss, tantivy or embedder.
+    from retriever.embedder import Embedder
+    from retriever.engine import RetrieverEngine
+    from retriever.types import CollectionNotFound
+
     engine = RetrieverEngine(data_dir, Embedder())
     engine.load()
     expected = count_corpus(data, indexable_only=True)

@@ -30,7 +30,7 @@ def test_fused_equals_einsum_with_padding_and_gqa():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_forward_with_either_attention_matches_dense_reference(fused):
-    lm = load_model(dtype="fp32", attn_implementation="eager")
+    lm = load_model(device="cpu", dtype="fp32", attn_implementation="eager")  # the GPU path's arithmetic, on CPU
     builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=BLOCK))
     prompt = builder.build("blood sugar and insulin", [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
     spec = ScoringSpec(layer=6, block_tokens=BLOCK)
@@ -49,7 +49,7 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
     from reranker.training.derive import derive_adapter
 
     derive_adapter(DEFAULT_ADAPTER, tmp_path / "noisy", seed=1, noise=0.5)
-    with Reranker(RerankerConfig(adapter="default", block_tokens=BLOCK, equivalence=EquivalenceMode.OFF,
+    with Reranker(RerankerConfig(adapter="default", device="cpu", block_tokens=BLOCK, equivalence=EquivalenceMode.OFF,
                                  adapters_root=str(tmp_path))) as r:
         r.tenants.load("noisy", "noisy")
         handles = [r.handle(), r.handle("noisy"), r.handle()]

@@ -82,3 +82,24 @@ def test_prepare_run_and_report_dry_run(tmp_path):
         for key in ("test_alone", "test_fused_fitted", "dev_alone", "dev_fused_fitted"):
             assert 0.0 <= row[key] <= 1.0
     assert result["first_stage"]["test"] > 0.0
+
+
+# What the GPU machine lacks: the retriever's engines, the gRPC layer (its generated code is not carried), metric
+# and embedding libraries.
+GPU_MISSING = ("faiss", "tantivy", "grpc", "services", "ir_measures", "sentence_transformers")
+GPU_MODULES = ("reranker.gpu.__main__", "reranker.training.train", "reranker.bench.__main__", "tests.conftest",
+               "tests.reranker.test_cuda", "tests.reranker.test_attention", "tests.reranker.test_blockrank")
+
+
+def test_the_gpu_job_imports_without_what_the_gpu_machine_lacks():
+    script = f"""
+import importlib, importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {GPU_MISSING!r}:
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Missing())
+for module in {GPU_MODULES!r}:
+    importlib.import_module(module)
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)

@@ -1,7 +1,8 @@
 """Any local Hugging Face Llama / Mistral / Qwen2 directory loads and runs the same fast path.
 
 Tiny randomly initialised models of each family are saved as ordinary HF directories (with the real
-SmolLM2 tokenizer), loaded through `load_model(dir)`, and held to the dense block-masked reference.
+SmolLM2 tokenizer), loaded through `load_model(dir)` on the --device of the run (tests/conftest.py), and
+held to the dense block-masked reference.
 """
 
 from typing import Any
@@ -32,7 +33,7 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_local_hf_directory_matches_reference(tmp_path, tokenizer, family):
+def test_local_hf_directory_matches_reference(tmp_path, tokenizer, device, family):
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=4096, **FAMILIES[family])
@@ -40,16 +41,16 @@ def test_local_hf_directory_matches_reference(tmp_path, tokenizer, family):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / family)
     tokenizer.save_pretrained(tmp_path / family)
 
-    lm = load_model(str(tmp_path / family), device="cpu", dtype="fp32", attn_implementation="eager")
+    lm = load_model(str(tmp_path / family), device=device, dtype="fp32", attn_implementation="eager")
     assert lm.model.config.model_type == family
     prompt = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=24)).build(
         "query text", [("A", "first document text"), ("B", "second, a longer document about other things")])
     spec = ScoringSpec(layer=2, block_tokens=24)
-    fast = BlockRankForward(lm.model).score([prompt], spec)[0]
+    fast = BlockRankForward(lm.model).score([prompt], spec)[0].cpu()
     reference, _ = reference_scores(lm.model, prompt, spec)
     assert float((fast - reference).abs().max()) <= 1e-4
 
-    served = Reranker(RerankerConfig(model=str(tmp_path / family), adapter="default", device="cpu",
+    served = Reranker(RerankerConfig(model=str(tmp_path / family), adapter="default", device=device,
                                      block_tokens=24))
     assert served.adapter is None, "the shipped adapter belongs to another base model"
     assert len(served.rank("query", ["one", "two", "three"])) == 3

@@ -1,7 +1,7 @@
 """Multi-tenant rerankers as shared blocks (reranker.zoo, reranker.tenants, reranker.equivalence), real
-model, fp32. The model is loaded once per module; every test loads the tenants it uses under its own
-names, and a fixture unloads every tenant and restores the budget afterwards, so no test depends on
-another's leftovers or on the order they run in."""
+model, fp32, on the --device of the run (tests/conftest.py). The model is loaded once per module; every
+test loads the tenants it uses under its own names, and a fixture unloads every tenant and restores the
+budget afterwards, so no test depends on another's leftovers or on the order they run in."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from common.device import Dtype
 from reranker.adapters import ADAPTER_CONFIG, ADAPTER_META, DEFAULT_ADAPTER
 from reranker.blockrank import BlockRankForward
 from reranker.engine import Reranker, RerankerConfig
@@ -42,9 +43,9 @@ def adapters_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_reranker(adapters_root) -> Iterator[Reranker]:
-    with Reranker(RerankerConfig(adapter="none", equivalence=EquivalenceMode.SYNC,
-                                 adapters_root=str(adapters_root))) as r:
+def shared_reranker(adapters_root, device: str) -> Iterator[Reranker]:
+    with Reranker(RerankerConfig(adapter="none", device=device, dtype=Dtype.FP32,
+                                 equivalence=EquivalenceMode.SYNC, adapters_root=str(adapters_root))) as r:
         yield r
 
 
@@ -65,10 +66,12 @@ def scores(r: Reranker, tenant: str, query: str = QUERY) -> torch.Tensor:
     return torch.tensor(r.score_prompts([r.build_prompt(query, DOCS, handle)], [handle])[0])
 
 
-def merged_scores(r: Reranker, adapter_dir, handle: TenantHandle) -> torch.Tensor:
-    """The same tenant as the naive deployment would serve it: its adapter merged into its own model."""
+def merged_scores(r: Reranker, adapter_dir, handle: TenantHandle, query: str = QUERY) -> torch.Tensor:
+    """The same tenant as the naive deployment would serve it: its adapter merged into its own model (on the
+    served model's device), scores on the CPU."""
     merged = merge_adapter(copy.deepcopy(r.lm.model), adapter_dir)
-    return BlockRankForward(merged).score([r.build_prompt(QUERY, DOCS, handle)], handle.settings.spec)[0]
+    prompt = r.build_prompt(query, DOCS, handle)
+    return BlockRankForward(merged).score([prompt], handle.settings.spec)[0].cpu()
 
 
 def handle_bytes(handle: TenantHandle) -> int:
@@ -137,7 +140,7 @@ def test_untrained_adapter_collapses_onto_the_base_chain(reranker):
     assert zoo.tenants["fresh"].chain == zoo.base_chain
     assert reranker.tenants.usage("fresh").own_bytes == 0
     fresh = reranker.handle("fresh")
-    base = reranker.forward.score([reranker.build_prompt(QUERY, DOCS, fresh)], fresh.settings.spec)[0]
+    base = reranker.forward.score([reranker.build_prompt(QUERY, DOCS, fresh)], fresh.settings.spec)[0].cpu()
     assert torch.allclose(scores(reranker, "fresh"), base, atol=1e-6)
 
 
