@@ -4,14 +4,13 @@ A stage that fails or runs out of time is recorded and the next one starts; afte
 folder is archived (when --archive is given), so whatever finished comes back even if the call is cut short.
 `--tiny` runs the same stages at toy sizes on whatever device there is: the CPU dry run in the test suite.
 
-Stages (outputs under --out):
-    env      versions and the device                                   env.json
-    tests    the CUDA tests (pytest --device cuda)                     tests.log
+Stages, in this order (outputs under --out; versions and the device in summary.json):
     speed    BlockRank vs full attention, 10..500 x 160-token blocks   reranker_speed.json/.png
-    profile  where one 100-document rerank spends its time             profile.txt
     tenants  1/4/16 tenants as shared blocks vs one model per tenant   reranker_tenants.json/.png
     train    LoRA fine-tuning, 30 documents x 160 tokens per prompt     adapter/
     score    the shipped and the new adapter on SciFact test + held-out train queries   scores.json.gz
+    tests    the CUDA tests (pytest --device cuda)                     tests.log
+    profile  where one 100-document rerank spends its time             profile.txt
 """
 
 from __future__ import annotations
@@ -57,10 +56,10 @@ class Sizes:
     limits_s: dict[str, int]
 
 
-GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 150.0, 0,
-            {"tests": 150, "speed": 100, "profile": 60, "tenants": 110, "train": 240, "score": 100})
+GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 130.0, 0,
+            {"speed": 90, "tenants": 100, "train": 200, "score": 90, "tests": 120, "profile": 45})
 TINY = Sizes("2,4", 32, 1, "1,2", 4, 3, 4, 3, 0.0, 2,
-             {"tests": 60, "speed": 300, "profile": 300, "tenants": 600, "train": 600, "score": 600})
+             {"speed": 300, "tenants": 600, "train": 600, "score": 600, "tests": 60, "profile": 300})
 
 
 def stage_commands(args: argparse.Namespace, sizes: Sizes) -> dict[str, list[str]]:
@@ -91,7 +90,9 @@ def stage_commands(args: argparse.Namespace, sizes: Sizes) -> dict[str, list[str
     }
     if args.tiny:
         del commands["tests"]  # the CUDA tests run in the suite itself (skipped without CUDA)
-    return {name: cmd for name, cmd in commands.items() if not args.stages or name in args.stages}
+    # Most wanted first (the limits' order): a call cut short still brings back what finished.
+    return {name: commands[name] for name in sizes.limits_s if name in commands
+            and (not args.stages or name in args.stages)}
 
 
 def run(args: argparse.Namespace) -> dict:

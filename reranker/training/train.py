@@ -142,8 +142,10 @@ class Run:
 def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    cpu_only = args.device in ("auto", "cpu") and not torch.cuda.is_available()
-    lm = load_model(args.model, args.device, "fp32" if cpu_only else "auto")
+    # fp32 weights everywhere (LoRA updates are small against bf16's 8-bit mantissa); on a GPU the matmuls run
+    # in TF32, which keeps fp32's range at tensor-core speed.
+    torch.set_float32_matmul_precision("high")
+    lm = load_model(args.model, args.device, "fp32")
     layer = args.layer if args.layer >= 0 else int(base_scoring(lm.name).get("layer",
                                                                               lm.model.config.num_hidden_layers // 2))
     builder = PromptBuilder(lm.tokenizer, PromptTemplate(), PromptLimits(block_tokens=args.block_tokens))
