@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", type=Path, required=True)
     p.add_argument("--adapter", action="append", required=True, help="NAME=PATH (PATH 'default': the shipped one)")
     p.add_argument("--max-queries", type=int, default=0)
+    p.add_argument("--depth", type=int, default=0, help="rerank the top DEPTH candidates (0: all)")
     p.add_argument("--out", type=Path, required=True)
     profiling.add_arguments(sub.add_parser("profile", help="where one rerank's time goes"))
     p = sub.add_parser("report", help="here: nDCG@10 of returned scores")

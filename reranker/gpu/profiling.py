@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common.beir import iter_corpus
@@ -46,7 +47,8 @@ def run_profile(args: argparse.Namespace) -> str:
             once()
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    device_us = sum(e.self_device_time_total for e in events) if on_gpu else 0.0
+    # Kernels only: an operator's row repeats its kernels' time.
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     header = (f"{args.n_docs} documents x {args.block_tokens} tokens on {reranker.lm.device}: "
               f"{wall_ms:.1f} ms per rerank (mean of {RUNS}); device busy {device_us / RUNS / 1000:.1f} ms; "

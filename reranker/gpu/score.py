@@ -26,10 +26,12 @@ BATCH = 4  # prompts per forward
 WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
 
 
-def candidate_splits(assets: Path, data: Path, dev_meta: Path, max_queries: int) -> dict[str, list[Candidates]]:
+def candidate_splits(assets: Path, data: Path, dev_meta: Path, max_queries: int,
+                     depth: int | None = None) -> dict[str, list[Candidates]]:
+    """Test queries and the held-out train ("dev") queries, their first-stage candidates cut to `depth`."""
     held_out = set(json.loads(dev_meta.read_text())["dev_query_ids"])
-    train = load_candidates(assets / "candidates-train.jsonl.gz", data)
-    splits = {"test": load_candidates(assets / "candidates-test.jsonl.gz", data),
+    train = load_candidates(assets / "candidates-train.jsonl.gz", data, depth)
+    splits = {"test": load_candidates(assets / "candidates-test.jsonl.gz", data, depth),
               "dev": [c for c in train if c.query_id in held_out]}
     return {k: v[:max_queries] if max_queries else v for k, v in splits.items()}
 
@@ -50,7 +52,7 @@ def score_split(reranker: Reranker, candidates: list[Candidates]) -> tuple[dict[
 def score(args: argparse.Namespace) -> dict:
     from reranker.gpu.job import SHIPPED_META
 
-    splits = candidate_splits(args.assets, args.data, SHIPPED_META, args.max_queries)
+    splits = candidate_splits(args.assets, args.data, SHIPPED_META, args.max_queries, args.depth or None)
     result: dict = {"doc_ids": {s: {c.query_id: [d.id for d in c.documents] for c in cands}
                                 for s, cands in splits.items()}, "adapters": {}}
     loaded: LoadedModel | None = None
@@ -65,15 +67,19 @@ def score(args: argparse.Namespace) -> dict:
         settings = reranker.handle().settings
         entry: dict = {"path": path, "layer": settings.spec.layer, "block_tokens": settings.spec.block_tokens,
                        "fusion_weight": settings.fusion_weight, "scores": {}, "queries_per_s": {}}
+        result["adapters"][name] = entry
+        result["device"] = describe_device(reranker.lm.device)
         for split, cands in splits.items():
             entry["scores"][split], entry["queries_per_s"][split] = score_split(reranker, cands)
             print(f"{name} {split}: {len(cands)} queries, {entry['queries_per_s'][split]:.1f} queries/s", flush=True)
-        result["adapters"][name] = entry
-        result["device"] = describe_device(reranker.lm.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(args.out, "wt") as f:
-        json.dump(result, f)
+            write_scores(args.out, result)  # after every split: a run cut short keeps what it scored
     return result
+
+
+def write_scores(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(result, f)
 
 
 def ndcg10(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> float:
@@ -104,7 +110,7 @@ def report(args: argparse.Namespace) -> dict:
         out["first_stage"][split] = ndcg10({q: dict(zip(ids[q], first[split][q][:len(ids[q])], strict=True))
                                             for q in ids}, qrels[split])
     for name, entry in scored["adapters"].items():
-        if "scores" not in entry:
+        if set(entry.get("scores", {})) != {"test", "dev"}:
             continue
         grid = {w: ndcg10(run_of("dev", entry["scores"]["dev"], w), qrels["dev"]) for w in WEIGHTS}
         fitted = max(grid, key=lambda w: (grid[w], w))
