@@ -52,15 +52,16 @@ class Sizes:
     train_docs: int
     train_steps: int
     train_budget_s: float
-    max_queries: int  # per split, scoring
+    max_queries: int  # per split, scoring (0: all)
+    score_depth: int  # candidates reranked per query when scoring
     limits_s: dict[str, int]
 
 
 # Limits from the 2026-11-26 H100 run (speed 54 s, tenants 77 s, training 170 s with a 130 s budget; scoring
 # both adapters at depth 100 and four test modules outran 90 s and 120 s): the job fits ~9 minutes.
-GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 110.0, 0,
+GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 110.0, 0, SERVED_DEPTH,
             {"speed": 90, "tenants": 100, "train": 170, "score": 80, "tests": 130, "profile": 40})
-TINY = Sizes("2,4", 32, 1, "1,2", 4, 3, 4, 3, 0.0, 2,
+TINY = Sizes("2,4", 32, 1, "1,2", 4, 3, 4, 3, 0.0, 2, 4,
              {"speed": 300, "tenants": 600, "train": 600, "score": 600, "tests": 60, "profile": 300})
 
 
@@ -87,8 +88,9 @@ def stage_commands(args: argparse.Namespace, sizes: Sizes) -> dict[str, list[str
                     "--out", str(out / "reranker_tenants.json")],
         "train": [py, "-m", "reranker.training.train", *train_args],
         "score": [py, "-m", "reranker.gpu", "score", "--device", device, "--data", data, "--assets",
-                  str(args.assets), "--adapter", f"gpu={out / 'adapter'}", "--adapter", "shipped=default", "--depth", str(SERVED_DEPTH),
-                  "--max-queries", str(sizes.max_queries), "--out", str(out / "scores.json.gz")],
+                  str(args.assets), "--adapter", f"gpu={out / 'adapter'}", "--adapter", "shipped=default",
+                  "--depth", str(sizes.score_depth), "--max-queries", str(sizes.max_queries),
+                  "--out", str(out / "scores.json.gz")],
     }
     if args.tiny:
         del commands["tests"]  # the CUDA tests run in the suite itself (skipped without CUDA)
