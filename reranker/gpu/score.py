@@ -17,6 +17,7 @@ from pathlib import Path
 from common.beir import load_qrels
 from common.device import describe_device
 from reranker.engine import Reranker, RerankerConfig
+from reranker.gpu.job import SHIPPED_META
 from reranker.model import LoadedModel
 from reranker.ranking import fuse
 from reranker.tenants import EquivalenceMode
@@ -50,8 +51,6 @@ def score_split(reranker: Reranker, candidates: list[Candidates]) -> tuple[dict[
 
 
 def score(args: argparse.Namespace) -> dict:
-    from reranker.gpu.job import SHIPPED_META
-
     splits = candidate_splits(args.assets, args.data, SHIPPED_META, args.max_queries, args.depth or None)
     result: dict = {"doc_ids": {s: {c.query_id: [d.id for d in c.documents] for c in cands}
                                 for s, cands in splits.items()}, "adapters": {}}
