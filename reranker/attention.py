@@ -56,33 +56,41 @@ def attend_docs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
 
 
 def attend_docs_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float) -> torch.Tensor:
+                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """attend_docs through torch's fused SDPA kernels: the same arithmetic in a handful of kernel launches
     (on a GPU the einsum version is bound by launches and memory traffic, not by FLOPs). The prefix K/V are
-    broadcast to every document (a copy of L rows per document, small beside the block itself) and key heads
-    repeated to query heads, so that the memory-efficient kernel, which takes any boolean mask, applies."""
+    broadcast to every document (a copy of L rows per document, small beside the block itself). `mask`:
+    docs_mask(valid, L), passed in by a caller that attends with the same documents at every layer."""
     n, t, kv, g, hd = q.shape
     n_prefix = prefix_k.shape[0]
     keys = torch.cat([prefix_k.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), k.permute(0, 2, 1, 3)], dim=2)
     values = torch.cat([prefix_v.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), v.permute(0, 2, 1, 3)], dim=2)
-    keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    own = causal[None] & valid[:, None, :]  # (N, T queries, T keys)
-    mask = torch.cat([own.new_ones(n, t, n_prefix), own], dim=-1)[:, None]  # (N, 1, T, L + T)
     queries = q.reshape(n, t, kv * g, hd).transpose(1, 2)  # (N, heads, T, hd); head = kv * g + group
-    out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    out = _sdpa(queries, keys, values, docs_mask(valid, n_prefix) if mask is None else mask, scale)
     return out.transpose(1, 2).reshape(n, t, kv, g, hd)
+
+
+def docs_mask(valid: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Who a document token sees, (N, 1, T, L + T): the whole prefix, then its own real tokens causally."""
+    n, t = valid.shape
+    own = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
+    return torch.cat([own.new_ones(n, t, n_prefix), own], dim=-1)[:, None]
 
 
 def attend_masked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
-    """One sequence through SDPA: q (T, heads, hd) over keys/values (S, kv, hd) where mask (T, S) is True;
-    key heads repeated to query heads (head = kv * group + g) so any mask takes a fused kernel."""
-    group = q.shape[1] // keys.shape[1]
-    k = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    v = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale)
+    """One sequence through SDPA: q (T, heads, hd) over keys/values (S, kv, hd) where mask (T, S) is True."""
+    out = _sdpa(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], mask, scale)
     return out[0].transpose(0, 1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, heads, T, hd) over k/v (B, kv, S, hd): key heads repeated to query heads (head = kv * group + g),
+    so that the memory-efficient kernel, which takes any boolean mask, applies."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def attention_mass(q: torch.Tensor, k: torch.Tensor, scored: torch.Tensor, scale: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from reranker.attention import apply_rope, attend_docs_fused, attend_masked, attention_mass
+from reranker.attention import apply_rope, attend_docs_fused, attend_masked, attention_mass, docs_mask
 from reranker.docbatch import DocBatch, pad_docs
 from reranker.model import HFModule
 from reranker.prompt import Prompt
@@ -39,6 +39,7 @@ class _Rows:
     valid: torch.Tensor  # (n_docs, width) real document tokens
     scored: torch.Tensor  # (n_docs, width) tokens whose attention mass scores the document
     prefix_mask: torch.Tensor  # (P, S + P): shared tokens, then causal
+    docs_mask: torch.Tensor  # (n_docs, 1, width, S + P + width): the prefix, then the own block causally
     final_mask: torch.Tensor  # (F, S + P + n_docs * width + F): prefix, real document tokens, causal
 
 
@@ -102,7 +103,8 @@ def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         prefix_k, prefix_v, keys, values = k[r.prefix], v[r.prefix], k[whole], v[whole]
     n, hd = r.n_docs, fw.head_dim
     docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
-                             v[r.docs].view(n, -1, fw.n_kv, hd), r.valid, prefix_k, prefix_v, fw.scale)
+                             v[r.docs].view(n, -1, fw.n_kv, hd), r.valid, prefix_k, prefix_v, fw.scale,
+                             r.docs_mask)
     return [attend_masked(q[r.prefix], prefix_k, prefix_v, r.prefix_mask, fw.scale),
             docs.reshape(-1, fw.n_heads, hd),
             attend_masked(q[r.final], keys, values, r.final_mask, fw.scale)]
@@ -135,6 +137,7 @@ def _pack(prompts: Sequence[Prompt], docs: DocBatch, block_tokens: Sequence[int]
         rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + n_final), n, valid,
                           docs.scored[start:end],
                           torch.cat([causal_prefix.new_ones(n0 - s, s), causal_prefix], dim=1),
+                          docs_mask(valid, n0),
                           torch.cat([causal_final.new_ones(n_final, n0), valid.reshape(1, -1).expand(n_final, -1),
                                      causal_final], dim=1)))
     as_tensor = torch.tensor([ids, positions], dtype=torch.long).to(device)
