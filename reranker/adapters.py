@@ -41,6 +41,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def held_out_query_ids(meta_path: Path) -> set[str]:
+    """The train queries an adapter's training held out (its blockrank.json's dev_query_ids): queries it never saw,
+    on which adapters are compared."""
+    return set(json.loads(meta_path.read_text())["dev_query_ids"])
+
+
 def base_scoring(model_name: str) -> dict[str, Any]:
     """The base model's scoring file (layer, heads, fusion weight picked on train data), or {}."""
     return read_json(SCORING_DIR / f"{Path(model_name).stem}.json")

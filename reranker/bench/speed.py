@@ -34,6 +34,8 @@ from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.reference import full_causal_ids
 from reranker.tenants import TenantHandle
 
+QUERY = "Which genetic factors increase the risk of type 2 diabetes?"  # a SciFact-like question, every size
+
 
 def timed(fn: Callable[[], object], device: torch.device, min_runs: int, budget_s: float) -> float:
     """Median wall time over at least `min_runs` runs... unless one run already eats the budget."""
@@ -61,12 +63,11 @@ def speed(args: argparse.Namespace) -> dict:
     reranker = Reranker(RerankerConfig(model=args.model, device=args.device, block_tokens=args.block_tokens))
     handle = reranker.handle()
     corpus = [(d.title, d.text) for d in itertools.islice(iter_corpus(args.data), 2000)]
-    query = "Which genetic factors increase the risk of type 2 diabetes?"
-    reranker.score_prompts([reranker.build_prompt(query, corpus[:4], handle)], [handle])  # warm-up
+    reranker.score_prompts([reranker.build_prompt(QUERY, corpus[:4], handle)], [handle])  # warm-up
     rows: list[dict] = []
     dense_points: list[tuple[int, float]] = []
     for n in tqdm([int(n) for n in args.n_docs.split(",")], desc="sizes", unit="size"):
-        prompt = reranker.build_prompt(query, [corpus[i % len(corpus)] for i in range(n)], handle)
+        prompt = reranker.build_prompt(QUERY, [corpus[i % len(corpus)] for i in range(n)], handle)
         row = measure_size(args, reranker, handle, prompt, dense_points)
         rows.append(row)
         tqdm.write(json.dumps(row))

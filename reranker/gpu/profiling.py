@@ -16,6 +16,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common.beir import iter_corpus
+from reranker.bench.speed import QUERY
 from reranker.engine import Reranker, RerankerConfig
 from reranker.tenants import EquivalenceMode
 
@@ -27,7 +28,7 @@ def run_profile(args: argparse.Namespace) -> str:
                                        equivalence=EquivalenceMode.OFF))
     handle = reranker.handle()
     corpus = [(d.title, d.text) for d in itertools.islice(iter_corpus(args.data), args.n_docs)]
-    prompt = reranker.build_prompt("Which genetic factors increase the risk of type 2 diabetes?", corpus, handle)
+    prompt = reranker.build_prompt(QUERY, corpus, handle)
     on_gpu = reranker.lm.device.type == "cuda"
 
     def once() -> None:

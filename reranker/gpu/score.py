@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.beir import load_qrels
 from common.device import describe_device
+from reranker.adapters import held_out_query_ids
 from reranker.engine import Reranker, RerankerConfig
 from reranker.gpu.job import SHIPPED_META
 from reranker.model import LoadedModel
@@ -30,7 +31,7 @@ WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
 def candidate_splits(assets: Path, data: Path, dev_meta: Path, max_queries: int,
                      depth: int | None = None) -> dict[str, list[Candidates]]:
     """Test queries and the held-out train ("dev") queries, their first-stage candidates cut to `depth`."""
-    held_out = set(json.loads(dev_meta.read_text())["dev_query_ids"])
+    held_out = held_out_query_ids(dev_meta)
     train = load_candidates(assets / "candidates-train.jsonl.gz", data, depth)
     splits = {"test": load_candidates(assets / "candidates-test.jsonl.gz", data, depth),
               "dev": [c for c in train if c.query_id in held_out]}

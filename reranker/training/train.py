@@ -39,7 +39,7 @@ from common.beir import iter_corpus, load_qrels
 from common.paths import SCIFACT, VAR_DIR
 from common.plots import figure
 from common.types import Document
-from reranker.adapters import ADAPTER_META, base_scoring
+from reranker.adapters import ADAPTER_META, base_scoring, held_out_query_ids
 from reranker.blockrank import BlockRankForward
 from reranker.model import HFModule, LoadedModel, load_model
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
@@ -153,7 +153,7 @@ def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
         first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
     rng.shuffle(candidates)
     if args.dev_query_ids_from:
-        held_out = set(json.loads(args.dev_query_ids_from.read_text())["dev_query_ids"])
+        held_out = held_out_query_ids(args.dev_query_ids_from)
         dev = [c for c in candidates if c.query_id in held_out]
         train_cands = [c for c in candidates if c.query_id not in held_out]
     else:
@@ -218,8 +218,9 @@ def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.
     while step < plan["steps"]:
         if step and step % len(examples) == 0:
             rng.shuffle(examples)  # a new epoch, in a new order
-        docs, slot = examples[step % len(examples)].draw(args.n_docs, rng)
-        prompt = run.builder.build(examples[step % len(examples)].query, docs)
+        example = examples[step % len(examples)]
+        docs, slot = example.draw(args.n_docs, rng)
+        prompt = run.builder.build(example.query, docs)
         lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt,
                                             run.builder.answer_ids(slot)[0], [slot], run.layer,
                                             args.block_tokens, args.tau)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.beir import iter_corpus, load_qrels, load_queries
+from reranker.adapters import held_out_query_ids
 from reranker.gpu.job import SHIPPED_META
 from tests.conftest import ROOT, SCIFACT
 
@@ -19,9 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def tiny_collection(root: Path) -> Path:
     """A BEIR directory from SciFact: 3 train queries the shipped adapter held out (its dev queries), 3 it
     trained on, 3 test queries, their relevant documents and 40 others."""
-    held_out = json.loads(SHIPPED_META.read_text())["dev_query_ids"]
+    held_out = held_out_query_ids(SHIPPED_META)
     train, test = load_qrels(SCIFACT, "train"), load_qrels(SCIFACT, "test")
-    train_ids = [q for q in held_out if q in train][:3] + [q for q in train if q not in held_out][:3]
+    train_ids = [q for q in train if q in held_out][:3] + [q for q in train if q not in held_out][:3]
     test_ids = list(test)[:3]
     wanted = {d for q in train_ids for d in train[q]} | {d for q in test_ids for d in test[q]}
     docs = [d for d in iter_corpus(SCIFACT) if d.id in wanted]
