@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 NEG_INF = float("-inf")
 # A key part one sequence sees fully: keys (S, kv, hd), values (S, kv, hd), additive key bias (S,) or None.
@@ -55,27 +56,28 @@ def attend_docs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
             + torch.einsum("ntkgs,nskd->ntkgd", probs[..., n_prefix:], v))
 
 
-def attend_docs_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """attend_docs through torch's fused SDPA kernels: the same arithmetic in a handful of kernel launches
-    (on a GPU the einsum version is bound by launches and memory traffic, not by FLOPs). The prefix K/V are
-    broadcast to every document (a copy of L rows per document, small beside the block itself). `mask`:
-    docs_mask(valid, L), passed in by a caller that attends with the same documents at every layer."""
+def attend_docs_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """attend_docs through torch's fused SDPA kernels, with no mask: each document's keys are [prefix | own
+    block] and its token i sees the whole prefix and its own tokens 0..i, which is exactly causal attention
+    aligned to the bottom-right corner (causal_lower_right), the flash kernel's native causal mode. Documents are
+    right-padded, so a real token never reaches a padding key; `valid` is therefore implied (it is kept for
+    attend_docs' signature). The prefix K/V are broadcast to every document (L rows per document, small beside
+    the block itself)."""
     n, t, kv, g, hd = q.shape
     n_prefix = prefix_k.shape[0]
     keys = torch.cat([prefix_k.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), k.permute(0, 2, 1, 3)], dim=2)
     values = torch.cat([prefix_v.permute(1, 0, 2)[None].expand(n, kv, n_prefix, hd), v.permute(0, 2, 1, 3)], dim=2)
     queries = q.reshape(n, t, kv * g, hd).transpose(1, 2)  # (N, heads, T, hd); head = kv * g + group
-    out = _sdpa(queries, keys, values, docs_mask(valid, n_prefix) if mask is None else mask, scale)
+    out = attend_causal(queries, keys, values, scale)
     return out.transpose(1, 2).reshape(n, t, kv, g, hd)
 
 
-def docs_mask(valid: torch.Tensor, n_prefix: int) -> torch.Tensor:
-    """Who a document token sees, (N, 1, T, L + T): the whole prefix, then its own real tokens causally."""
-    n, t = valid.shape
-    own = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
-    return torch.cat([own.new_ones(n, t, n_prefix), own], dim=-1)[:, None]
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, heads, T, hd) over k/v (B, kv, S, hd), S >= T, query i seeing keys 0..S-T+i: a part that sees
+    everything before it (a prefix) and then itself causally, with no mask tensor (flash attention on a GPU)."""
+    bias = causal_lower_right(q.shape[2], k.shape[2])
+    return _sdpa(q, k, v, bias, scale)
 
 
 def attend_masked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -85,9 +87,16 @@ def attend_masked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     return out[0].transpose(0, 1)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_prefix(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's own tokens q (T, heads, hd) over [earlier tokens | itself] (S, kv, hd), causally."""
+    out = attend_causal(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], scale)
+    return out[0].transpose(0, 1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | CausalBias,
+          scale: float) -> torch.Tensor:
     """q (B, heads, T, hd) over k/v (B, kv, S, hd): key heads repeated to query heads (head = kv * group + g),
-    so that the memory-efficient kernel, which takes any boolean mask, applies."""
+    so that every fused kernel applies (flash for a causal bias, memory-efficient for a boolean mask)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

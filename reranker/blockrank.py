@@ -36,8 +36,9 @@ from reranker.attention import (
     key_bias,
 )
 from reranker.docbatch import DocBatch, pad_docs, segments_in
+from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
-from reranker.packed import run_packed
+from reranker.packed import FusedWeights
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
@@ -62,7 +63,7 @@ class BlockRankForward:
     """
 
     def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None,
-                 gpu_path: bool | None = None) -> None:
+                 gpu_path: bool | None = None, cuda_graphs: int = 32) -> None:
         self.model = model
         self.decoder: HFModule = model.model
         cfg = model.config
@@ -80,6 +81,9 @@ class BlockRankForward:
         # GPU: launches, not memory, bound the time, so whole shortlists run as one chunk.
         self.chunk_tokens = 1 << 16 if self.gpu_path else 2048
         self.prefix_cache = prefix_cache
+        # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
+        self.graphs = PackedGraphs(cuda_graphs)
+        self.fused = FusedWeights(self.decoder.layers)  # the packed path's stacked projections
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +132,7 @@ class BlockRankForward:
         # At inference the documents' hidden states are updated in place; captures need every layer's.
         in_place = torch.is_inference_mode_enabled() and capture is None
         if in_place and self.gpu_path:
-            return run_packed(self, prompts, routes, block_tokens, score_layers, last_layer)
+            return self.graphs.run(self, prompts, routes, block_tokens, score_layers, last_layer)
         docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)
         masses: list[dict[int, torch.Tensor]] = [{} for _ in prompts]

@@ -66,6 +66,7 @@ class RerankerConfig:
     adapters_root: str = ""
     tenant_budget_mb: int = 512
     prefix_cache_mb: int = 32  # the shared instruction prefix's K/V per chain
+    cuda_graphs: int = 32  # on a GPU, batch shapes kept as CUDA graphs (reranker.graphs); 0: always eager
     equivalence: EquivalenceMode = EquivalenceMode.BACKGROUND  # when loaded blocks are checked for substitution
     equivalence_max_error: float = 1e-3
 
@@ -87,7 +88,7 @@ class Reranker:
         self.config = config
         self.lm = loaded or load_model(config.model, config.device, config.dtype)
         self.prefix_cache = SharedPrefixCache(config.prefix_cache_mb << 20)
-        self.forward = BlockRankForward(self.lm.model, self.prefix_cache)
+        self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs)
         self.forward_lock = threading.Lock()
         self.builders = PromptBuilders(self.lm.tokenizer, config.max_query_tokens)
         self.tenants = self._registry()

@@ -6,8 +6,10 @@ On a GPU a small model's rerank is bound by kernel launches, not by arithmetic. 
 every norm, projection, LoRA delta and MLP is launched three times per prompt per layer. Here the rows of all
 parts of all prompts ([prefix | documents | final] per prompt, documents right-padded to one width) go through
 them once per layer, the norms as one fused kernel each; only attention is per part: the same who-sees-what and
-positions as the chunked path, through SDPA with boolean masks built once per forward. Inference only (no
-captures, no autograd); equal to the dense reference (tests/reranker/test_attention.py).
+positions as the chunked path, through SDPA: the prefix and the documents with no mask (causal, bottom-right
+aligned: flash attention), the final segment with a boolean mask built once per forward. `pack` lays a batch out
+on the host and `forward_packed` only launches device work, so reranker.graphs can hold it in a CUDA graph.
+Inference only (no captures, no autograd); equal to the dense reference (tests/reranker/test_attention.py).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from reranker.attention import apply_rope, attend_docs_fused, attend_masked, attention_mass, docs_mask
-from reranker.docbatch import DocBatch, pad_docs
+from reranker.attention import Rope, attend_docs_fused, attend_masked, attend_prefix, attention_mass
+from reranker.docbatch import pad_docs
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import Route, Segment, mlp, project
+from reranker.routing import FusedLinear, Route, Segment, project
 
 if TYPE_CHECKING:
     from reranker.blockrank import BlockRankForward, _Shared
@@ -30,17 +32,47 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Rows:
-    """One prompt's rows in the packed matrix and its attention masks (fixed for the whole forward)."""
+    """One prompt's rows in the packed matrix."""
 
     prefix: slice  # its own prefix tokens (after the shared cached ones)
     docs: slice  # n_docs * width rows
     final: slice
-    n_docs: int
-    valid: torch.Tensor  # (n_docs, width) real document tokens
-    scored: torch.Tensor  # (n_docs, width) tokens whose attention mass scores the document
-    prefix_mask: torch.Tensor  # (P, S + P): shared tokens, then causal
-    docs_mask: torch.Tensor  # (n_docs, 1, width, S + P + width): the prefix, then the own block causally
-    final_mask: torch.Tensor  # (F, S + P + n_docs * width + F): prefix, real document tokens, causal
+    doc_span: slice  # its documents' rows in the (documents, width) batch
+    n_shared: int  # shared prefix tokens read from the cache
+
+
+@dataclass
+class Packed:
+    """A batch laid out for the packed forward: the device tensors are everything it reads (a CUDA graph's
+    static inputs, reranker.graphs), the rest is Python layout fixed by the batch's shape."""
+
+    ids: torch.Tensor  # (rows,) token ids
+    positions: torch.Tensor  # (rows,)
+    valid: torch.Tensor  # (documents, width) real document tokens
+    scored: torch.Tensor  # (documents, width) tokens whose attention mass scores the document
+    rows: list[_Rows]
+    shared: list[_Shared | None]
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.positions, self.valid, self.scored
+
+
+class FusedWeights:
+    """Per decoder layer, its q|k|v and gate|up projections as one matmul each, stacked on first use."""
+
+    QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+    def __init__(self, layers: Sequence[HFModule]) -> None:
+        self._layers = layers
+        self._fused: dict[int, tuple[FusedLinear, FusedLinear]] = {}
+
+    def __getitem__(self, index: int) -> tuple[FusedLinear, FusedLinear]:
+        if index not in self._fused:
+            layer = self._layers[index]
+            self._fused[index] = FusedLinear.of(layer, self.QKV), FusedLinear.of(layer, self.GATE_UP)
+        return self._fused[index]
 
 
 def rms_norm(norm: HFModule, x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +84,21 @@ def run_packed(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence
                block_tokens: Sequence[int], score_layers: Sequence[Sequence[int]],
                last_layer: int) -> list[dict[int, torch.Tensor]]:
     """Per prompt, {layer: (signal, heads, n_docs) attention masses} for its score layers."""
-    docs = pad_docs(prompts, fw.device)
-    shared = [fw.shared_for(p, r, use_cache=True) for p, r in zip(prompts, routes, strict=True)]
-    ids, positions, rows = _pack(prompts, docs, block_tokens, shared)
-    hidden = fw.decoder.embed_tokens(ids)
-    rope = fw.rope(positions[None])
-    local: dict = {}
-    masses: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
+    packed = pack(fw, prompts, routes, block_tokens)
+    return forward_packed(fw, packed, [p.signal_tokens for p in prompts], routes, score_layers, last_layer)
+
+
+def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence[int], routes: Sequence[Route],
+                   score_layers: Sequence[Sequence[int]], last_layer: int,
+                   local: dict | None = None) -> list[dict[int, torch.Tensor]]:
+    """The forward itself: device work only (no host copies, no synchronisation), so a CUDA graph can hold it.
+    `local` receives the shared prefix K/V entries it read (a graph keeps them)."""
+    rows, shared = packed.rows, packed.shared
+    hidden = fw.decoder.embed_tokens(packed.ids)
+    rope = _rope_rows(fw, packed.positions)
+    final_masks = [_final_mask(r, packed.valid) for r in rows]
+    local = {} if local is None else local
+    masses: list[dict[int, torch.Tensor]] = [{} for _ in rows]
     spans = [Segment(r.prefix.start, r.final.stop, None, i) for i, r in enumerate(rows)]
     for index in range(last_layer + 1):
         layer = fw.decoder.layers[index]
@@ -66,55 +106,82 @@ def run_packed(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence
         if any(shared):
             fw.advance_shared(index, layer, shared, local, routes, deltas)
         segments = [Segment(s.lo, s.hi, deltas[i], i) for i, s in enumerate(spans)]
-        q, k, v = _qkv(fw, layer, hidden, rope, segments)
+        qkv, gate_up = fw.fused[index]
+        q, k, v = _qkv(fw, qkv, rms_norm(layer.input_layernorm, hidden), rope, segments)
         for i, layers in enumerate(score_layers):
             if index in layers:
-                r, s = rows[i], prompts[i].signal_tokens
+                r, s = rows[i], signal_tokens[i]
                 signal = q[r.final][-s:].view(s, fw.n_kv, fw.group, fw.head_dim)
-                doc_keys = k[r.docs].view(r.n_docs, -1, fw.n_kv, fw.head_dim)
-                masses[i][index] = attention_mass(signal, doc_keys, r.scored, fw.scale)
+                doc_keys = k[r.docs].view(r.doc_span.stop - r.doc_span.start, -1, fw.n_kv, fw.head_dim)
+                masses[i][index] = attention_mass(signal, doc_keys, packed.scored[r.doc_span], fw.scale)
         if index == last_layer:
             break
-        out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i])])
+        out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i],
+                                                                              final_masks[i])])
         hidden = hidden + project(layer.self_attn.o_proj, "self_attn.o_proj", out.flatten(1), segments)
-        hidden = hidden + mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, hidden), segments)
+        hidden = hidden + _mlp(layer.mlp, gate_up, rms_norm(layer.post_attention_layernorm, hidden), segments)
     return masses
 
 
-def _qkv(fw: BlockRankForward, layer: HFModule, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+def _rope_rows(fw: BlockRankForward, positions: torch.Tensor) -> Rope:
+    """cos and sin (rows, 1, hd) of every row's position, the sin's first half negated: rotating x is then
+    x * cos + roll(x, hd / 2) * sin, one multiply and one fused multiply-add (the model's cos/sin repeat their
+    frequencies in both halves)."""
+    cos, sin = fw.rope(positions[None])
+    half = sin.shape[-1] // 2
+    return cos[0][:, None], torch.cat([-sin[0][:, :half], sin[0][:, half:]], dim=-1)[:, None]
+
+
+def _qkv(fw: BlockRankForward, qkv: FusedLinear, x: torch.Tensor, rope: Rope,
          segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd), RoPE applied."""
-    attn = layer.self_attn
-    x = rms_norm(layer.input_layernorm, hidden)
-    q = project(attn.q_proj, "self_attn.q_proj", x, segments).view(-1, fw.n_heads, fw.head_dim)
-    k = project(attn.k_proj, "self_attn.k_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
-    v = project(attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
-    return apply_rope(q[None], rope)[0], apply_rope(k[None], rope)[0], v
+    """Normed rows (rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd), RoPE applied to q and k together."""
+    heads, hd = fw.n_heads + fw.n_kv, fw.head_dim
+    y = qkv(x, segments)
+    qk = y[:, :heads * hd].view(-1, heads, hd)
+    cos, sin = rope
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
+    return qk[:, :fw.n_heads], qk[:, fw.n_heads:], y[:, heads * hd:].view(-1, fw.n_kv, hd)
+
+
+def _mlp(block: HFModule, gate_up: FusedLinear, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    gate, up = gate_up(x, segments).chunk(2, dim=-1)
+    return project(block.down_proj, "mlp.down_proj", block.act_fn(gate) * up, segments)
 
 
 def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,
-            shared: _Shared | None) -> list[torch.Tensor]:
-    """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final."""
+            shared: _Shared | None, final_mask: torch.Tensor) -> list[torch.Tensor]:
+    """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final. The prefix and the
+    documents need no mask (causal, bottom-right aligned); the final segment skips the documents' padding."""
     whole = slice(r.prefix.start, r.final.stop)  # the final segment sees every row of its prompt (masked)
     if shared is not None and shared.k is not None and shared.v is not None:
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
         keys, values = torch.cat([shared.k, k[whole]]), torch.cat([shared.v, v[whole]])
     else:
         prefix_k, prefix_v, keys, values = k[r.prefix], v[r.prefix], k[whole], v[whole]
-    n, hd = r.n_docs, fw.head_dim
+    n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
     docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
-                             v[r.docs].view(n, -1, fw.n_kv, hd), r.valid, prefix_k, prefix_v, fw.scale,
-                             r.docs_mask)
-    return [attend_masked(q[r.prefix], prefix_k, prefix_v, r.prefix_mask, fw.scale),
+                             v[r.docs].view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
+    return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale),
             docs.reshape(-1, fw.n_heads, hd),
-            attend_masked(q[r.final], keys, values, r.final_mask, fw.scale)]
+            attend_masked(q[r.final], keys, values, final_mask, fw.scale)]
 
 
-def _pack(prompts: Sequence[Prompt], docs: DocBatch, block_tokens: Sequence[int],
-          shared: Sequence[_Shared | None]) -> tuple[torch.Tensor, torch.Tensor, list[_Rows]]:
+def _final_mask(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
+    """Who the final segment's tokens see, (F, S + P + n_docs * width + F): the prefix, the real document tokens,
+    itself causally."""
+    n_prefix, n_final = r.n_shared + r.prefix.stop - r.prefix.start, r.final.stop - r.final.start
+    causal = torch.ones(n_final, n_final, dtype=torch.bool, device=valid.device).tril()
+    return torch.cat([causal.new_ones(n_final, n_prefix), valid[r.doc_span].reshape(1, -1).expand(n_final, -1),
+                      causal], dim=1)
+
+
+def pack(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence[Route],
+         block_tokens: Sequence[int]) -> Packed:
     """Token ids and positions of the packed rows (built here, copied to the device once) and each prompt's rows.
     Positions as in the chunked path: prefix 0..L0-1, every document from L0, the final from L0 + block_tokens."""
-    device, width = docs.ids.device, docs.ids.shape[1]
+    docs = pad_docs(prompts, fw.device)
+    shared = [fw.shared_for(p, r, use_cache=True) for p, r in zip(prompts, routes, strict=True)]
+    width = docs.ids.shape[1]
     ids: list[int] = []
     positions: list[int] = []
     rows: list[_Rows] = []
@@ -128,17 +195,8 @@ def _pack(prompts: Sequence[Prompt], docs: DocBatch, block_tokens: Sequence[int]
             positions += range(n0, n0 + width)
         ids += p.final
         positions += range(n0 + block, n0 + block + len(p.final))
-        prefix, n = slice(first, first + n0 - s), end - start
-        doc_rows = slice(prefix.stop, prefix.stop + n * width)
-        valid = docs.valid[start:end]
-        n_final = len(p.final)
-        causal_prefix = torch.ones(n0 - s, n0 - s, dtype=torch.bool, device=device).tril()
-        causal_final = torch.ones(n_final, n_final, dtype=torch.bool, device=device).tril()
-        rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + n_final), n, valid,
-                          docs.scored[start:end],
-                          torch.cat([causal_prefix.new_ones(n0 - s, s), causal_prefix], dim=1),
-                          docs_mask(valid, n0),
-                          torch.cat([causal_final.new_ones(n_final, n0), valid.reshape(1, -1).expand(n_final, -1),
-                                     causal_final], dim=1)))
-    as_tensor = torch.tensor([ids, positions], dtype=torch.long).to(device)
-    return as_tensor[0], as_tensor[1], rows
+        prefix = slice(first, first + n0 - s)
+        doc_rows = slice(prefix.stop, prefix.stop + (end - start) * width)
+        rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + len(p.final)), slice(start, end), s))
+    as_tensor = torch.tensor([ids, positions], dtype=torch.long).to(docs.ids.device)
+    return Packed(as_tensor[0], as_tensor[1], docs.valid, docs.scored, rows, shared)

@@ -105,6 +105,12 @@ def project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Seque
     """The shared base projection over all rows, then each chain's low-rank delta on its own rows:
     one grouped matmul per distinct delta, whatever the number of prompts using it."""
     y = module(x)
+    add_deltas(y, name, x, segments)
+    return y
+
+
+def add_deltas(y: torch.Tensor, name: str, x: torch.Tensor, segments: Sequence[Segment]) -> None:
+    """y (rows, out) += each segment's delta of module `name` applied to its rows of x; y may be a column view."""
     groups: dict[int, tuple[LoraDelta, list[Segment]]] = {}
     for s in segments:
         delta = s.deltas.get(name) if s.deltas else None
@@ -117,7 +123,37 @@ def project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Seque
         else:
             rows = torch.cat([torch.arange(s.lo, s.hi, device=x.device) for s in segs])
             y.index_add_(0, rows, delta(x.index_select(0, rows)))
-    return y
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """Several linear modules of one decoder layer reading the same input as one matmul (q|k|v, gate|up): their
+    weights stacked by output rows (a copy: the base weights are frozen while served), `parts` naming each
+    module's columns of the output, where its deltas go."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    parts: tuple[tuple[str, slice], ...]
+
+    @classmethod
+    def of(cls, block: Any, names: Sequence[str]) -> FusedLinear:
+        modules: list[Any] = [block.get_submodule(name) for name in names]
+        weights: list[torch.Tensor] = [m.weight for m in modules]
+        biases: list[torch.Tensor | None] = [m.bias for m in modules]
+        bias = None
+        if any(b is not None for b in biases):  # Qwen2 has q/k/v biases: the stack has one, zeros where absent
+            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases, strict=True)])
+        parts, start = [], 0
+        for name, w in zip(names, weights, strict=True):
+            parts.append((name, slice(start, start + w.shape[0])))
+            start += w.shape[0]
+        return cls(torch.cat(weights), bias, tuple(parts))
+
+    def __call__(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        for name, cols in self.parts:
+            add_deltas(y[:, cols], name, x, segments)
+        return y
 
 
 _MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -37,8 +37,11 @@ from reranker.tenants import TenantHandle
 QUERY = "Which genetic factors increase the risk of type 2 diabetes?"  # a SciFact-like question, every size
 
 
-def timed(fn: Callable[[], object], device: torch.device, min_runs: int, budget_s: float) -> float:
-    """Median wall time over at least `min_runs` runs... unless one run already eats the budget."""
+def timed(fn: Callable[[], object], device: torch.device, min_runs: int, budget_s: float, warmup: int = 0) -> float:
+    """Median wall time over at least `min_runs` runs... unless one run already eats the budget. `warmup` runs
+    first, untimed (a GPU's kernel choice, a CUDA graph's capture: reranker.graphs captures a shape's 2nd run)."""
+    for _ in range(warmup):
+        fn()
     times: list[float] = []
     while len(times) < min_runs and (not times or sum(times) < budget_s):
         if device.type == "cuda":
@@ -78,6 +81,7 @@ def speed(args: argparse.Namespace) -> dict:
         "scoring_layer": handle.settings.spec.layer, "num_layers": reranker.forward.num_layers,
         "threads": torch.get_num_threads(),
         "blockrank_path": "packed rows, SDPA kernels" if reranker.forward.gpu_path else "chunked, einsum attention",
+        "cuda_graph_captures": reranker.forward.graphs.captures,
         "full_attention_implementation": reranker.lm.model.config._attn_implementation, "results": rows,
     }
     if 100 in by_n and 500 in by_n:
@@ -89,8 +93,16 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
                  dense_points: list[tuple[int, float]]) -> dict:
     """One size: BlockRank, then the full-attention baseline on the same prompt unless predicted too slow."""
     device, n = reranker.lm.device, prompt.n_docs
-    blockrank_s = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats, args.budget_s)
+    warmup = 2 if device.type == "cuda" else 0
+    blockrank_s = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats, args.budget_s,
+                        warmup)
     row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None}
+    if device.type == "cuda":  # what the CUDA graphs (reranker.graphs) are worth: the same forward, eager
+        graphs = reranker.forward.graphs
+        capacity, graphs.capacity = graphs.capacity, 0
+        row["blockrank_eager_s"] = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats,
+                                         args.budget_s, 1)
+        graphs.capacity = capacity
     predicted = predict_quadratic(dense_points, n)
     if predicted > args.dense_budget_s:
         row["skipped"] = f"predicted {predicted:.0f}s > --dense-budget-s {args.dense_budget_s:.0f}"
@@ -99,7 +111,7 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
     try:
         with torch.inference_mode():
             dense_s = timed(lambda: reranker.lm.model(input_ids=ids, logits_to_keep=1), device, args.repeats,
-                            args.budget_s)
+                            args.budget_s, min(warmup, 1))
     except torch.OutOfMemoryError:
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()
@@ -115,6 +127,10 @@ def plot_speed(result: dict, path: Path) -> None:
     with figure(path, (7, 4.5)) as ax:
         ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o",
                 label=f"BlockRank (layers 0..{result['scoring_layer']})")
+        eager = [r for r in rows if r.get("blockrank_eager_s")]
+        if eager:
+            ax.plot([r["n_docs"] for r in eager], [r["blockrank_eager_s"] for r in eager], marker="o",
+                    linestyle=":", label="BlockRank without CUDA graphs")
         dense = [r for r in rows if r["full_attention_s"] is not None]
         ax.plot([r["n_docs"] for r in dense], [r["full_attention_s"] for r in dense], marker="s",
                 label=f"full causal attention ({result['num_layers']} layers)")

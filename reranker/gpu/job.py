@@ -6,11 +6,12 @@ folder is archived (when --archive is given), so whatever finished comes back ev
 
 Stages, in this order (outputs under --out; versions and the device in summary.json):
     speed    BlockRank vs full attention, 10..500 x 160-token blocks   reranker_speed.json/.png
+    profile  where one 100-document rerank spends its time             profile.txt
+    tests    the CUDA tests (pytest --device cuda)                     tests.log
     tenants  1/4/16 tenants as shared blocks vs one model per tenant   reranker_tenants.json/.png
     train    LoRA fine-tuning, 30 documents x 160 tokens per prompt     adapter/
     score    the new and the shipped adapter, top 20 of SciFact test + held-out train queries   scores.json.gz
-    tests    the CUDA tests (pytest --device cuda)                     tests.log
-    profile  where one 100-document rerank spends its time             profile.txt
+`--stages` picks some of them (same order).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from reranker.adapters import ADAPTER_META, DEFAULT_ADAPTER
 SHIPPED_META = DEFAULT_ADAPTER / ADAPTER_META
 SERVED_DEPTH = 20  # candidates the gateway reranks by default (deploy.eval's --rerank-depth)
 # The CUDA-only module and the device-aware equivalence tests (the rest of the suite runs on CPU, in CI).
-CUDA_TESTS = ["tests/reranker/test_cuda.py", "tests/reranker/test_blockrank.py"]
+CUDA_TESTS = ["tests/reranker/test_cuda.py", "tests/reranker/test_model_families.py",
+              "tests/reranker/test_blockrank.py"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Sizes:
 # Limits from the 2026-11-26 H100 run (speed 54 s, tenants 77 s, training 170 s with a 130 s budget; scoring
 # both adapters at depth 100 and four test modules outran 90 s and 120 s): the job fits ~9 minutes.
 GPU = Sizes("10,25,50,100,200,500", 160, 10, "1,4,16", 48, 20, 30, 20000, 110.0, 0, SERVED_DEPTH,
-            {"speed": 90, "tenants": 100, "train": 170, "score": 80, "tests": 130, "profile": 40})
+            {"speed": 100, "profile": 45, "tests": 150, "tenants": 100, "train": 170, "score": 80})
 TINY = Sizes("2,4", 32, 1, "1,2", 4, 3, 4, 3, 0.0, 2, 4,
              {"speed": 300, "tenants": 600, "train": 600, "score": 600, "tests": 60, "profile": 300})
 

@@ -10,9 +10,10 @@ test_zoo.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +185,28 @@ def test_engine_ranks_like_the_cpu_engine() -> None:
             f"{query!r}: scores too close to call in half precision: {[r.score for r in expected]}"
         got = gpu.rank(query, docs)
         assert [r.index for r in got] == [r.index for r in expected], (query, got, expected)
+
+
+def test_cuda_graph_replays_equal_the_eager_forward(lm: LoadedModel, adapters_root: Path) -> None:
+    # A batch shape is captured the second time it is seen; then a batch of the same shape with other inputs
+    # (the documents reversed: other lengths at each row, same layout) must replay to its own eager scores.
+    config = RerankerConfig(adapter="none", equivalence=EquivalenceMode.OFF, adapters_root=str(adapters_root))
+    graphed = Reranker(config, loaded=lm)
+    eager = Reranker(dataclasses.replace(config, cuda_graphs=0), loaded=lm)
+    graphed.tenants.load("acme", "noisy-1")
+    eager.tenants.load("acme", "noisy-1")
+
+    def batch(reranker: Reranker, docs: Sequence[DocumentInput]) -> list[list[float]]:
+        handles = [reranker.handle(), reranker.handle("acme")]
+        prompts = [reranker.build_prompt(q, docs, h) for q, h in zip((QUERY, OTHER_QUERY), handles, strict=True)]
+        return reranker.score_prompts(prompts, handles)
+
+    forward, reverse = list(TENANT_DOCS), list(TENANT_DOCS)[::-1]
+    runs = [batch(graphed, forward) for _ in range(3)] + [batch(graphed, reverse)]
+    graphs = graphed.forward.graphs
+    assert (graphs.captures, graphs.replays) == (1, 3), "eager, capture + replay, replay, replay"
+    for got, docs in zip(runs, [forward] * 3 + [reverse], strict=True):
+        expected = batch(eager, docs)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), (a, b)
+    assert eager.forward.graphs.captures == 0

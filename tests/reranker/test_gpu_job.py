@@ -68,7 +68,7 @@ def test_prepare_run_and_report_dry_run(tmp_path):
         {name: "ok" for name in ("speed", "profile", "tenants", "train", "score")}
     speed = json.loads((out / "reranker_speed.json").read_text())
     assert [r["n_docs"] for r in speed["results"]] == [2, 4] and all(r["blockrank_s"] > 0 for r in speed["results"])
-    assert "kernel launches per rerank" in (out / "profile.txt").read_text()
+    assert "kernel launches" in (out / "profile.txt").read_text()
     assert [r["tenants"] for r in json.loads((out / "reranker_tenants.json").read_text())["results"]] == [1, 2]
     meta = json.loads((out / "adapter" / "blockrank.json").read_text())
     assert meta["block_tokens"] == 32 and meta["settings"]["steps"] == 3

@@ -38,7 +38,11 @@ def test_local_hf_directory_matches_reference(tmp_path, tokenizer, device, famil
                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=4096, **FAMILIES[family])
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / family)
+    model = AutoModelForCausalLM.from_config(config)
+    for module in model.modules():  # non-zero biases, so that a projection that dropped them would show
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.2)
+    model.save_pretrained(tmp_path / family)
     tokenizer.save_pretrained(tmp_path / family)
 
     lm = load_model(str(tmp_path / family), device=device, dtype="fp32", attn_implementation="eager")
@@ -46,9 +50,10 @@ def test_local_hf_directory_matches_reference(tmp_path, tokenizer, device, famil
     prompt = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=24)).build(
         "query text", [("A", "first document text"), ("B", "second, a longer document about other things")])
     spec = ScoringSpec(layer=2, block_tokens=24)
-    fast = BlockRankForward(lm.model).score([prompt], spec)[0].cpu()
     reference, _ = reference_scores(lm.model, prompt, spec)
-    assert float((fast - reference).abs().max()) <= 1e-4
+    for gpu_path in (False, True):  # chunked and packed (stacked q|k|v with Qwen2's biases) paths
+        fast = BlockRankForward(lm.model, gpu_path=gpu_path).score([prompt], spec)[0].cpu()
+        assert float((fast - reference).abs().max()) <= 1e-4, gpu_path
 
     served = Reranker(RerankerConfig(model=str(tmp_path / family), adapter="default", device=device,
                                      block_tokens=24))
