@@ -77,7 +77,32 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """q (B, heads, T, hd) over k/v (B, kv, S, hd), S >= T, query i seeing keys 0..S-T+i: a part that sees
     everything before it (a prefix) and then itself causally, with no mask tensor (flash attention on a GPU)."""
     bias = causal_lower_right(q.shape[2], k.shape[2])
+    if q.shape[1] != k.shape[1] and _native_gqa(q.device, q.dtype):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
     return _sdpa(q, k, v, bias, scale)
+
+
+_NATIVE_GQA: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the causal kernel on this device and dtype reads grouped key heads in place (flash does), sparing
+    the copies that repeat them per query head. Probed once per (device, dtype) on a small problem against the
+    repeated heads, outside any CUDA graph capture (a shape is captured after it ran eagerly)."""
+    key = (device, dtype)
+    if key not in _NATIVE_GQA:
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, h, 24, 64, generator=generator).to(device, dtype) for h in (6, 2, 2))
+        try:
+            with torch.no_grad():
+                bias = causal_lower_right(16, 24)
+                native = torch.nn.functional.scaled_dot_product_attention(q[:, :, 8:], k, v, attn_mask=bias,
+                                                                          enable_gqa=True)
+                repeated = _sdpa(q[:, :, 8:], k, v, bias, 64 ** -0.5)
+            _NATIVE_GQA[key] = bool(torch.allclose(native.float(), repeated.float(), atol=2e-2))
+        except (RuntimeError, ValueError):
+            _NATIVE_GQA[key] = False
+    return _NATIVE_GQA[key]
 
 
 def attend_masked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -3,9 +3,11 @@ batched request through the projections and MLPs together; each prompt owns a sp
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from reranker.prompt import Prompt
@@ -34,17 +36,20 @@ def segments_in(spans: Sequence[tuple[int, int]], lo: int, hi: int,
 
 
 def pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
+    """Every prompt's documents, right-padded to the longest. Built with one tensor from the flat token list
+    and a scatter (a Python loop over documents costs milliseconds at hundreds of documents, as much as a GPU
+    forward); copied to the device once per tensor."""
     rows = [doc for p in prompts for doc in p.docs]
     if not rows or any(not row for row in rows):
         raise ValueError("every prompt needs at least one non-empty document")
-    width = max(len(row) for row in rows)
-    tags = [n for p in prompts for n in p.tag_lengths]
+    lengths = torch.tensor([len(row) for row in rows])
+    width = int(lengths.max())
+    valid = torch.arange(width)[None] < lengths[:, None]
     ids = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        valid[i, : len(row)] = True
-    scored = valid & (torch.arange(width)[None] >= torch.tensor(tags)[:, None])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    ids[valid] = torch.from_numpy(flat)  # numpy reads a list of ints 3x faster than torch.tensor
+    tags = torch.tensor([n for p in prompts for n in p.tag_lengths])
+    scored = valid & (torch.arange(width)[None] >= tags[:, None])
     spans: list[tuple[int, int]] = []
     start = 0
     for p in prompts:

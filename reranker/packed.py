@@ -24,7 +24,7 @@ from reranker.attention import Rope, attend_docs_fused, attend_masked, attend_pr
 from reranker.docbatch import pad_docs
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import FusedLinear, Route, Segment, project
+from reranker.routing import FusedLinear, Route, Segment, add_deltas
 
 if TYPE_CHECKING:
     from reranker.blockrank import BlockRankForward, _Shared
@@ -118,8 +118,9 @@ def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence
             break
         out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i],
                                                                               final_masks[i])])
-        hidden = hidden + project(layer.self_attn.o_proj, "self_attn.o_proj", out.flatten(1), segments)
-        hidden = hidden + _mlp(layer.mlp, gate_up, rms_norm(layer.post_attention_layernorm, hidden), segments)
+        _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", out.flatten(1), segments)
+        gate, up = gate_up(rms_norm(layer.post_attention_layernorm, hidden), segments).chunk(2, dim=-1)
+        _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", layer.mlp.act_fn(gate) * up, segments)
     return masses
 
 
@@ -143,9 +144,13 @@ def _qkv(fw: BlockRankForward, qkv: FusedLinear, x: torch.Tensor, rope: Rope,
     return qk[:, :fw.n_heads], qk[:, fw.n_heads:], y[:, heads * hd:].view(-1, fw.n_kv, hd)
 
 
-def _mlp(block: HFModule, gate_up: FusedLinear, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-    gate, up = gate_up(x, segments).chunk(2, dim=-1)
-    return project(block.down_proj, "mlp.down_proj", block.act_fn(gate) * up, segments)
+def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,
+                    segments: Sequence[Segment]) -> None:
+    """The residual update hidden += module(x) (+ each segment's delta) in place, the addition inside the matmul."""
+    hidden.addmm_(x, module.weight.T)
+    if module.bias is not None:
+        hidden += module.bias
+    add_deltas(hidden, name, x, segments)
 
 
 def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,
@@ -177,26 +182,27 @@ def _final_mask(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
 
 def pack(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence[Route],
          block_tokens: Sequence[int]) -> Packed:
-    """Token ids and positions of the packed rows (built here, copied to the device once) and each prompt's rows.
-    Positions as in the chunked path: prefix 0..L0-1, every document from L0, the final from L0 + block_tokens."""
-    docs = pad_docs(prompts, fw.device)
+    """Token ids and positions of the packed rows and each prompt's rows, built on the host with a handful of
+    tensor ops per prompt (no per-token Python), copied to the device once. Positions as in the chunked path:
+    prefix 0..L0-1, every document from L0, the final from L0 + block_tokens."""
+    cpu = torch.device("cpu")
+    docs = pad_docs(prompts, cpu)
     shared = [fw.shared_for(p, r, use_cache=True) for p, r in zip(prompts, routes, strict=True)]
     width = docs.ids.shape[1]
-    ids: list[int] = []
-    positions: list[int] = []
+    ids: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
     rows: list[_Rows] = []
+    first = 0
     for p, (start, end), block, cached in zip(prompts, docs.spans, block_tokens, shared, strict=True):
-        n0, s = len(p.prefix), len(cached.tokens) if cached is not None else 0
-        first = len(ids)
-        ids += p.prefix[s:]
-        positions += range(s, n0)
-        for doc in p.docs:
-            ids += doc + [0] * (width - len(doc))
-            positions += range(n0, n0 + width)
-        ids += p.final
-        positions += range(n0 + block, n0 + block + len(p.final))
+        n0, s, n = len(p.prefix), len(cached.tokens) if cached is not None else 0, end - start
+        ids += [torch.tensor(p.prefix[s:], dtype=torch.long), docs.ids[start:end].flatten(),
+                torch.tensor(p.final, dtype=torch.long)]
+        positions += [torch.arange(s, n0), torch.arange(n0, n0 + width).repeat(n),
+                      torch.arange(n0 + block, n0 + block + len(p.final))]
         prefix = slice(first, first + n0 - s)
-        doc_rows = slice(prefix.stop, prefix.stop + (end - start) * width)
+        doc_rows = slice(prefix.stop, prefix.stop + n * width)
         rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + len(p.final)), slice(start, end), s))
-    as_tensor = torch.tensor([ids, positions], dtype=torch.long).to(docs.ids.device)
-    return Packed(as_tensor[0], as_tensor[1], docs.valid, docs.scored, rows, shared)
+        first = rows[-1].final.stop
+    device = fw.device
+    as_tensor = torch.stack([torch.cat(ids), torch.cat(positions)]).to(device)
+    return Packed(as_tensor[0], as_tensor[1], docs.valid.to(device), docs.scored.to(device), rows, shared)

@@ -31,6 +31,13 @@ class LoraDelta:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.a.T) @ self.b.T
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y += delta(x) in place; for rows (2-D, the packed path) the addition inside the second matmul."""
+        if y.dim() == 2:
+            y.addmm_(x @ self.a.T, self.b.T)
+        else:
+            y += self(x)
+
     @property
     def nbytes(self) -> int:
         return tensor_bytes((self.a, self.b))
@@ -119,7 +126,7 @@ def add_deltas(y: torch.Tensor, name: str, x: torch.Tensor, segments: Sequence[S
     for delta, segs in groups.values():
         if len(segs) == 1 or all(a.hi == b.lo for a, b in pairwise(segs)):
             lo, hi = segs[0].lo, segs[-1].hi
-            y[lo:hi] += delta(x[lo:hi])
+            delta.add_to(y[lo:hi], x[lo:hi])
         else:
             rows = torch.cat([torch.arange(s.lo, s.hi, device=x.device) for s in segs])
             y.index_add_(0, rows, delta(x.index_select(0, rows)))
