@@ -61,7 +61,8 @@ class Packed:
 class FusedWeights:
     """Per decoder layer, its q and k projections as one matmul (stacked on first use), so that RoPE runs once
     over both. Not v, nor gate with up: a column slice of a wider output is strided, and the element-wise kernels
-    after it (RoPE, SiLU) then run 2-3x slower than on a contiguous tensor (measured on an H100)."""
+    after it then run about 2x slower than on a contiguous tensor (SiLU over gate|up's slice: 73 against 34 us
+    per call on an H100)."""
 
     QK = ("self_attn.q_proj", "self_attn.k_proj")
 
