@@ -5,10 +5,11 @@ On a GPU a small model's rerank is bound by kernel launches, not by arithmetic. 
 (reranker.blockrank) runs each prompt's prefix, its documents and its final segment as separate batches, so
 every norm, projection, LoRA delta and MLP is launched three times per prompt per layer. Here the rows of all
 parts of all prompts ([prefix | documents | final] per prompt, documents right-padded to one width) go through
-them once per layer, the norms as one fused kernel each; only attention is per part: the same who-sees-what and
-positions as the chunked path, through SDPA: the prefix and the documents with no mask (causal, bottom-right
-aligned: flash attention), the final segment with a boolean mask built once per forward. `pack` lays a batch out
-on the host and `forward_packed` only launches device work, so reranker.graphs can hold it in a CUDA graph.
+them once per layer, the norms as one fused kernel each, q and k as one matmul with RoPE over both, residual
+updates and LoRA deltas inside the matmuls (addmm). Only attention is per part: the same who-sees-what and
+positions as the chunked path; the prefix and the documents through SDPA with no mask (causal, bottom-right
+aligned: flash attention), the final segment with an additive bias built once per forward. `pack` lays a batch
+out on the host and `forward_packed` only launches device work, so reranker.graphs can hold it in a CUDA graph.
 Inference only (no captures, no autograd); equal to the dense reference (tests/reranker/test_attention.py).
 """
 
