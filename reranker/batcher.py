@@ -55,9 +55,11 @@ def prompt_tokens(prompt: Prompt) -> int:
 
 class RerankBatcher(Generic[H]):
     def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[H]], list[list[float]]],
-                 config: BatcherConfig = BatcherConfig()) -> None:
+                 config: BatcherConfig = BatcherConfig(),
+                 on_batch: Callable[[int, int], None] | None = None) -> None:
         self.score_fn = score_fn
         self.config = config
+        self.on_batch = on_batch  # (requests, prompt tokens) of every batch scored: the service's metrics
         self._queue: asyncio.Queue[_Item[H]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
@@ -77,6 +79,11 @@ class RerankBatcher(Generic[H]):
         for item in self._drain():
             item.future.cancel()
         await asyncio.to_thread(self._executor.shutdown, True)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
 
     async def submit(self, prompt: Prompt, handle: H) -> Scored:
         if self._queue is None:
@@ -107,6 +114,8 @@ class RerankBatcher(Generic[H]):
                     item.future.set_exception(exc)
             return
         model_ms = (time.perf_counter() - start) * 1000
+        if self.on_batch is not None:
+            self.on_batch(len(live), sum(item.tokens for item in live))
         for item, scores in zip(live, results, strict=True):
             if not item.future.done():
                 item.future.set_result(Scored(scores, (start - item.enqueued) * 1000, model_ms))

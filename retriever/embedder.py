@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,20 @@ class EmbedderConfig:
     max_batch_size: int = 128  # texts per encoder batch
 
 
+class EmbeddingStats:
+    """Texts embedded and seconds spent since start (the service exposes them as counters)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.texts = 0
+        self.seconds = 0.0
+
+    def add(self, texts: int, seconds: float) -> None:
+        with self._lock:
+            self.texts += texts
+            self.seconds += seconds
+
+
 class Embedder:
     def __init__(self, config: EmbedderConfig = EmbedderConfig()) -> None:
         path = Path(config.model) if config.model else default_model_path()
@@ -55,6 +71,7 @@ class Embedder:
         self.dtype = embedder_dtype(config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.dimension = int(model.config.hidden_size)
+        self.stats = EmbeddingStats()
         log.info("embedder %s on %s (%s, max_len=%d)", path.name, self.device, self.dtype, self.max_seq_length)
 
     @torch.inference_mode()
@@ -63,6 +80,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out
+        start = time.perf_counter()
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length,
                              add_special_tokens=True)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")
@@ -71,6 +89,7 @@ class Embedder:
             out[batch] = self._embed_batch([ids[i] for i in batch])
             bar.update(len(batch))
         bar.close()
+        self.stats.add(len(texts), time.perf_counter() - start)
         return out
 
     def _batches(self, order: np.ndarray, ids: list[list[int]]) -> Iterator[list[int]]:

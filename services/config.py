@@ -66,6 +66,7 @@ class ServerConfig:
     port: int = option(0, "port to listen on")
     grace_s: float = option(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     worker_threads: int = option(2, "threads for blocking work (tokenising, indexing, adapter loads)")
+    metrics_port: int = option(0, "port of the Prometheus /metrics endpoint, on the same host; 0: off")
 
 
 @dataclasses.dataclass(frozen=True)

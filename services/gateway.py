@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Histogram
 
 from services.config import ServerConfig, option, parse_config
 from services.errors import ServiceError
@@ -21,6 +22,7 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
+from services.metrics import LATENCY_BUCKETS
 from services.server import (
     GRPC_OPTIONS,
     Context,
@@ -35,6 +37,9 @@ from services.server import (
 MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
 
+
+STAGE_SECONDS = Histogram("gateway_stage_seconds", "Time of each stage of a Search: retrieve (first stage), "
+                          "rerank.", ["stage"], buckets=LATENCY_BUCKETS)
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -71,6 +76,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         depth = request.rerank_depth
         first_stage = await self._retrieve(request, max(request.top_k, depth), context)
         retrieve_ms = elapsed_ms(start)
+        STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000)
         hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=_opt(r, "dense_score"),
                                      lexical_score=_opt(r, "lexical_score")) for r in first_stage.results]
         response = search_pb2.SearchResponse(mode=first_stage.mode)
@@ -87,6 +93,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     raise
                 response.rerank_skipped_reason = str(err)
             response.timings.rerank_ms = elapsed_ms(rerank_start)
+            STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000)
         response.results.extend(hits[: request.top_k])
         response.timings.retrieve_ms = retrieve_ms
         response.timings.total_ms = elapsed_ms(start)

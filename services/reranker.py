@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from common.device import set_cpu_threads
 from reranker.batcher import BatcherConfig, RerankBatcher
@@ -30,6 +31,15 @@ from services.gen.retrieval.v1 import (
     reranker_pb2,
     reranker_pb2_grpc,
 )
+from services.metrics import (
+    COUNT_BUCKETS,
+    LATENCY_BUCKETS,
+    TOKEN_BUCKETS,
+    Families,
+    counter,
+    gauge,
+    register_engine,
+)
 from services.server import (
     Context,
     Hosted,
@@ -40,6 +50,15 @@ from services.server import (
     setup_logging,
     within_deadline,
 )
+
+QUEUE_SECONDS = Histogram("reranker_queue_wait_seconds", "Time a rerank request waited for its forward pass.",
+                          buckets=LATENCY_BUCKETS)
+MODEL_SECONDS = Histogram("reranker_model_seconds", "Forward-pass time of the batch a rerank request ran in.",
+                          buckets=LATENCY_BUCKETS)
+DOCUMENTS = Counter("reranker_documents_total", "Documents reranked.")
+REQUEST_DOCUMENTS = Histogram("reranker_request_documents", "Documents per rerank request.", buckets=COUNT_BUCKETS)
+BATCH_REQUESTS = Histogram("reranker_batch_requests", "Requests per forward pass.", buckets=COUNT_BUCKETS)
+BATCH_TOKENS = Histogram("reranker_batch_tokens", "Prompt tokens per forward pass.", buckets=TOKEN_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -63,8 +82,27 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         self._reranker = Reranker(self.config.engine).start()
 
     async def start_batcher(self) -> None:
-        self._batcher = RerankBatcher(self.reranker.score_prompts, self.config.batcher)
+        self._batcher = RerankBatcher(self.reranker.score_prompts, self.config.batcher, on_batch=_observe_batch)
         self._batcher.start()
+
+    def metrics(self) -> Families:
+        """Read at scrape time: queue, tenants and their memory, the shared-prefix cache."""
+        if self._reranker is None or self._batcher is None:
+            return
+        usage = self._reranker.tenants.zoo.usage()
+        cache = self._reranker.prefix_cache
+        yield gauge("reranker_queue_depth", "Rerank requests waiting for a forward pass.", self._batcher.depth)
+        yield gauge("reranker_tenants_loaded", "Tenants with an adapter loaded.", len(usage.tenants))
+        yield gauge("reranker_tenant_blocks_resident", "Tenant blocks (LoRA layers) in memory.",
+                    usage.resident_tenant_blocks)
+        yield gauge("reranker_tenant_block_bytes", "Bytes of the tenant blocks in memory.", usage.tenant_bytes)
+        yield gauge("reranker_tenant_budget_bytes", "Budget for tenant blocks; beyond it they are evicted.",
+                    usage.budget_bytes)
+        yield gauge("reranker_base_model_bytes", "Bytes of the shared base model.", usage.base_bytes)
+        yield counter("reranker_tenant_block_evictions_total", "Tenant blocks evicted.", usage.evictions)
+        yield gauge("reranker_prefix_cache_bytes", "Bytes of the shared-prefix K/V cache.", cache.nbytes)
+        yield counter("reranker_prefix_cache_hits_total", "Shared-prefix K/V found in the cache.", cache.hits)
+        yield counter("reranker_prefix_cache_misses_total", "Shared-prefix K/V computed.", cache.misses)
 
     async def stop(self) -> None:
         """After the server drained: the batcher, then the equivalence worker, then the thread pool."""
@@ -101,6 +139,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         # the tenant is unloaded while the request waits in the queue.
         handle, prompt = await self.prepare.run(context, self._prepare, request.tenant, request.query, docs)
         scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
+        QUEUE_SECONDS.observe(scored.queue_ms / 1000)
+        MODEL_SECONDS.observe(scored.model_ms / 1000)
+        DOCUMENTS.inc(len(docs))
+        REQUEST_DOCUMENTS.observe(len(docs))
         ranking = reranker.ranked(scored.scores, list(request.first_stage_scores) or None, request.top_n or None,
                                   handle, weight)
         results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
@@ -162,6 +204,11 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the admin token does not match")
 
 
+def _observe_batch(requests: int, tokens: int) -> None:
+    BATCH_REQUESTS.observe(requests)
+    BATCH_TOKENS.observe(tokens)
+
+
 def adapter_info(usage: TenantUsage, settings: TenantSettings) -> adapter_pb2.AdapterInfo:
     return adapter_pb2.AdapterInfo(
         tenant=usage.tenant, adapter=usage.adapter, own_blocks=usage.own_blocks,
@@ -192,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> RerankerServiceConfig:
 
 def build(config: RerankerServiceConfig) -> Hosted:
     servicer = RerankerServicer(config)
+    register_engine(servicer.metrics)
     adapters = AdapterServicer(servicer, config.admin_token)
     specs = [ServiceSpec.of(reranker_pb2, "RerankerService", reranker_pb2_grpc.add_RerankerServiceServicer_to_server,
                             servicer),

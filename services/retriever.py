@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.core import GaugeMetricFamily
+
 from common.device import set_cpu_threads
 from retriever.embedder import Embedder, EmbedderConfig
 from retriever.engine import Limits, RetrieverEngine
@@ -25,6 +27,7 @@ from services.convert import (
 )
 from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
+from services.metrics import Families, counter, register_engine
 from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
@@ -53,6 +56,19 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         if self._engine is None:
             raise NotReady()
         return self._engine
+
+    def metrics(self) -> Families:
+        """Read at scrape time: documents per collection, what the embedder has done."""
+        if self._engine is None:
+            return
+        documents = GaugeMetricFamily("retriever_collection_documents", "Documents in a collection.",
+                                      labels=["collection"])
+        for stats in self._engine.list_collections():
+            documents.add_metric([stats.spec.name], stats.document_count)
+        yield documents
+        embedded = self._engine.embedder.stats
+        yield counter("retriever_embedded_texts_total", "Texts embedded (documents and queries).", embedded.texts)
+        yield counter("retriever_embedding_seconds_total", "Seconds spent embedding.", embedded.seconds)
 
     async def stop(self) -> None:
         self.worker.stop()
@@ -117,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> RetrieverServiceConfig:
 
 def build(config: RetrieverServiceConfig) -> Hosted:
     servicer = RetrieverServicer(config)
+    register_engine(servicer.metrics)
     spec = ServiceSpec.of(retriever_pb2, "RetrieverService", retriever_pb2_grpc.add_RetrieverServiceServicer_to_server,
                           servicer)
     return Hosted([spec], load=servicer.load, on_stop=[servicer.stop])

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
+from services.metrics import MetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,7 +124,8 @@ def run_service(name: str, config: S, build: Callable[[S], Hosted]) -> None:
 async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `hosted.load` and `after_load` have
     returned; on shutdown, NOT_SERVING again, in-flight calls get `grace_s`, then `on_stop` runs."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=GRPC_OPTIONS)
+    # Metrics outermost: the status code it counts is the one the error mapping settled on.
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=GRPC_OPTIONS)
     health = HealthServicer()
     names = _register(server, health, hosted.services)
     bound = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -132,6 +134,7 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     await _set_health(health, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info("%s listening on %s:%d", name, config.host, bound)
+    start_metrics_server(config.host, config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
