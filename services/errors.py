@@ -31,6 +31,7 @@ class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.trailers: tuple[tuple[str, str], ...] = ()  # trailing metadata sent with the status
 
 
 class NotReady(ServiceError):
@@ -80,6 +81,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 code = status_for(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", method)
+                if isinstance(exc, ServiceError) and exc.trailers:
+                    context.set_trailing_metadata(exc.trailers)
                 await context.abort(code, str(exc) or type(exc).__name__)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Histogram
 
+from services.admission import Admission, AdmissionConfig
 from services.config import ServerConfig, option, parse_config
 from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
@@ -48,6 +49,7 @@ class GatewayConfig:
     reranker_target: str = option("", "the RerankerService, HOST:PORT (empty: no reranking)")
     rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
                                            "instead of an error")
+    admission: AdmissionConfig = option(factory=AdmissionConfig)
 
 
 def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
@@ -65,14 +67,19 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if config.reranker_target:
             self.channels.append(grpc.aio.insecure_channel(config.reranker_target, options=GRPC_OPTIONS))
             self.reranker = reranker_pb2_grpc.RerankerServiceStub(self.channels[1])
+        self.admission = Admission(config.admission, "gateway")
 
     async def stop(self) -> None:
         for channel in self.channels:
             await channel.close()
 
     async def Search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
-        start = time.perf_counter()
         _validate(request)
+        async with self.admission.admit(context):
+            return await self._search(request, context)
+
+    async def _search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
+        start = time.perf_counter()
         depth = request.rerank_depth
         first_stage = await self._retrieve(request, max(request.top_k, depth), context)
         retrieve_ms = elapsed_ms(start)

@@ -18,10 +18,11 @@ from prometheus_client import Counter, Histogram
 from common.device import set_cpu_threads
 from reranker.batcher import BatcherConfig, RerankBatcher
 from reranker.engine import Reranker, RerankerConfig
-from reranker.errors import RerankInputError
+from reranker.errors import QueueFull, RerankInputError
 from reranker.prompt import Prompt
 from reranker.tenants import Listing, TenantHandle, TenantSettings
 from reranker.zoo import TenantUsage
+from services.admission import Overloaded
 from services.config import Secret, ServerConfig, option, parse_config
 from services.errors import NotReady, ServiceError
 from services.gen.retrieval.v1 import (
@@ -68,6 +69,7 @@ class RerankerServiceConfig:
     batcher: BatcherConfig = option(factory=BatcherConfig)
     admin_token: Secret = option(factory=Secret, help="when set, AdapterService calls need "
                                                       "'authorization: Bearer <token>'")
+    retry_after_ms: int = option(100, "the retry hint (grpc-retry-pushback-ms) sent when the queue is full")
 
 
 class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
@@ -138,7 +140,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
         handle, prompt = await self.prepare.run(context, self._prepare, request.tenant, request.query, docs)
-        scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
+        try:
+            scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
+        except QueueFull as full:
+            raise Overloaded(str(full), self.config.retry_after_ms) from None
         QUEUE_SECONDS.observe(scored.queue_ms / 1000)
         MODEL_SECONDS.observe(scored.model_ms / 1000)
         DOCUMENTS.inc(len(docs))

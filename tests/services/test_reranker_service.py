@@ -115,6 +115,8 @@ def test_full_queue_is_resource_exhausted(server_factory):
     codes = [o.code() for o in outcomes if isinstance(o, grpc.RpcError)]
     assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert any(isinstance(o, reranker_pb2.RerankResponse) for o in outcomes)
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert all(("grpc-retry-pushback-ms", "100") in tuple(o.trailing_metadata() or ()) for o in refused)
 
 
 def test_gateway_reranks_through_the_reranker(server_factory, fixture_retriever, reranker_server):

@@ -1,0 +1,154 @@
+"""Operations against live retriever, reranker and gateway processes on 127.0.0.1: Prometheus metrics scraped
+after real traffic, and the gateway's admission control under a burst."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
+from tests.conftest import FIXTURE_DOCS, Server, free_port, ingest_fixture
+
+pytestmark = pytest.mark.integration
+SEARCHES = 4
+DEPTH = 3
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+@dataclass
+class Stack:
+    retriever: Server
+    reranker: Server
+    gateway: Server
+    ports: dict[str, int]  # metrics ports
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    ports = {name: free_port() for name in ("retriever", "reranker", "gateway")}
+    retriever = Server("services.retriever", ["--data-dir", str(tmp / "data"), "--metrics-port",
+                                              str(ports["retriever"])], log_path=tmp / "retriever.log").start()
+    ingest_fixture(retriever.target)
+    reranker = Server("services.reranker", ["--block-tokens", "64", "--metrics-port", str(ports["reranker"])],
+                      log_path=tmp / "reranker.log").start()
+    gateway = Server("services.gateway", ["--retriever-target", retriever.target, "--reranker-target",
+                                          reranker.target, "--metrics-port", str(ports["gateway"])],
+                     log_path=tmp / "gateway.log").start()
+    yield Stack(retriever, reranker, gateway, ports)
+    for server in (gateway, reranker, retriever):
+        server.stop()
+
+
+def test_every_service_exposes_its_metrics_after_traffic(stack: Stack) -> None:
+    ports = stack.ports
+    search = search_pb2_grpc.SearchServiceStub(stack.gateway.channel()).Search
+    for query in ("blood sugar", "volcanic ash", "kittens purr", "baking bread")[:SEARCHES]:
+        assert search(search_pb2.SearchRequest(collection="c", query=query, top_k=3, rerank_depth=DEPTH),
+                      timeout=120).reranked
+    for bad, code in ((search_pb2.SearchRequest(collection="c", query="", top_k=3), "INVALID_ARGUMENT"),
+                      (search_pb2.SearchRequest(collection="nope", query="q", top_k=3), "NOT_FOUND")):
+        with pytest.raises(grpc.RpcError) as info:
+            search(bad, timeout=30)
+        assert info.value.code().name == code
+
+    g = scrape(ports["gateway"])
+    rpc = {"grpc_service": "retrieval.v1.SearchService", "grpc_method": "Search"}
+    assert value(g, "grpc_server_handled_total", **rpc, grpc_code="OK") == SEARCHES
+    assert value(g, "grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
+    assert value(g, "grpc_server_handled_total", **rpc, grpc_code="NOT_FOUND") == 1
+    assert value(g, "grpc_server_started_total", **rpc) == SEARCHES + 2
+    assert value(g, "grpc_server_handling_seconds_count", **rpc) == SEARCHES + 2
+    assert value(g, "gateway_stage_seconds_count", stage="rerank") == SEARCHES
+    assert value(g, "gateway_stage_seconds_count", stage="retrieve") == SEARCHES  # failed ones never got there
+    assert value(g, "gateway_stage_seconds_sum", stage="rerank") > 0
+
+    r = scrape(ports["reranker"])
+    rerank = {"grpc_service": "retrieval.v1.RerankerService", "grpc_method": "Rerank"}
+    assert value(r, "grpc_server_handled_total", **rerank, grpc_code="OK") == SEARCHES
+    assert value(r, "reranker_documents_total") == SEARCHES * DEPTH
+    assert value(r, "reranker_request_documents_count") == SEARCHES
+    assert 1 <= value(r, "reranker_batch_requests_count") <= SEARCHES
+    assert value(r, "reranker_batch_requests_sum") == SEARCHES
+    assert value(r, "reranker_batch_tokens_sum") > SEARCHES * DEPTH
+    assert value(r, "reranker_model_seconds_count") == SEARCHES and value(r, "reranker_model_seconds_sum") > 0
+    assert value(r, "reranker_queue_wait_seconds_count") == SEARCHES
+    assert value(r, "reranker_queue_depth") == 0
+    assert value(r, "reranker_tenants_loaded") >= 1  # the shipped adapter, as the default tenant
+    assert value(r, "reranker_tenant_block_bytes") > 0 and value(r, "reranker_base_model_bytes") > 0
+    assert value(r, "reranker_prefix_cache_hits_total") + value(r, "reranker_prefix_cache_misses_total") > 0
+
+    q = scrape(ports["retriever"])
+    retrieve = {"grpc_service": "retrieval.v1.RetrieverService", "grpc_method": "Retrieve"}
+    assert value(q, "grpc_server_handled_total", **retrieve, grpc_code="OK") == SEARCHES
+    assert value(q, "grpc_server_handled_total", **retrieve, grpc_code="NOT_FOUND") == 1
+    assert value(q, "retriever_collection_documents", collection="c") == len(FIXTURE_DOCS)
+    assert value(q, "retriever_embedded_texts_total") >= len(FIXTURE_DOCS) + SEARCHES
+    assert value(q, "retriever_embedding_seconds_total") > 0
+    # Bounded cardinality: only these labels (RPC, code, stage, collection; the client library's own process
+    # and Python metrics' labels; histogram buckets), never a query, a document or a tenant.
+    allowed = {"grpc_service", "grpc_method", "grpc_code", "stage", "collection", "le",
+               "generation", "implementation", "major", "minor", "patchlevel", "version"}
+    assert {name for samples in (g, r, q) for _, labels in samples for name, _ in labels} <= allowed
+
+
+def test_gateway_admission_sheds_a_burst_and_recovers(stack: Stack, server_factory) -> None:
+    """One request worked on at once and two queued: a burst of 12 gets the rest refused at once with the retry
+    hint, every admitted one answers, a queued one whose deadline passes says where it waited, and afterwards the
+    gateway serves as before."""
+    port = free_port()
+    gateway = server_factory("services.gateway", ["--retriever-target", stack.retriever.target, "--reranker-target",
+                                                  stack.reranker.target, "--max-in-flight", "1", "--max-queued", "2",
+                                                  "--retry-after-ms", "250", "--metrics-port", str(port)]).start()
+    request = search_pb2.SearchRequest(collection="c", query="blood sugar", top_k=3, rerank_depth=len(FIXTURE_DOCS))
+
+    async def burst(n: int, timeout: float) -> list:
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            return await asyncio.gather(*[stub.Search(request, timeout=timeout) for _ in range(n)],
+                                        return_exceptions=True)
+
+    outcomes = asyncio.run(burst(12, timeout=120))
+    answered = [o for o in outcomes if isinstance(o, search_pb2.SearchResponse)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(answered) == 3 and all(o.reranked for o in answered), "one in flight + two queued"
+    assert len(refused) == 9 and {o.code() for o in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all(("grpc-retry-pushback-ms", "250") in tuple(o.trailing_metadata() or ()) for o in refused)
+    assert "overloaded" in refused[0].details()
+
+    # Deadlines are honoured while queued: behind a full rerank (hundreds of ms on a CPU), a 0.1 s call cannot
+    # get a slot in time.
+    async def queued_past_deadline() -> BaseException | search_pb2.SearchResponse:
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            slow = asyncio.ensure_future(stub.Search(request, timeout=120))
+            await asyncio.sleep(0.02)
+            short = await asyncio.gather(stub.Search(request, timeout=0.1), return_exceptions=True)
+            await slow
+            return short[0]
+
+    late = asyncio.run(queued_past_deadline())
+    assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "queued for admission" in late.details()
+
+    assert search_pb2_grpc.SearchServiceStub(gateway.channel()).Search(request, timeout=60).reranked  # recovered
+    samples = scrape(port)
+    assert value(samples, "admission_rejected_total") == len(refused)
+    assert value(samples, "admission_in_flight") == 0 and value(samples, "admission_queued") == 0
