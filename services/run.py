@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="BEIR directory to evaluate (repeatable; default: every collection under "
                              "../shared/data with a qrels file for the split)")
     parser.add_argument("--eval-split", default="test")
+    parser.add_argument("--loadtest", type=Path, default=None, metavar="OUT_DIR",
+                        help="instead of the demo query, a short load test of Search (rerank depth --rerank-depth): "
+                             "closed loop, then the capacity under --slo-ms; JSON, PNG and tables under OUT_DIR")
+    parser.add_argument("--slo-ms", type=float, default=2000.0, help="--loadtest: the p99 latency objective")
     args = parser.parse_args(argv)
 
     logs = args.var_dir / "logs"
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{proc.name} is SERVING")
         if args.eval:
             return run_eval(processes[0].target, processes[-1].target, args)
+        if args.loadtest:
+            ensure_ingested(processes[0].target, args.collection, args.data)
+            return run_loadtest(processes[-1].target, args)
         ensure_ingested(processes[0].target, args.collection, args.data)
         answer_query(processes[-1].target, args)
         if args.exit_after_query:
@@ -140,6 +147,23 @@ def run_eval(retriever: str, gateway: str, args: argparse.Namespace) -> int:
         out = args.eval / f"{data.name}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
+    return 0
+
+
+def run_loadtest(gateway: str, args: argparse.Namespace) -> int:
+    """A few minutes at most: 30 requests per level or probe, 15 s each, loopback only (deploy.loadtest)."""
+    from deploy.loadtest import cli
+
+    depth = 0 if args.no_reranker else args.rerank_depth
+    common = ["--target", gateway, "--collection", args.collection, "--queries", str(args.data), "--top-k", "10",
+              "--rerank-depth", str(depth), "--requests", "30", "--duration-s", "15", "--timeout-s", "30"]
+    runs = [("closed", ["--mode", "closed", "--concurrency", "1,2,4"]),
+            ("capacity", ["--mode", "capacity", "--slo-ms", str(args.slo_ms), "--bisections", "2"])]
+    for name, extra in runs:
+        print(f"\nload test: {name}")
+        code = cli.main([*common, *extra, "--out", str(args.loadtest / f"search-{name}.json")])
+        if code:
+            return code
     return 0
 
 

@@ -14,11 +14,21 @@ from typing import Any
 import grpc
 
 from deploy.loadtest import __doc__ as DESCRIPTION
-from deploy.loadtest.report import format_table, plot_levels
-from deploy.loadtest.runner import run_all
+from deploy.loadtest.modes import run_mode
+from deploy.loadtest.report import format_capacity, format_table, plot_levels
 from deploy.loadtest.target import LoadTestError, loopback_target
 from deploy.loadtest.workloads import read_documents, read_queries
 from services.gen.retrieval.v1 import document_pb2
+
+
+def rates(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(r <= 0 for r in values):
+        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
+    return values
 
 
 def concurrency_levels(text: str) -> list[int]:
@@ -46,10 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs-per-request", type=int, default=20, help="reranker mode: documents per Rerank")
     parser.add_argument("--tenant", default="",
                         help="tenant, or comma-separated tenants that requests cycle through (a mixed-tenant stream)")
+    parser.add_argument("--mode", choices=["closed", "open", "capacity"], default="closed",
+                        help="closed: concurrency levels; open: Poisson arrivals at --rates, latency from the "
+                             "scheduled send; capacity: the highest open-loop rate meeting --slo-ms")
     parser.add_argument("--concurrency", type=concurrency_levels, default=[1, 4, 8],
-                        help="comma-separated levels (default 1,4,8)")
-    parser.add_argument("--requests", type=int, default=200, help="max requests per level")
-    parser.add_argument("--duration-s", type=float, default=60.0, help="max seconds per level")
+                        help="closed mode: comma-separated levels (default 1,4,8)")
+    parser.add_argument("--rates", type=rates, default=[1.0, 2.0, 4.0],
+                        help="open mode: comma-separated offered rates, requests/s (default 1,2,4)")
+    parser.add_argument("--slo-ms", type=float, default=1000.0, help="capacity mode: latency objective")
+    parser.add_argument("--slo-percentile", type=float, choices=[50.0, 95.0, 99.0], default=99.0,
+                        help="capacity mode: which latency percentile must stay under --slo-ms")
+    parser.add_argument("--start-rps", type=float, default=0.0,
+                        help="capacity mode: first rate tried (0: half of one closed-loop client's rate)")
+    parser.add_argument("--max-rps", type=float, default=1000.0, help="capacity mode: highest rate tried")
+    parser.add_argument("--bisections", type=int, default=3, help="capacity mode: refining steps after doubling")
+    parser.add_argument("--seed", type=int, default=0, help="open/capacity: the arrival times' random seed")
+    parser.add_argument("--requests", type=int, default=200, help="max requests per level (or probe)")
+    parser.add_argument("--duration-s", type=float, default=60.0, help="max seconds per level (or probe)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each request")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests before the first level")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
@@ -72,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     documents: list[document_pb2.Document] = []
     if args.service == "reranker":
         documents = read_documents(args.corpus or args.queries, args.docs_per_request * 8)
-    levels = asyncio.run(run_all(args, target, queries, documents))
+    outcome = asyncio.run(run_mode(args, target, queries, documents))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "progress"}
     config.update(target=args.target, resolved_target=target, query_count=len(queries),
                   document_pool=len(documents))
@@ -80,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "client": {"python": platform.python_version(), "machine": platform.machine(), "grpc": grpc.__version__},
         "config": config,
-        "levels": levels,
+        **outcome,
     }
 
 
@@ -101,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     png = write_outputs(result, args.out)
     print(format_table(result["levels"]))
+    if "capacity" in result:
+        print(format_capacity(result["capacity"]))
     print(f"wrote {args.out} and {png}")
-    if any(lv["ok"] == 0 for lv in result["levels"]):
-        print("error: a concurrency level had no successful request", file=sys.stderr)
+    if "capacity" not in result and any(lv["ok"] == 0 for lv in result["levels"]):
+        print("error: a level had no successful request", file=sys.stderr)
         return 1
     return 0
 

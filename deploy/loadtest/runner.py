@@ -1,12 +1,11 @@
-"""Closed-loop levels: `concurrency` workers send back to back; per-level latency, throughput, errors."""
+"""Sending requests and summing up a level: closed-loop levels (`concurrency` workers send back to back);
+deploy.loadtest.openloop builds the open loop on the same pieces."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import itertools
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,9 +14,7 @@ import grpc
 import numpy as np
 from tqdm.auto import tqdm
 
-from deploy.loadtest.workloads import Workload, rerank_workload, search_workload
-from services.gen.retrieval.v1 import document_pb2
-from services.server import GRPC_OPTIONS
+from deploy.loadtest.workloads import Workload
 
 OK = "OK"
 
@@ -29,9 +26,10 @@ class Sample:
     timings: dict[str, float]
 
 
-async def send_one(workload: Workload, index: int, timeout_s: float) -> Sample:
+async def send_one(workload: Workload, index: int, timeout_s: float, sent_at: float | None = None) -> Sample:
+    """One request; latency from `sent_at` (perf_counter; an open loop's scheduled time) or from now."""
     request = workload.make_request(index)
-    start = time.perf_counter()
+    start = time.perf_counter() if sent_at is None else sent_at
     try:
         response = await workload.rpc(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as err:
@@ -74,12 +72,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(concurrency: int, samples: Sequence[Sample], wall_s: float, timing_fields: Sequence[str]) -> dict:
+def summarize(samples: Sequence[Sample], wall_s: float, timing_fields: Sequence[str]) -> dict:
     ok = [s for s in samples if s.code == OK]
     latencies = [s.latency_ms for s in ok]
     errors = Counter(s.code for s in samples if s.code != OK)
     return {
-        "concurrency": concurrency,
         "requests": len(samples),
         "ok": len(ok),
         "error_count": sum(errors.values()),
@@ -95,23 +92,3 @@ def summarize(concurrency: int, samples: Sequence[Sample], wall_s: float, timing
         },
         "server_mean_ms": {f: float(np.mean([s.timings[f] for s in ok])) if ok else None for f in timing_fields},
     }
-
-
-async def run_all(args: argparse.Namespace, target: str, queries: Sequence[str],
-                  documents: Sequence[document_pb2.Document]) -> list[dict]:
-    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-        if args.service == "reranker":
-            workload = rerank_workload(channel, queries, documents, args.docs_per_request, args.tenant.split(","))
-        else:
-            workload = search_workload(channel, queries, args.collection, args.top_k, args.rerank_depth, args.tenant.split(","))
-        if args.warmup > 0:  # connection set-up and first-call costs stay out of the numbers
-            await run_level(workload, 1, args.warmup, args.duration_s, args.timeout_s, progress=False)
-        levels = []
-        next_index = args.warmup
-        for concurrency in args.concurrency:
-            samples, wall_s = await run_level(workload, concurrency, args.requests, args.duration_s,
-                                              args.timeout_s, next_index, progress=args.progress)
-            next_index += len(samples)
-            levels.append(summarize(concurrency, samples, wall_s, workload.timing_fields))
-            print(f"c={concurrency}: {len(samples)} requests in {wall_s:.1f}s", file=sys.stderr)
-        return levels

@@ -68,3 +68,45 @@ def test_non_loopback_target_is_refused_before_connecting(tmp_path, monkeypatch,
     assert loopback_target("127.1.2.3:9") == "127.1.2.3:9"
     assert loopback_target("[::1]:50050") == "[::1]:50050"
     assert loopback_target("localhost:50050") in {"127.0.0.1:50050", "[::1]:50050"}
+
+
+def test_open_loop_rates_against_gateway(server_factory, fixture_retriever, tmp_path, capsys):
+    gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target]).start()
+    write_queries(tmp_path)
+    out = tmp_path / "open.json"
+
+    code = cli.main(["--target", gateway.target, "--collection", "c", "--queries", str(tmp_path), "--top-k", "3",
+                     "--mode", "open", "--rates", "10,20", "--requests", "30", "--duration-s", "20",
+                     "--no-progress", "--out", str(out)])
+
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert [lv["rate_rps"] for lv in result["levels"]] == [10, 20]
+    for level in result["levels"]:
+        assert level["ok"] == level["requests"] == 30 and level["error_count"] == 0
+        # Poisson arrivals at the offered rate: 30 of them take about 30 / rate seconds to send.
+        assert 0.4 * 30 / level["rate_rps"] < level["wall_s"] < 3 * 30 / level["rate_rps"] + 2
+        assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+    assert "offered req/s" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_capacity_search_doubles_then_bisects():
+    import asyncio
+
+    from deploy.loadtest.openloop import Slo, find_capacity
+
+    async def probe(rate: float) -> dict:  # a server whose p99 grows 10 ms per request/s, no errors
+        return {"rate_rps": rate, "requests": 100, "error_count": 0, "latency_ms": {"p99": 10 * rate}}
+
+    found = asyncio.run(find_capacity(probe, Slo(latency_ms=100), start_rps=1, max_rps=1000, bisections=3))
+    assert [p["rate_rps"] for p in found["probes"]] == [1, 2, 4, 8, 10, 11, 12, 16]
+    assert found["capacity_rps"] == 10 and found["first_failing_rps"] == 11
+    assert [p["meets_slo"] for p in found["probes"]] == [True] * 5 + [False] * 3
+
+    async def erroring(rate: float) -> dict:  # fast, but refuses 5% beyond 4 requests/s
+        return {"rate_rps": rate, "requests": 100, "error_count": 5 if rate > 4 else 0, "latency_ms": {"p99": 1.0}}
+
+    assert asyncio.run(find_capacity(erroring, Slo(latency_ms=100), 1, 1000, 0))["capacity_rps"] == 4
+    unbounded = asyncio.run(find_capacity(probe, Slo(latency_ms=1e9), 1, 8, 3))
+    assert unbounded["capacity_rps"] == 8 and unbounded["reached_max_rps"]

@@ -4,6 +4,7 @@ after real traffic, and the gateway's admission control under a burst."""
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,3 +153,38 @@ def test_gateway_admission_sheds_a_burst_and_recovers(stack: Stack, server_facto
     samples = scrape(port)
     assert value(samples, "admission_rejected_total") == len(refused)
     assert value(samples, "admission_in_flight") == 0 and value(samples, "admission_queued") == 0
+
+
+def test_three_times_capacity_is_shed_and_the_gateway_recovers(stack: Stack, server_factory, tmp_path) -> None:
+    """The load test measures the stack's capacity (open loop, SLO p99 <= 3 s), then offers 3x that to a gateway
+    with admission limits: the excess is refused at once, every admitted request answers within its deadline,
+    and afterwards a closed-loop client sees no error and its old latency."""
+    from deploy.loadtest import cli
+
+    gateway = server_factory("services.gateway", ["--retriever-target", stack.retriever.target, "--reranker-target",
+                                                  stack.reranker.target, "--max-in-flight", "2", "--max-queued", "2"]
+                             ).start()
+    (tmp_path / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": text}) + "\n"
+        for i, text in enumerate(["blood sugar", "volcanic ash", "kittens purr", "baking bread", "roman emperors"])))
+    common = ["--target", gateway.target, "--collection", "c", "--queries", str(tmp_path), "--top-k", "3",
+              "--rerank-depth", str(len(FIXTURE_DOCS)), "--timeout-s", "10", "--no-progress"]
+
+    def load(*args: str) -> dict:
+        out = tmp_path / f"load-{len(list(tmp_path.glob('load-*.json')))}.json"
+        assert cli.main([*common, *args, "--out", str(out)]) == 0
+        return dict(json.loads(out.read_text()))
+
+    before = load("--mode", "closed", "--concurrency", "1", "--requests", "8")["levels"][0]
+    capacity = load("--mode", "capacity", "--slo-ms", "3000", "--requests", "12", "--duration-s", "4",
+                    "--bisections", "1")["capacity"]["capacity_rps"]
+    assert capacity > 0
+    over = load("--mode", "open", "--rates", f"{3 * capacity:.3f}", "--requests", "200", "--duration-s", "4")
+    level = over["levels"][0]
+    assert level["errors"].get("RESOURCE_EXHAUSTED", 0) > 0, level  # shed
+    assert set(level["errors"]) == {"RESOURCE_EXHAUSTED"}, level  # no admitted request missed its deadline
+    assert level["ok"] > 0 and level["latency_ms"]["max"] < 10_000
+
+    after = load("--mode", "closed", "--concurrency", "1", "--requests", "8")["levels"][0]
+    assert after["error_count"] == 0
+    assert after["latency_ms"]["p50"] < 2 * before["latency_ms"]["p50"] + 50

@@ -1,0 +1,66 @@
+"""The three ways to load a target: closed-loop concurrency levels, open-loop rates, and a capacity search."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from deploy.loadtest.openloop import Slo, find_capacity, run_rate, summarize_rate
+from deploy.loadtest.runner import run_level, summarize
+from deploy.loadtest.workloads import Workload, rerank_workload, search_workload
+from services.gen.retrieval.v1 import document_pb2
+from services.server import GRPC_OPTIONS
+
+
+async def run_mode(args: argparse.Namespace, target: str, queries: Sequence[str],
+                   documents: Sequence[document_pb2.Document]) -> dict:
+    """{"levels": [...]} (closed, open) or {"levels": probes, "capacity": {...}} (capacity)."""
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        tenants = args.tenant.split(",")
+        workload = (rerank_workload(channel, queries, documents, args.docs_per_request, tenants)
+                    if args.service == "reranker" else
+                    search_workload(channel, queries, args.collection, args.top_k, args.rerank_depth, tenants))
+        warm_mean_ms = await _warm_up(workload, args)
+        if args.mode == "closed":
+            return {"levels": await _closed(workload, args)}
+        if args.mode == "open":
+            return {"levels": [await _open(workload, args, rate) for rate in args.rates]}
+        start_rps = args.start_rps or (max(0.5, 500.0 / warm_mean_ms) if warm_mean_ms else 1.0)
+        capacity = await find_capacity(lambda rate: _open(workload, args, rate), Slo(args.slo_ms, args.slo_percentile),
+                                       start_rps, args.max_rps, args.bisections)
+        return {"levels": capacity.pop("probes"), "capacity": capacity}
+
+
+async def _warm_up(workload: Workload, args: argparse.Namespace) -> float | None:
+    """Connection set-up and first-call costs stay out of the numbers; the mean latency seeds the capacity
+    search's first rate (half of what one closed-loop client achieves)."""
+    if args.warmup <= 0:
+        return None
+    samples, _ = await run_level(workload, 1, args.warmup, args.duration_s, args.timeout_s, progress=False)
+    ok = [s.latency_ms for s in samples if s.code == "OK"]
+    return sum(ok) / len(ok) if ok else None
+
+
+async def _closed(workload: Workload, args: argparse.Namespace) -> list[dict]:
+    levels = []
+    next_index = args.warmup
+    for concurrency in args.concurrency:
+        samples, wall_s = await run_level(workload, concurrency, args.requests, args.duration_s, args.timeout_s,
+                                          next_index, progress=args.progress)
+        next_index += len(samples)
+        levels.append({"concurrency": concurrency, **summarize(samples, wall_s, workload.timing_fields)})
+        print(f"c={concurrency}: {len(samples)} requests in {wall_s:.1f}s", file=sys.stderr)
+    return levels
+
+
+async def _open(workload: Workload, args: argparse.Namespace, rate: float) -> dict:
+    samples, wall_s = await run_rate(workload, rate, args.requests, args.duration_s, args.timeout_s, args.warmup,
+                                     args.seed, args.progress)
+    level = summarize_rate(rate, samples, wall_s, workload.timing_fields)
+    p99 = level["latency_ms"]["p99"]
+    print(f"{rate:g}/s: {len(samples)} requests in {wall_s:.1f}s, {level['error_count']} errors, p99 "
+          f"{'-' if p99 is None else f'{p99:.0f} ms'}", file=sys.stderr)
+    return level
