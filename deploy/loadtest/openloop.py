@@ -7,8 +7,9 @@ scheduled time whether or not earlier ones have answered, and its latency is cou
 time spent queued anywhere (server, channel, this client) counts.
 
 The capacity search finds the highest offered rate whose latency percentile (p99 by default) stays under the
-SLO with at most `max_error_rate` of the requests failing (refusals by admission control included): rates
-double from a start until one fails, then bisect between the last passing and the first failing rate.
+SLO with at most `max_error_rate` of the requests failing (refusals by admission control included): from a
+start rate, double while rates pass (or halve while they fail), then bisect between the last passing and the
+first failing rate.
 """
 
 from __future__ import annotations
@@ -74,11 +75,22 @@ async def find_capacity(probe: Callable[[float], Awaitable[dict]], slo: Slo, sta
         return bool(level["meets_slo"])
 
     good, bad, rate = 0.0, 0.0, start_rps
-    while rate <= max_rps:
-        if not await passes(rate):
+    if await passes(rate):  # up: double until a rate fails
+        while True:
+            good, rate = rate, rate * 2
+            if rate > max_rps:
+                break
+            if not await passes(rate):
+                bad = rate
+                break
+    else:  # down: halve until a rate passes (or 1/16 of the start)
+        bad = rate
+        while rate / 2 >= start_rps / 16:
+            rate /= 2
+            if await passes(rate):
+                good = rate
+                break
             bad = rate
-            break
-        good, rate = rate, rate * 2
     for _ in range(bisections if good and bad else 0):
         middle = (good + bad) / 2
         if await passes(middle):

@@ -110,3 +110,9 @@ def test_capacity_search_doubles_then_bisects():
     assert asyncio.run(find_capacity(erroring, Slo(latency_ms=100), 1, 1000, 0))["capacity_rps"] == 4
     unbounded = asyncio.run(find_capacity(probe, Slo(latency_ms=1e9), 1, 8, 3))
     assert unbounded["capacity_rps"] == 8 and unbounded["reached_max_rps"]
+    # A start above capacity: halve until a rate passes, then bisect.
+    down = asyncio.run(find_capacity(probe, Slo(latency_ms=100), start_rps=40, max_rps=1000, bisections=1))
+    assert [p["rate_rps"] for p in down["probes"]] == [10, 15, 20, 40]
+    assert down["capacity_rps"] == 10 and down["first_failing_rps"] == 15
+    nothing = asyncio.run(find_capacity(probe, Slo(latency_ms=1), start_rps=16, max_rps=1000))
+    assert nothing["capacity_rps"] == 0 and [p["rate_rps"] for p in nothing["probes"]] == [1, 2, 4, 8, 16]

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
@@ -188,3 +196,110 @@ def test_three_times_capacity_is_shed_and_the_gateway_recovers(stack: Stack, ser
     after = load("--mode", "closed", "--concurrency", "1", "--requests", "8")["levels"][0]
     assert after["error_count"] == 0
     assert after["latency_ms"]["p50"] < 2 * before["latency_ms"]["p50"] + 50
+
+
+# ---- compose monitoring: the files, the dashboard against live metrics, a real Prometheus ---------------------
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DASHBOARD = DEPLOY / "monitoring" / "grafana" / "dashboards" / "retrieval.json"
+PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "without", "avg", "max", "min", "irate", "increase"}
+
+
+def needs(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: prometheus, docker-compose; `make test` installs "
+                    "them when run as root)")
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return {p["title"]: [t["expr"] for t in p["targets"]] for p in panels}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: what is left without strings, label matchers, `by (...)`,
+    ranges, functions and numbers."""
+    bare = re.sub(r'"[^"]*"|\{[^}]*\}|\[[^]]*\]|\bby \([^)]*\)', " ", expr)
+    return {t for t in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare) if t not in PROMQL_WORDS}
+
+
+def test_compose_and_prometheus_files_are_valid() -> None:
+    needs("docker-compose", "promtool")
+    compose = DEPLOY / "docker-compose.yml"
+    rendered = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True,
+                              env={**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-only"}, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    config = yaml.safe_load(rendered.stdout)
+    assert {"retriever", "reranker", "gateway", "prometheus", "grafana"} <= set(config["services"])
+    for service in ("retriever", "reranker", "gateway"):
+        assert config["services"][service]["environment"][f"{service.upper()}_METRICS_PORT"] == "9100"
+    unset = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"}, check=False)
+    assert unset.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in unset.stderr, "no default admin password"
+    prometheus = DEPLOY / "monitoring" / "prometheus.yml"
+    check = subprocess.run(["promtool", "check", "config", str(prometheus)], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"]
+            for job in yaml.safe_load(prometheus.read_text())["scrape_configs"]}
+    assert jobs == {name: [f"{name}:9100"] for name in ("gateway", "retriever", "reranker")}
+
+
+def test_dashboard_queries_read_metrics_the_services_expose(stack: Stack) -> None:
+    search = search_pb2_grpc.SearchServiceStub(stack.gateway.channel()).Search  # labelled series exist after use
+    assert search(search_pb2.SearchRequest(collection="c", query="ash", top_k=2, rerank_depth=2), timeout=60).reranked
+    exposed = {name for port in stack.ports.values() for name, _ in scrape(port)}
+    queries = dashboard_queries()
+    assert len(queries) >= 10
+    for title, exprs in queries.items():
+        names = set().union(*(metric_names(e) for e in exprs))
+        assert names, title
+        assert names <= exposed, (title, names - exposed)
+
+
+def test_a_real_prometheus_scrapes_the_stack(stack: Stack, tmp_path: Path) -> None:
+    """Prometheus (the Debian package) on 127.0.0.1 scraping the three live services each second: every target
+    up, a query over real traffic returns it, and every dashboard query is valid PromQL there."""
+    needs("prometheus")
+    port = free_port()
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [{"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{p}"]}]}
+                                 for name, p in stack.ports.items()]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    server = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))  # noqa: SIM115
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        def get(path: str) -> dict:
+            with urllib.request.urlopen(f"{api}/{path}", timeout=5) as reply:
+                return dict(json.loads(reply.read()))
+
+        def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if check():
+                        return
+                except OSError:
+                    pass  # not listening yet
+                time.sleep(0.5)
+            raise AssertionError(f"{what} within {timeout}s: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+
+        until(lambda: sorted(t["health"] for t in get("targets")["data"]["activeTargets"]) == ["up"] * 3,
+              "all three targets up")
+        search = search_pb2_grpc.SearchServiceStub(stack.gateway.channel()).Search
+        before = search(search_pb2.SearchRequest(collection="c", query="lava", top_k=2, rerank_depth=2), timeout=60)
+        assert before.reranked
+        served = sum(v for (name, labels), v in scrape(stack.ports["gateway"]).items()
+                     if name == "grpc_server_handled_total" and ("grpc_method", "Search") in labels)
+        query = urllib.parse.quote('sum(grpc_server_handled_total{job="gateway",grpc_method="Search"})')
+        until(lambda: float(get(f"query?query={query}")["data"]["result"][0]["value"][1]) == served,
+              f"the gateway's {served:.0f} Searches in Prometheus")
+        for title, exprs in dashboard_queries().items():
+            for expr in exprs:  # as Grafana sends them: its range variable replaced by a window
+                reply = get(f"query?query={urllib.parse.quote(expr.replace('$__rate_interval', '1m'))}")
+                assert reply["status"] == "success", (title, expr, reply)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
