@@ -151,14 +151,16 @@ def run_eval(retriever: str, gateway: str, args: argparse.Namespace) -> int:
 
 
 def run_loadtest(gateway: str, args: argparse.Namespace) -> int:
-    """A few minutes at most: 30 requests per level or probe, 15 s each, loopback only (deploy.loadtest)."""
+    """A few minutes: 30 requests per level or probe, 15 s each (probes long enough for 10 arrivals), loopback
+    only (deploy.loadtest)."""
     from deploy.loadtest import cli
 
     depth = 0 if args.no_reranker else args.rerank_depth
     common = ["--target", gateway, "--collection", args.collection, "--queries", str(args.data), "--top-k", "10",
               "--rerank-depth", str(depth), "--requests", "30", "--duration-s", "15", "--timeout-s", "30"]
     runs = [("closed", ["--mode", "closed", "--concurrency", "1,2,4"]),
-            ("capacity", ["--mode", "capacity", "--slo-ms", str(args.slo_ms), "--bisections", "2"])]
+            ("capacity", ["--mode", "capacity", "--slo-ms", str(args.slo_ms), "--bisections", "2",
+                          "--min-requests", "10"])]
     for name, extra in runs:
         print(f"\nload test: {name}")
         code = cli.main([*common, *extra, "--out", str(args.loadtest / f"search-{name}.json")])

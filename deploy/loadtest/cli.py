@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="open/capacity: the arrival times' random seed")
     parser.add_argument("--requests", type=int, default=200, help="max requests per level (or probe)")
     parser.add_argument("--duration-s", type=float, default=60.0, help="max seconds per level (or probe)")
+    parser.add_argument("--min-requests", type=int, default=0,
+                        help="open/capacity: a level lasts at least this many arrivals' time (at most 600 s)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each request")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests before the first level")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")

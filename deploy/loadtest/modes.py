@@ -56,8 +56,13 @@ async def _closed(workload: Workload, args: argparse.Namespace) -> list[dict]:
     return levels
 
 
+MAX_LEVEL_S = 600.0  # --min-requests never stretches a level beyond this
+
+
 async def _open(workload: Workload, args: argparse.Namespace, rate: float) -> dict:
-    samples, wall_s = await run_rate(workload, rate, args.requests, args.duration_s, args.timeout_s, args.warmup,
+    # A slow rate gets long enough for --min-requests arrivals (a p99 of two samples says little).
+    duration_s = min(MAX_LEVEL_S, max(args.duration_s, args.min_requests / rate))
+    samples, wall_s = await run_rate(workload, rate, args.requests, duration_s, args.timeout_s, args.warmup,
                                      args.seed, args.progress)
     level = summarize_rate(rate, samples, wall_s, workload.timing_fields)
     p99 = level["latency_ms"]["p99"]
