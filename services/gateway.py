@@ -1,7 +1,10 @@
 """SearchService: first-stage retrieval, then (optionally) BlockRank reranking.
 
     python -m services.gateway --port 50050 --retriever-target 127.0.0.1:50051 \
-        [--reranker-target 127.0.0.1:50052]
+        [--reranker-target 127.0.0.1:50052[,127.0.0.1:50053...] | dns:///reranker:50052]
+
+Each downstream may be several replicas (services.downstream): calls go round-robin over those up and move
+to another when one is down. The gateway's health is SERVING only while its downstreams answer SERVING.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client import Histogram
 
 from services.admission import Admission, AdmissionConfig
 from services.config import ServerConfig, option, parse_config
+from services.downstream import replica_channel, serving
 from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
     reranker_pb2,
@@ -25,7 +29,6 @@ from services.gen.retrieval.v1 import (
 )
 from services.metrics import LATENCY_BUCKETS
 from services.server import (
-    GRPC_OPTIONS,
     Context,
     Hosted,
     ServiceSpec,
@@ -39,14 +42,17 @@ MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
 
 
+RETRIEVER_SERVICE = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
+RERANKER_SERVICE = reranker_pb2.DESCRIPTOR.services_by_name["RerankerService"].full_name
 STAGE_SECONDS = Histogram("gateway_stage_seconds", "Time of each stage of a Search: retrieve (first stage), "
                           "rerank.", ["stage"], buckets=LATENCY_BUCKETS)
 
 @dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = option(factory=lambda: ServerConfig(port=50050))
-    retriever_target: str = option("127.0.0.1:50051", "the RetrieverService, HOST:PORT")
-    reranker_target: str = option("", "the RerankerService, HOST:PORT (empty: no reranking)")
+    retriever_target: str = option("127.0.0.1:50051", "the RetrieverService: HOST:PORT, replicas as a comma-separated "
+                                   "list, or a gRPC name (dns:///retriever:50051)")
+    reranker_target: str = option("", "the RerankerService, the same forms (empty: no reranking)")
     rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
                                            "instead of an error")
     admission: AdmissionConfig = option(factory=AdmissionConfig)
@@ -60,14 +66,19 @@ def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.channels = [grpc.aio.insecure_channel(config.retriever_target, options=GRPC_OPTIONS)]
+        self.channels = [replica_channel(config.retriever_target, RETRIEVER_SERVICE)]
         self.retriever: retriever_pb2_grpc.RetrieverServiceAsyncStub = \
             retriever_pb2_grpc.RetrieverServiceStub(self.channels[0])
         self.reranker: reranker_pb2_grpc.RerankerServiceAsyncStub | None = None
         if config.reranker_target:
-            self.channels.append(grpc.aio.insecure_channel(config.reranker_target, options=GRPC_OPTIONS))
+            self.channels.append(replica_channel(config.reranker_target, RERANKER_SERVICE))
             self.reranker = reranker_pb2_grpc.RerankerServiceStub(self.channels[1])
         self.admission = Admission(config.admission, "gateway")
+
+    async def downstreams_serving(self) -> bool:
+        """The retriever, and the reranker unless reranking fails open, have a replica that serves."""
+        needed = self.channels if not self.config.rerank_fail_open else self.channels[:1]
+        return all([await serving(channel) for channel in needed])
 
     async def stop(self) -> None:
         for channel in self.channels:
@@ -162,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
 def build(config: GatewayConfig) -> Hosted:
     servicer = SearchServicer(config)  # aio channels must be made inside the running loop
     return Hosted([ServiceSpec.of(search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server,
-                                  servicer)], on_stop=[servicer.stop])
+                                  servicer)], on_stop=[servicer.stop], health_probe=servicer.downstreams_serving)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 # A server gives up this long before the caller's deadline, so its DEADLINE_EXCEEDED (saying which stage
 # ran out of time) reaches the caller before the caller's own timer fires with a bare "Deadline Exceeded".
 DEADLINE_SLACK_S = 0.05
+HEALTH_PROBE_S = 2.0
 
 
 def setup_logging() -> None:
@@ -101,6 +102,9 @@ class Hosted:
     load: Callable[[], None] | None = None
     after_load: Callable[[], Awaitable[None]] | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # After loading, polled every HEALTH_PROBE_S: health says SERVING only while it returns True (a gateway
+    # whose downstreams cannot serve is not serving either).
+    health_probe: Callable[[], Awaitable[bool]] | None = None
 
 
 class HasServer(Protocol):
@@ -178,5 +182,16 @@ async def _load_then_serve(name: str, hosted: Hosted, health: HealthServicer, na
         log.info("%s loaded in %.1fs", name, time.perf_counter() - start)
     if hosted.after_load is not None:
         await hosted.after_load()
-    await _set_health(health, names, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s SERVING", name)
+    if hosted.health_probe is None:
+        await _set_health(health, names, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s SERVING", name)
+        return
+    serving: bool | None = None
+    while True:  # cancelled at shutdown, with the loader task
+        now = await hosted.health_probe()
+        if now != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            await _set_health(health, names, status)
+            log.info("%s %s", name, "SERVING" if now else "NOT_SERVING (its downstreams cannot serve)")
+            serving = now
+        await asyncio.sleep(HEALTH_PROBE_S)

@@ -1,5 +1,7 @@
 """SearchService (gateway) against real retriever/gateway processes on 127.0.0.1."""
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,13 +56,25 @@ def test_first_stage_search_and_errors(server_factory, fixture_retriever):
     assert gateway.stop() == 0, "SIGTERM shuts down gracefully"
 
 
+def wait_health(server, status: str, timeout: float = 60) -> None:
+    from services.client import health_status
+
+    deadline = time.monotonic() + timeout
+    while health_status(server.target) != status:
+        assert time.monotonic() < deadline, f"{server.module} not {status} in {timeout}s: {server.log_tail()}"
+        time.sleep(0.3)
+
+
 def test_unavailable_downstreams(server_factory, fixture_retriever):
+    # A gateway whose downstreams cannot serve is up, answers, and says NOT_SERVING.
     dead = f"127.0.0.1:{free_port()}"
-    no_retriever = server_factory("services.gateway", ["--retriever-target", dead]).start()
+    no_retriever = server_factory("services.gateway", ["--retriever-target", dead]).start(wait=False)
+    wait_health(no_retriever, "NOT_SERVING")
     assert search_code(no_retriever, query="q") == grpc.StatusCode.UNAVAILABLE
 
     no_reranker = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
-                                                      "--reranker-target", dead]).start()
+                                                      "--reranker-target", dead]).start(wait=False)
+    wait_health(no_reranker, "NOT_SERVING")
     assert search_code(no_reranker, query="q", rerank_depth=3) == grpc.StatusCode.UNAVAILABLE
     assert not search(no_reranker, query="q").reranked  # depth 0 never touches the reranker
 

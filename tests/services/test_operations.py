@@ -8,11 +8,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,9 +242,13 @@ def test_compose_and_prometheus_files_are_valid() -> None:
     check = subprocess.run(["promtool", "check", "config", str(prometheus)], capture_output=True, text=True,
                            check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    jobs = {job["job_name"]: job["static_configs"][0]["targets"]
-            for job in yaml.safe_load(prometheus.read_text())["scrape_configs"]}
-    assert jobs == {name: [f"{name}:9100"] for name in ("gateway", "retriever", "reranker")}
+    jobs = {job["job_name"]: job for job in yaml.safe_load(prometheus.read_text())["scrape_configs"]}
+    assert set(jobs) == {"gateway", "retriever", "reranker"}
+    for name in ("gateway", "retriever"):
+        assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:9100"]
+    assert jobs["reranker"]["dns_sd_configs"] == [{"names": ["reranker"], "type": "A", "port": 9100}]  # replicas
+    gateway_command = config["services"]["gateway"]["command"]
+    assert "dns:///reranker:50052" in gateway_command and "dns:///retriever:50051" in gateway_command
 
 
 def test_dashboard_queries_read_metrics_the_services_expose(stack: Stack) -> None:
@@ -303,3 +309,47 @@ def test_a_real_prometheus_scrapes_the_stack(stack: Stack, tmp_path: Path) -> No
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---- replicas ---------------------------------------------------------------------------------------------------
+def test_replica_targets_become_one_load_balanced_target() -> None:
+    from services.downstream import channel_target
+
+    assert channel_target("127.0.0.1:50052") == "127.0.0.1:50052"
+    assert channel_target("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("localhost:5,localhost:6") == "ipv4:127.0.0.1:5,127.0.0.1:6"
+    assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target("dns:///reranker:50052") == "dns:///reranker:50052"
+    with pytest.raises(ValueError, match="numeric"):
+        channel_target("reranker-a:1,reranker-b:2")
+
+
+def test_gateway_keeps_answering_when_a_reranker_replica_dies(stack: Stack, server_factory) -> None:
+    """Two reranker replicas behind one gateway: calls go to both; one is SIGKILLed mid-traffic and not one
+    Search fails (the call that found it down is retried on the other)."""
+    port = free_port()
+    replica = server_factory("services.reranker", ["--block-tokens", "64", "--metrics-port", str(port)]).start()
+    gateway = server_factory("services.gateway", ["--retriever-target", stack.retriever.target, "--reranker-target",
+                                                  f"{stack.reranker.target},{replica.target}"]).start()
+    search = search_pb2_grpc.SearchServiceStub(gateway.channel()).Search
+    queries = ["blood sugar", "volcanic ash", "kittens purr", "baking bread", "roman emperors"] * 4
+
+    def count(metrics_port: int) -> float:  # Reranks answered OK (no series before the first)
+        labels = {"grpc_code": "OK", "grpc_method": "Rerank", "grpc_service": "retrieval.v1.RerankerService"}
+        return scrape(metrics_port).get(("grpc_server_handled_total", tuple(sorted(labels.items()))), 0.0)
+
+    def one(query: str) -> search_pb2.SearchResponse:
+        return search(search_pb2.SearchRequest(collection="c", query=query, top_k=3, rerank_depth=4), timeout=60)
+
+    before = count(stack.ports["reranker"])
+    with ThreadPoolExecutor(3) as pool:  # three calls in flight at a time: the kill catches some mid-call
+        calls = [pool.submit(one, q) for q in queries]
+        while sum(c.done() for c in calls) < 8:
+            time.sleep(0.05)
+        assert count(port) > 0 and count(stack.ports["reranker"]) > before, "round robin over both"
+        replica.stop(signal.SIGKILL)
+        replies = [c.result() for c in calls]  # raises if any call failed
+    assert all(r.reranked for r in replies), [r.rerank_skipped_reason for r in replies]
+    from services.client import health_status
+
+    assert health_status(gateway.target) == "SERVING"  # one replica left is enough

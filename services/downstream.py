@@ -1,0 +1,59 @@
+"""Channels from the gateway to its downstreams, with replicas: several `HOST:PORT` targets (comma-separated)
+or a gRPC name that resolves to several addresses (`dns:///reranker:50052`, as compose's `--scale` gives) share
+one channel that spreads calls round-robin over every address that is up (gRPC client-side load balancing),
+and retries a call that found its replica UNAVAILABLE on another one, within the call's deadline. Only
+idempotent read RPCs are retried (the gateway calls Retrieve and Rerank; nothing it calls writes).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.server import GRPC_OPTIONS
+
+# Per-call retry on another replica: UNAVAILABLE only (the replica is down or restarting), a few attempts with a
+# short backoff; gRPC keeps them within the caller's deadline.
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+def channel_target(targets: str) -> str:
+    """`host:port` as is; `a:1,b:2` as one `ipv4:`/`ipv6:` target of all of them (numeric addresses, or
+    `localhost`); anything with a scheme (`dns:///name:port`, `ipv4:...`) as is."""
+    parts = [t.strip() for t in targets.split(",") if t.strip()]
+    if len(parts) == 1 or ":///" in targets or targets.startswith(("ipv4:", "ipv6:", "unix:")):
+        return targets if len(parts) > 1 else parts[0]
+    hosts = [p.rsplit(":", 1)[0].strip("[]") for p in parts]
+    addresses = ["127.0.0.1" if h == "localhost" else h for h in hosts]
+    try:
+        families = {ipaddress.ip_address(a).version for a in addresses}
+    except ValueError:
+        raise ValueError(f"replica lists take numeric addresses (or a dns:/// name), got {targets!r}") from None
+    if len(families) > 1:
+        raise ValueError(f"replica lists take one address family, got {targets!r}")
+    scheme = "ipv4" if families == {4} else "ipv6"
+    ports = [p.rsplit(":", 1)[1] for p in parts]
+    joined = ",".join(f"{a}:{port}" if scheme == "ipv4" else f"[{a}]:{port}"
+                      for a, port in zip(addresses, ports, strict=True))
+    return f"{scheme}:{joined}"
+
+
+def replica_channel(targets: str, service: str) -> grpc.aio.Channel:
+    """One channel over every replica of `service` (its full name, e.g. retrieval.v1.RerankerService)."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}],
+              "methodConfig": [{"name": [{"service": service}], "retryPolicy": RETRY_POLICY}]}
+    options = [*GRPC_OPTIONS, ("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
+    return grpc.aio.insecure_channel(channel_target(targets), options=options)
+
+
+async def serving(channel: grpc.aio.Channel, timeout: float = 2.0) -> bool:
+    """Whether a replica behind the channel answers SERVING to the standard health check."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
