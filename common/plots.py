@@ -12,14 +12,27 @@ from typing import Any
 @contextmanager
 def figures(path: Path, count: int, size: tuple[float, float], title: str = "") -> Iterator[Any]:
     """`count` axes side by side; yields them as a sequence, saves the PNG on exit."""
+    with _saved(path, 1, count, size, title) as axes:
+        yield axes
+
+
+@contextmanager
+def figure_grid(path: Path, rows: int, columns: int, title: str = "") -> Iterator[Any]:
+    """rows x columns axes (5.5 x 3.2 inches each), yielded as one flat sequence; the PNG saved on exit."""
+    with _saved(path, rows, columns, (5.5 * columns, 3.2 * rows), title) as axes:
+        yield axes
+
+
+@contextmanager
+def _saved(path: Path, rows: int, columns: int, size: tuple[float, float], title: str) -> Iterator[Any]:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, count, figsize=size)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
     try:
-        yield axes if count > 1 else [axes]
+        yield list(axes.flat)
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -82,15 +82,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of the demo query, a short load test of Search (rerank depth --rerank-depth): "
                              "closed loop, then the capacity under --slo-ms; JSON, PNG and tables under OUT_DIR")
     parser.add_argument("--slo-ms", type=float, default=2000.0, help="--loadtest: the p99 latency objective")
+    parser.add_argument("--capacity", type=Path, default=None, metavar="OUT_DIR",
+                        help="the capacity table (deploy.capacity): Search without and with reranking, open loop at "
+                             "0.5x/1x/3x of the measured capacity through a gateway with admission limits, scraped "
+                             "by a local Prometheus; the dashboard drawn from it")
     args = parser.parse_args(argv)
 
     logs = args.var_dir / "logs"
     gateway_port, retriever_port, reranker_port = args.base_port, args.base_port + 1, args.base_port + 2
-    processes = [start("retriever", "services.retriever", ["--data-dir", str(args.var_dir / "retriever")],
-                       retriever_port, logs)]
-    gateway_args = ["--retriever-target", processes[0].target]
+    metrics = {name: args.base_port + 10 + i for i, name in enumerate(("gateway", "retriever", "reranker"))} \
+        if args.capacity else {}
+    extra = {name: ["--metrics-port", str(port)] for name, port in metrics.items()}
+    if args.capacity:
+        from deploy.capacity import GATEWAY_ADMISSION
+        extra["gateway"] += GATEWAY_ADMISSION
+    processes = [start("retriever", "services.retriever", ["--data-dir", str(args.var_dir / "retriever"),
+                                                           *extra.get("retriever", [])], retriever_port, logs)]
+    gateway_args = ["--retriever-target", processes[0].target, *extra.get("gateway", [])]
     if not args.no_reranker:
-        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter], reranker_port, logs))
+        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter,
+                                                                 *extra.get("reranker", [])], reranker_port, logs))
         gateway_args += ["--reranker-target", processes[-1].target]
     processes.append(start("gateway", "services.gateway", gateway_args, gateway_port, logs))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -103,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.loadtest:
             ensure_ingested(processes[0].target, args.collection, args.data)
             return run_loadtest(processes[-1].target, args)
+        if args.capacity:
+            from deploy.capacity import capacity_table
+
+            ensure_ingested(processes[0].target, args.collection, args.data)
+            return capacity_table(processes[-1].target, metrics, args.data, args.collection, args.rerank_depth,
+                                  args.capacity, args.var_dir, args.base_port + 20)
         ensure_ingested(processes[0].target, args.collection, args.data)
         answer_query(processes[-1].target, args)
         if args.exit_after_query:
