@@ -300,12 +300,16 @@ def test_a_real_prometheus_scrapes_the_stack(stack: Stack, tmp_path: Path) -> No
         served = sum(v for (name, labels), v in scrape(stack.ports["gateway"]).items()
                      if name == "grpc_server_handled_total" and ("grpc_method", "Search") in labels)
         query = urllib.parse.quote('sum(grpc_server_handled_total{job="gateway",grpc_method="Search"})')
-        until(lambda: float(get(f"query?query={query}")["data"]["result"][0]["value"][1]) == served,
+        until(lambda: [float(r["value"][1]) for r in get(f"query?query={query}")["data"]["result"]] == [served],
               f"the gateway's {served:.0f} Searches in Prometheus")
         for title, exprs in dashboard_queries().items():
             for expr in exprs:  # as Grafana sends them: its range variable replaced by a window
                 reply = get(f"query?query={urllib.parse.quote(expr.replace('$__rate_interval', '1m'))}")
                 assert reply["status"] == "success", (title, expr, reply)
+        from deploy.dashboard import render  # the dashboard picture, from this Prometheus
+
+        render(f"http://127.0.0.1:{port}", tmp_path / "dashboard.png", minutes=1)
+        assert (tmp_path / "dashboard.png").stat().st_size > 50_000
     finally:
         server.terminate()
         server.wait(timeout=30)
