@@ -60,7 +60,7 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
         print(f"stopped {proc.name} (exit {proc.popen.returncode})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("RUN_DATA", SCIFACT)))
     parser.add_argument("--collection", default="scifact")
@@ -86,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the capacity table (deploy.capacity): Search without and with reranking, open loop at "
                              "0.5x/1x/3x of the measured capacity through a gateway with admission limits, scraped "
                              "by a local Prometheus; the dashboard drawn from it")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]]:
+    """The retriever, the reranker (unless --no-reranker) and the gateway, last; for --capacity with metrics
+    ports (base + 10..12) and the capacity run's admission limits. Returns them and the metrics ports."""
     logs = args.var_dir / "logs"
-    gateway_port, retriever_port, reranker_port = args.base_port, args.base_port + 1, args.base_port + 2
     metrics = {name: args.base_port + 10 + i for i, name in enumerate(("gateway", "retriever", "reranker"))} \
         if args.capacity else {}
     extra = {name: ["--metrics-port", str(port)] for name, port in metrics.items()}
@@ -97,35 +100,40 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.capacity import GATEWAY_ADMISSION
         extra["gateway"] += GATEWAY_ADMISSION
     processes = [start("retriever", "services.retriever", ["--data-dir", str(args.var_dir / "retriever"),
-                                                           *extra.get("retriever", [])], retriever_port, logs)]
+                                                           *extra.get("retriever", [])], args.base_port + 1, logs)]
     gateway_args = ["--retriever-target", processes[0].target, *extra.get("gateway", [])]
     if not args.no_reranker:
         processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter,
-                                                                 *extra.get("reranker", [])], reranker_port, logs))
+                                                                 *extra.get("reranker", [])], args.base_port + 2, logs))
         gateway_args += ["--reranker-target", processes[-1].target]
-    processes.append(start("gateway", "services.gateway", gateway_args, gateway_port, logs))
+    processes.append(start("gateway", "services.gateway", gateway_args, args.base_port, logs))
+    return processes, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    processes, metrics = start_stack(args)
+    retriever, gateway = processes[0].target, processes[-1].target
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         for proc in processes:
             wait_for_serving(proc.target, timeout=600, alive=proc.alive)
             print(f"{proc.name} is SERVING")
         if args.eval:
-            return run_eval(processes[0].target, processes[-1].target, args)
+            return run_eval(retriever, gateway, args)
+        ensure_ingested(retriever, args.collection, args.data)
         if args.loadtest:
-            ensure_ingested(processes[0].target, args.collection, args.data)
-            return run_loadtest(processes[-1].target, args)
+            return run_loadtest(gateway, args)
         if args.capacity:
             from deploy.capacity import capacity_table
 
-            ensure_ingested(processes[0].target, args.collection, args.data)
-            return capacity_table(processes[-1].target, metrics, args.data, args.collection, args.rerank_depth,
-                                  args.capacity, args.var_dir, args.base_port + 20)
-        ensure_ingested(processes[0].target, args.collection, args.data)
-        answer_query(processes[-1].target, args)
+            return capacity_table(gateway, metrics, args.data, args.collection, args.rerank_depth, args.capacity,
+                                  args.var_dir, args.base_port + 20)
+        answer_query(gateway, args)
         if args.exit_after_query:
             return 0
-        print(f"\nserving: gateway 127.0.0.1:{gateway_port}; try\n  .venv/bin/python -m services.client search "
-              f"--target 127.0.0.1:{gateway_port} --collection {args.collection} --query '...' "
+        print(f"\nserving: gateway {gateway}; try\n  .venv/bin/python -m services.client search "
+              f"--target {gateway} --collection {args.collection} --query '...' "
               f"--rerank-depth {args.rerank_depth}\nCtrl-C stops everything.")
         while all(p.alive() for p in processes):
             time.sleep(1)

@@ -1,6 +1,7 @@
 """What every service here shares: an aio server with health, reflection,
-error mapping, a bounded worker pool for blocking work, readiness after a
-background load, deadlines honoured, and graceful shutdown on SIGTERM/SIGINT."""
+error mapping, Prometheus metrics, a bounded worker pool for blocking work,
+readiness after a background load (and, for the gateway, while its
+downstreams serve), deadlines honoured, and graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def run_service(name: str, config: S, build: Callable[[S], Hosted]) -> None:
 
 async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `hosted.load` and `after_load` have
-    returned; on shutdown, NOT_SERVING again, in-flight calls get `grace_s`, then `on_stop` runs."""
+    returned (and then follows `hosted.health_probe` when there is one); on shutdown, NOT_SERVING again,
+    in-flight calls get `grace_s`, then `on_stop` runs."""
     # Metrics outermost: the status code it counts is the one the error mapping settled on.
     server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=GRPC_OPTIONS)
     health = HealthServicer()
