@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,15 @@ class PackedGraphs:
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         return self._replay(entry, packed)
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Inside, every batch runs without graphs (kept graphs stay for afterwards): to measure what they save."""
+        capacity, self.capacity = self.capacity, 0
+        try:
+            yield
+        finally:
+            self.capacity = capacity
 
     def clear(self) -> None:
         self._graphs.clear()

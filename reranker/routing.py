@@ -134,8 +134,8 @@ def add_deltas(y: torch.Tensor, name: str, x: torch.Tensor, segments: Sequence[S
 
 @dataclass(frozen=True)
 class FusedLinear:
-    """Several linear modules of one decoder layer reading the same input as one matmul (q|k|v, gate|up): their
-    weights stacked by output rows (a copy: the base weights are frozen while served), `parts` naming each
+    """Several linear modules of one decoder layer reading the same input as one matmul (the packed path's q|k):
+    their weights stacked by output rows (a copy: the base weights are frozen while served), `parts` naming each
     module's columns of the output, where its deltas go."""
 
     weight: torch.Tensor

@@ -24,9 +24,12 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s
 def channel_target(targets: str) -> str:
     """`host:port` as is; `a:1,b:2` as one `ipv4:`/`ipv6:` target of all of them (numeric addresses, or
     `localhost`); anything with a scheme (`dns:///name:port`, `ipv4:...`) as is."""
+    targets = targets.strip()
+    if ":///" in targets or targets.startswith(("ipv4:", "ipv6:", "unix:")):
+        return targets
     parts = [t.strip() for t in targets.split(",") if t.strip()]
-    if len(parts) == 1 or ":///" in targets or targets.startswith(("ipv4:", "ipv6:", "unix:")):
-        return targets if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
     hosts = [p.rsplit(":", 1)[0].strip("[]") for p in parts]
     addresses = ["127.0.0.1" if h == "localhost" else h for h in hosts]
     try:

@@ -47,6 +47,7 @@ RERANKER_SERVICE = reranker_pb2.DESCRIPTOR.services_by_name["RerankerService"].f
 STAGE_SECONDS = Histogram("gateway_stage_seconds", "Time of each stage of a Search: retrieve (first stage), "
                           "rerank.", ["stage"], buckets=LATENCY_BUCKETS)
 
+
 @dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = option(factory=lambda: ServerConfig(port=50050))

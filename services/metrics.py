@@ -96,10 +96,8 @@ def register_engine(collect_fn: Callable[[], Families]) -> None:
     REGISTRY.register(EngineCollector(collect_fn))
 
 
-def gauge(name: str, documentation: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=list(labels or {}))
-    family.add_metric(list((labels or {}).values()), value)
-    return family
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
 
 
 def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

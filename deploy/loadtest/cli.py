@@ -21,24 +21,25 @@ from deploy.loadtest.workloads import read_documents, read_queries
 from services.gen.retrieval.v1 import document_pb2
 
 
-def rates(text: str) -> list[float]:
+def _positive_list(text: str, cast: type[int] | type[float], what: str) -> list:
+    """Comma-separated numbers, each > 0 (for integers: >= 1)."""
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [cast(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(r <= 0 for r in values):
-        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
+        kind = "integers" if cast is int else "numbers"
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        bound = ">= 1" if cast is int else "> 0"
+        raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text!r}")
     return values
 
 
+def rates(text: str) -> list[float]:
+    return _positive_list(text, float, "rates")
+
+
 def concurrency_levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or any(c < 1 for c in levels):
-        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
-    return levels
+    return _positive_list(text, int, "concurrency levels")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from deploy.loadtest.openloop import Slo, find_capacity, run_rate, summarize_rate
-from deploy.loadtest.runner import run_level, summarize
+from deploy.loadtest.runner import OK, run_level, summarize
 from deploy.loadtest.workloads import Workload, rerank_workload, search_workload
 from services.gen.retrieval.v1 import document_pb2
 from services.server import GRPC_OPTIONS
@@ -40,7 +40,7 @@ async def _warm_up(workload: Workload, args: argparse.Namespace) -> float | None
     if args.warmup <= 0:
         return None
     samples, _ = await run_level(workload, 1, args.warmup, args.duration_s, args.timeout_s, progress=False)
-    ok = [s.latency_ms for s in samples if s.code == "OK"]
+    ok = [s.latency_ms for s in samples if s.code == OK]
     return sum(ok) / len(ok) if ok else None
 
 

@@ -98,11 +98,9 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
                         warmup)
     row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None}
     if device.type == "cuda":  # what the CUDA graphs (reranker.graphs) are worth: the same forward, eager
-        graphs = reranker.forward.graphs
-        capacity, graphs.capacity = graphs.capacity, 0
-        row["blockrank_eager_s"] = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats,
-                                         args.budget_s, 1)
-        graphs.capacity = capacity
+        with reranker.forward.graphs.eager():
+            row["blockrank_eager_s"] = timed(lambda: reranker.score_prompts([prompt], [handle]), device,
+                                             args.repeats, args.budget_s, 1)
     predicted = predict_quadratic(dense_points, n)
     if predicted > args.dense_budget_s:
         row["skipped"] = f"predicted {predicted:.0f}s > --dense-budget-s {args.dense_budget_s:.0f}"

@@ -42,9 +42,9 @@ def run_profile(args: argparse.Namespace) -> str:
         once()  # warm-up: kernels chosen, caches filled, the CUDA graph captured
     graphed_ms, graphed = wall_ms(once), profiled(once, on_gpu)
     # The table is of the eager forward: inside a graph the launches are not there to count.
-    reranker.forward.graphs.capacity = 0
-    once()
-    eager_ms, events = wall_ms(once), profiled(once, on_gpu)
+    with reranker.forward.graphs.eager():
+        once()
+        eager_ms, events = wall_ms(once), profiled(once, on_gpu)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     header = (f"{args.n_docs} documents x {args.block_tokens} tokens on {reranker.lm.device}, mean of {RUNS}:\n"
