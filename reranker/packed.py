@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from reranker import kernels
 from reranker.attention import Rope, attend_docs_fused, attend_prefix, attend_rows, attention_mass, key_bias
 from reranker.docbatch import pad_docs
 from reranker.model import HFModule
@@ -123,7 +124,8 @@ def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence
         x = rms_norm(layer.post_attention_layernorm, hidden)
         gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
         up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
-        _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", layer.mlp.act_fn(gate) * up, segments)
+        activated = _activate(fw, layer.mlp.act_fn, gate, up)
+        _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", activated, segments)
     return masses
 
 
@@ -138,12 +140,17 @@ def _rope_rows(fw: BlockRankForward, positions: torch.Tensor) -> Rope:
 def _qkv(fw: BlockRankForward, layer: HFModule, qk: FusedLinear, x: torch.Tensor, rope: Rope,
          segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normed rows (rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd), RoPE applied to q and k together."""
-    heads, hd, half = fw.n_heads + fw.n_kv, fw.head_dim, fw.head_dim // 2
+    heads, hd = fw.n_heads + fw.n_kv, fw.head_dim
     y = qk(x, segments).view(-1, heads, hd)
-    cos, sin = rope
-    rotated = torch.addcmul(y * cos, torch.cat([y[..., half:], y[..., :half]], dim=-1), sin)
+    rotated = kernels.rope(y, *rope)
     v = project(layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, hd)
     return rotated[:, :fw.n_heads], rotated[:, fw.n_heads:], v
+
+
+def _activate(fw: BlockRankForward, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's act_fn(gate) * up, one fused kernel for SiLU (Llama, Mistral, Qwen2)."""
+    silu = getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
+    return kernels.silu_mul(gate, up) if silu else act_fn(gate) * up
 
 
 def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,
@@ -159,14 +166,14 @@ def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             shared: _Shared | None, final_bias: torch.Tensor) -> list[torch.Tensor]:
     """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final. The prefix and the
     documents need no mask (causal, bottom-right aligned); the final segment skips the documents' padding."""
-    whole = slice(r.prefix.start, r.final.stop)  # the final segment sees every row of its prompt (biased)
-    final_parts = [(k[whole], v[whole])]
+    n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
+    final_parts = [(k[r.prefix], v[r.prefix], 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
     if shared is not None and shared.k is not None and shared.v is not None:
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
-        final_parts.insert(0, (shared.k, shared.v))
+        final_parts.insert(0, (shared.k, shared.v, 1))
     else:
         prefix_k, prefix_v = k[r.prefix], v[r.prefix]
-    n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
+    final_parts = [part for part in final_parts if part[0].shape[0]]  # a prefix wholly shared has no own rows
     docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
                              v[r.docs].view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
     return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale),

@@ -28,6 +28,7 @@ from common.beir import iter_corpus
 from common.device import describe_device
 from common.paths import SCIFACT
 from common.plots import figure
+from reranker import kernels
 from reranker.batcher import prompt_tokens
 from reranker.engine import Reranker, RerankerConfig
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
@@ -82,6 +83,7 @@ def speed(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "blockrank_path": "packed rows, SDPA kernels" if reranker.forward.gpu_path else "chunked, einsum attention",
         "cuda_graph_captures": reranker.forward.graphs.captures,
+        "triton_kernels": reranker.lm.device.type == "cuda" and kernels.ENABLED,
         "full_attention_implementation": reranker.lm.model.config._attn_implementation, "results": rows,
     }
     if 100 in by_n and 500 in by_n:

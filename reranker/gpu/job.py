@@ -37,8 +37,8 @@ from reranker.adapters import ADAPTER_META, DEFAULT_ADAPTER
 SHIPPED_META = DEFAULT_ADAPTER / ADAPTER_META
 SERVED_DEPTH = 20  # candidates the gateway reranks by default (deploy.eval's --rerank-depth)
 # The CUDA-only module and the device-aware equivalence tests (the rest of the suite runs on CPU, in CI).
-CUDA_TESTS = ["tests/reranker/test_cuda.py", "tests/reranker/test_model_families.py",
-              "tests/reranker/test_blockrank.py"]
+CUDA_TESTS = ["tests/reranker/test_cuda.py", "tests/reranker/test_kernels.py",
+              "tests/reranker/test_model_families.py", "tests/reranker/test_blockrank.py"]
 
 
 @dataclass(frozen=True)
