@@ -11,6 +11,7 @@ if [ "$1" = stash ]; then
   mv .gpu/a/model.part-a "$KEEP/"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'
+  python3 -c 'import triton; print("triton", triton.__version__)' || echo 'no triton'
   ls -l "$KEEP"
   exit 0
 fi
