@@ -113,25 +113,39 @@ RowPart = tuple[torch.Tensor, torch.Tensor, int]
 def attend_rows(q: torch.Tensor, parts: Sequence[RowPart], bias: torch.Tensor, scale: float) -> torch.Tensor:
     """A few queries q (T, heads, hd) over key/value parts read in place as one sequence, with an additive bias
     (T, sum S_i) (-inf: not seen): the packed path's final segment, a dozen queries over every row of its prompt.
-    One softmax in float32, the products in q's dtype (as the model's own attention). A part split into blocks
-    has its probabilities-times-values product batched per block and summed in float32: one product 16K keys
-    deep gets a small-tile kernel with no parallelism over keys (0.28 ms per call on an H100, 7.6 of 18.4 ms per
-    100-document rerank), a hundred products 160 deep spread over the whole device."""
+    One softmax in float32, the products in q's dtype (as the model's own attention).
+
+    Every product reads its operands in place (no permuting copies): the queries as (kv, T * group, hd), the
+    values of all kv heads as one (S, kv * hd) matrix, whose product with a head's probabilities is kept only
+    for that head (the diagonal blocks; kv times the arithmetic of a few rows, which costs nothing beside a
+    kernel launch). A part split into blocks has its probabilities-times-values product batched per block and
+    summed in float32: one product 16K keys deep gets a small-tile kernel with no parallelism over keys (0.28
+    ms per call on an H100, 7.6 of 18.4 ms per 100-document rerank), a hundred products 160 deep fill the GPU."""
     t, heads, hd = q.shape
     kv = parts[0][0].shape[1]
-    qg = q.view(t, kv, heads // kv, hd)
-    scores = torch.cat([torch.einsum("tkgd,skd->tkgs", qg, k) for k, _, _ in parts], dim=-1)
-    probs = torch.softmax(torch.add(bias[:, None, None, :], scores, alpha=scale), dim=-1).to(q.dtype)
-    out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+    group = heads // kv
+    rows = t * group  # per kv head, row t * group + g
+    queries = q.view(t, kv, group, hd).transpose(0, 1).reshape(kv, rows, hd)
+    scores = torch.cat([torch.matmul(queries, k.permute(1, 2, 0)) for k, _, _ in parts], dim=-1)
+    biased = torch.add(bias[None, :, None, :], scores.view(kv, t, group, -1), alpha=scale)
+    probs = torch.softmax(biased, dim=-1).to(q.dtype).view(kv * rows, -1)
+    out: torch.Tensor | None = None
     offset = 0
     for _, v, blocks in parts:
-        p, offset = probs[..., offset:offset + v.shape[0]], offset + v.shape[0]
+        n_keys = v.shape[0]
+        p, values = probs[:, offset:offset + n_keys], v.reshape(n_keys, kv * hd)
+        offset += n_keys
         if blocks > 1:
-            per_block = torch.einsum("tkgbs,bskd->btkgd", p.unflatten(-1, (blocks, -1)), v.unflatten(0, (blocks, -1)))
-            out += per_block.sum(0, dtype=torch.float32)
+            width = n_keys // blocks
+            per_block = torch.bmm(p.view(kv * rows, blocks, width).transpose(0, 1), values.view(blocks, width, -1))
+            part = per_block.view(blocks, kv, rows, kv, hd).diagonal(dim1=1, dim2=3).sum(0, dtype=torch.float32)
         else:
-            out += torch.einsum("tkgs,skd->tkgd", p, v)
-    return out.view(t, heads, hd).to(q.dtype)
+            part = (p @ values).view(kv, rows, kv, hd).diagonal(dim1=0, dim2=2).float()
+        out = part if out is None else out + part  # (rows, hd, kv)
+    assert out is not None
+    by_head = out.reshape(t, group, hd, kv).permute(0, 3, 1, 2)
+    out_q = torch.empty((t, kv, group, hd), dtype=q.dtype, device=q.device)
+    return out_q.copy_(by_head).view(t, heads, hd)  # the cast and the reordering in one copy
 
 
 def attend_prefix(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

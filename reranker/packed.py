@@ -167,13 +167,12 @@ def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final. The prefix and the
     documents need no mask (causal, bottom-right aligned); the final segment skips the documents' padding."""
     n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
-    final_parts = [(k[r.prefix], v[r.prefix], 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
     if shared is not None and shared.k is not None and shared.v is not None:
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
-        final_parts.insert(0, (shared.k, shared.v, 1))
     else:
         prefix_k, prefix_v = k[r.prefix], v[r.prefix]
-    final_parts = [part for part in final_parts if part[0].shape[0]]  # a prefix wholly shared has no own rows
+    # The final segment's keys, in its bias's order: the whole prefix, the documents, itself.
+    final_parts = [(prefix_k, prefix_v, 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
     docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
                              v[r.docs].view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
     return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale),
