@@ -9,6 +9,9 @@
     python -m services.client adapters --target 127.0.0.1:50052
     python -m services.client unload-adapter --target 127.0.0.1:50052 --tenant acme
 Adapter commands take --admin-token (or env RERANKER_ADMIN_TOKEN) when the server requires one.
+Over TLS, before the subcommand: --ca PEM (the servers' CA), and --cert PEM --key PEM for mutual TLS
+(or env RETRIEVAL_CA, RETRIEVAL_CERT, RETRIEVAL_KEY); --server-name NAME when the target's host is not
+a name in the server's certificate.
 Add --json (before the subcommand) for machine-readable output.
 """
 
@@ -42,17 +45,19 @@ from services.gen.retrieval.v1 import (
     search_pb2_grpc,
 )
 from services.server import GRPC_OPTIONS
+from services.tls import ClientTls, add_tls_arguments, client_tls
+from services.tls import channel as tls_channel
 
 INDEX_TYPES = {"flat": retriever_pb2.INDEX_TYPE_FLAT, "hnsw": retriever_pb2.INDEX_TYPE_HNSW}
 
 
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+def channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
+    return tls_channel(target, tls, GRPC_OPTIONS)
 
 
-def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
+def health_status(target: str, service: str = "", timeout: float = 2.0, tls: ClientTls | None = None) -> str:
     """SERVING / NOT_SERVING / ... or UNREACHABLE."""
-    with channel(target) as ch:
+    with channel(target, tls) as ch:
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                          timeout=timeout)
@@ -61,10 +66,11 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_for_serving(target: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True) -> None:
+def wait_for_serving(target: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True,
+                     tls: ClientTls | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if health_status(target) == "SERVING":
+        if health_status(target, tls=tls) == "SERVING":
             return
         if not alive():
             raise RuntimeError(f"server for {target} exited before it was SERVING")
@@ -85,10 +91,11 @@ class Ingested:
 
 
 def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 256, create: bool = True,
-                  index_type: str = "flat", progress: bool = True, timeout: float = 600.0) -> Ingested:
+                  index_type: str = "flat", progress: bool = True, timeout: float = 600.0,
+                  tls: ClientTls | None = None) -> Ingested:
     """Upsert a BEIR corpus.jsonl (or the directory holding it) into a collection."""
     data_dir = corpus.parent if corpus.is_file() else corpus
-    with channel(target) as ch:
+    with channel(target, tls) as ch:
         stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
         if create:
             try:
@@ -110,8 +117,8 @@ def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 
     return result
 
 
-def collection_size(target: str, collection: str) -> int | None:
-    with channel(target) as ch:
+def collection_size(target: str, collection: str, tls: ClientTls | None = None) -> int | None:
+    with channel(target, tls) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
             retriever_pb2.ListCollectionsRequest(), timeout=10)
     sizes = {c.name: c.document_count for c in reply.collections}
@@ -119,9 +126,9 @@ def collection_size(target: str, collection: str) -> int | None:
 
 
 def search(target: str, collection: str, query: str, top_k: int = 10, rerank_depth: int = 0, tenant: str = "",
-           timeout: float = 120.0, mode: document_pb2.RetrievalMode = document_pb2.RETRIEVAL_MODE_UNSPECIFIED
-           ) -> search_pb2.SearchResponse:
-    with channel(target) as ch:
+           timeout: float = 120.0, mode: document_pb2.RetrievalMode = document_pb2.RETRIEVAL_MODE_UNSPECIFIED,
+           tls: ClientTls | None = None) -> search_pb2.SearchResponse:
+    with channel(target, tls) as ch:
         return search_pb2_grpc.SearchServiceStub(ch).Search(search_pb2.SearchRequest(
             collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant, mode=mode),
             timeout=timeout)
@@ -155,6 +162,7 @@ def _emit(args: argparse.Namespace, payload: Message | dict[str, object], text: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_tls_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("health", help="health status of a server")
     p.add_argument("--target", required=True)
@@ -200,24 +208,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.tls = client_tls(args)
     return COMMANDS[args.command](args)
 
 
 def _health(args: argparse.Namespace) -> int:
-    status = health_status(args.target, args.service)
+    status = health_status(args.target, args.service, tls=args.tls)
     _emit(args, {"target": args.target, "status": status}, f"{args.target}: {status}")
     return 0 if status == "SERVING" else 1
 
 
 def _search(args: argparse.Namespace) -> int:
-    response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant)
+    response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant,
+                      tls=args.tls)
     _emit(args, response, format_search(response, args.query))
     return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
     result = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
-                           index_type=args.index, progress=not args.json)
+                           index_type=args.index, progress=not args.json, tls=args.tls)
     skipped = f"; skipped {len(result.skipped)} empty documents: {', '.join(result.skipped)}" if result.skipped else ""
     _emit(args, {"collection": args.collection, "upserted": result.upserted, "skipped_empty": result.skipped},
           f"upserted {result.upserted} documents{skipped}")
@@ -225,7 +235,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _collections(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
             retriever_pb2.ListCollectionsRequest(), timeout=10)
     text = "\n".join(f"{c.name}: {c.document_count} docs, dim {c.dimension}, "
@@ -235,7 +245,7 @@ def _collections(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).CreateCollection(retriever_pb2.CreateCollectionRequest(
             collection=args.collection, index_type=INDEX_TYPES[args.index]), timeout=30)
     _emit(args, reply, f"created {reply.collection.name}")
@@ -243,7 +253,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete_collection(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).DeleteCollection(
             retriever_pb2.DeleteCollectionRequest(collection=args.collection), timeout=30)
     _emit(args, reply, f"deleted {args.collection}")
@@ -255,7 +265,7 @@ def _admin_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
 
 
 def _load_adapter(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).LoadAdapter(
             adapter_pb2.LoadAdapterRequest(tenant=args.tenant, adapter=args.adapter), timeout=60,
             metadata=_admin_metadata(args))
@@ -266,7 +276,7 @@ def _load_adapter(args: argparse.Namespace) -> int:
 
 
 def _unload_adapter(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).UnloadAdapter(
             adapter_pb2.UnloadAdapterRequest(tenant=args.tenant), timeout=30, metadata=_admin_metadata(args))
     _emit(args, reply, f"unloaded {args.tenant}, freed {reply.freed_bytes / 2**20:.1f} MiB")
@@ -274,7 +284,7 @@ def _unload_adapter(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace) -> int:
-    with channel(args.target) as ch:
+    with channel(args.target, args.tls) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).ListAdapters(
             adapter_pb2.ListAdaptersRequest(), timeout=30, metadata=_admin_metadata(args))
     m = reply.memory

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.server import GRPC_OPTIONS
+from services.tls import ClientTls, aio_channel
 
 # Per-call retry on another replica: UNAVAILABLE only (the replica is down or restarting), a few attempts with a
 # short backoff; gRPC keeps them within the caller's deadline.
@@ -45,12 +46,13 @@ def channel_target(targets: str) -> str:
     return f"{scheme}:{joined}"
 
 
-def replica_channel(targets: str, service: str) -> grpc.aio.Channel:
-    """One channel over every replica of `service` (its full name, e.g. retrieval.v1.RerankerService)."""
+def replica_channel(targets: str, service: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
+    """One channel over every replica of `service` (its full name, e.g. retrieval.v1.RerankerService), over
+    TLS (mutual when `tls` has a client certificate) when `tls` is enabled."""
     config = {"loadBalancingConfig": [{"round_robin": {}}],
               "methodConfig": [{"name": [{"service": service}], "retryPolicy": RETRY_POLICY}]}
     options = [*GRPC_OPTIONS, ("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
-    return grpc.aio.insecure_channel(channel_target(targets), options=options)
+    return aio_channel(channel_target(targets), tls, options)
 
 
 async def serving(channel: grpc.aio.Channel, timeout: float = 2.0) -> bool:

@@ -37,6 +37,7 @@ from services.server import (
     setup_logging,
     time_budget,
 )
+from services.tls import ClientTls
 
 MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
@@ -57,6 +58,15 @@ class GatewayConfig:
     rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
                                            "instead of an error")
     admission: AdmissionConfig = option(factory=AdmissionConfig)
+    downstream_ca: str = option("", "PEM CA of the downstreams' certificates: reach them over TLS")
+    downstream_cert: str = option("", "PEM client certificate the gateway shows its downstreams (mutual TLS)")
+    downstream_key: str = option("", "PEM key of --downstream-cert")
+    downstream_server_name: str = option("", "name to check in the downstreams' certificates (default: the "
+                                              "target's host)")
+
+    @property
+    def downstream_tls(self) -> ClientTls:
+        return ClientTls(self.downstream_ca, self.downstream_cert, self.downstream_key, self.downstream_server_name)
 
 
 def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
@@ -67,12 +77,13 @@ def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.channels = [replica_channel(config.retriever_target, RETRIEVER_SERVICE)]
+        tls = config.downstream_tls
+        self.channels = [replica_channel(config.retriever_target, RETRIEVER_SERVICE, tls)]
         self.retriever: retriever_pb2_grpc.RetrieverServiceAsyncStub = \
             retriever_pb2_grpc.RetrieverServiceStub(self.channels[0])
         self.reranker: reranker_pb2_grpc.RerankerServiceAsyncStub | None = None
         if config.reranker_target:
-            self.channels.append(replica_channel(config.reranker_target, RERANKER_SERVICE))
+            self.channels.append(replica_channel(config.reranker_target, RERANKER_SERVICE, tls))
             self.reranker = reranker_pb2_grpc.RerankerServiceStub(self.channels[1])
         self.admission = Admission(config.admission, "gateway")
 

@@ -1,5 +1,5 @@
 """What every service here shares: an aio server with health, reflection,
-error mapping, Prometheus metrics, a bounded worker pool for blocking work,
+error mapping, Prometheus metrics, TLS or mutual TLS (reloaded on SIGHUP), a bounded worker pool for blocking work,
 readiness after a background load (and, for the gateway, while its
 downstreams serve), deadlines honoured, and graceful shutdown on SIGTERM/SIGINT."""
 
@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
 from services.metrics import MetricsInterceptor, start_metrics_server
+from services.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,17 +135,22 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=GRPC_OPTIONS)
     health = HealthServicer()
     names = _register(server, health, hosted.services)
-    bound = server.add_insecure_port(f"{config.host}:{config.port}")
+    tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    address = f"{config.host}:{config.port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise SystemExit(f"{name}: cannot bind {config.host}:{config.port}")
     await _set_health(health, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("%s listening on %s:%d", name, config.host, bound)
+    log.info("%s listening on %s:%d (%s)", name, config.host, bound,
+             "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
     start_metrics_server(config.host, config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_hup(name, tls))
     loader = asyncio.create_task(_load_then_serve(name, hosted, health, names))
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -160,6 +166,13 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     for hook in hosted.on_stop:
         await hook()
     log.info("%s stopped", name)
+
+
+def _reload_on_hup(name: str, tls: ServerTls) -> Callable[[], None]:
+    def reload() -> None:
+        log.info("%s: SIGHUP, TLS files are read again at the next handshake", name)
+        tls.request_reload()
+    return reload
 
 
 def _register(server: grpc.aio.Server, health: HealthServicer, services: Sequence[ServiceSpec]) -> list[str]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import grpc
 
     from services.gen.retrieval.v1 import document_pb2
+    from services.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -71,8 +72,9 @@ class Server:
     """A service module run as its own process, the way it is deployed."""
 
     def __init__(self, module: str, args: list[str], port: int | None = None, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tls: ClientTls | None = None) -> None:
         self.module = module
+        self.tls = tls  # how the tests reach it when it serves TLS
         self.args = args
         self.env = env or {}
         self.port = port or free_port()
@@ -96,7 +98,7 @@ class Server:
         assert self.popen is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if health_status(self.target, timeout=1) == "SERVING":
+            if health_status(self.target, timeout=1, tls=self.tls) == "SERVING":
                 return
             assert self.popen.poll() is None, f"{self.module} exited with {self.popen.returncode}: {self.log_tail()}"
             time.sleep(0.3)
@@ -118,18 +120,19 @@ class Server:
         return self.popen.returncode
 
     def channel(self) -> grpc.Channel:
-        import grpc
+        from services.tls import channel
 
-        return grpc.insecure_channel(self.target)
+        return channel(self.target, self.tls)
 
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator:
     started: list[Server] = []
 
-    def make(module: str, args: list[str], port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    def make(module: str, args: list[str], port: int | None = None, env: dict[str, str] | None = None,
+             tls: ClientTls | None = None) -> Server:
         server = Server(module, args, port, log_path=tmp_path / f"{module.split('.')[-1]}-{len(started)}.log",
-                        env=env)
+                        env=env, tls=tls)
         started.append(server)
         return server
 
@@ -145,12 +148,11 @@ def embedder():
     return Embedder()
 
 
-def ingest_fixture(target: str, collection: str = "c") -> None:
-    import grpc
-
+def ingest_fixture(target: str, collection: str = "c", tls: ClientTls | None = None) -> None:
     from services.gen.retrieval.v1 import retriever_pb2, retriever_pb2_grpc
+    from services.tls import channel
 
-    with grpc.insecure_channel(target) as ch:
+    with channel(target, tls) as ch:
         s = retriever_pb2_grpc.RetrieverServiceStub(ch)
         s.CreateCollection(retriever_pb2.CreateCollectionRequest(collection=collection), timeout=30)
         s.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection=collection, documents=fixture_documents()),

@@ -19,6 +19,7 @@ from deploy.loadtest.report import format_capacity, format_table, plot_levels
 from deploy.loadtest.target import LoadTestError, loopback_target
 from deploy.loadtest.workloads import read_documents, read_queries
 from services.gen.retrieval.v1 import document_pb2
+from services.tls import add_tls_arguments
 
 
 def _positive_list(text: str, cast: type[int] | type[float], what: str) -> list:
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests before the first level")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     parser.add_argument("--out", type=Path, required=True, help="JSON output; the PNG goes beside it")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("requests", "docs_per_request", "top_k"):
         if getattr(args, name) < 1:

@@ -6,19 +6,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import grpc
-
 from deploy.loadtest.openloop import Slo, find_capacity, run_rate, summarize_rate
 from deploy.loadtest.runner import OK, run_level, summarize
 from deploy.loadtest.workloads import Workload, rerank_workload, search_workload
 from services.gen.retrieval.v1 import document_pb2
 from services.server import GRPC_OPTIONS
+from services.tls import aio_channel, client_tls
 
 
 async def run_mode(args: argparse.Namespace, target: str, queries: Sequence[str],
                    documents: Sequence[document_pb2.Document]) -> dict:
     """{"levels": [...]} (closed, open) or {"levels": probes, "capacity": {...}} (capacity)."""
-    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+    async with aio_channel(target, client_tls(args), GRPC_OPTIONS) as channel:
         tenants = args.tenant.split(",")
         workload = (rerank_workload(channel, queries, documents, args.docs_per_request, tenants)
                     if args.service == "reranker" else
