@@ -70,6 +70,10 @@ class ServerConfig:
     tls_cert: str = option("", "PEM certificate chain: serve TLS only (with --tls-key; reloaded on SIGHUP)")
     tls_key: str = option("", "PEM private key of --tls-cert (keep it mode 600)")
     tls_client_ca: str = option("", "PEM CA: require client certificates it signed (mutual TLS)")
+    keys_file: str = option("", "per-tenant API keys (python -m services.keys): every call needs one; "
+                                "empty: no authentication")
+    trusted_forwarders: str = option("", "common names of client certificates (signed by --tls-client-ca) whose "
+                                         "x-retrieval-tenant header is believed: the gateway's, comma-separated")
 
 
 @dataclasses.dataclass(frozen=True)

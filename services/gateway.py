@@ -16,6 +16,7 @@ import grpc
 from prometheus_client import Histogram
 
 from services.admission import Admission, AdmissionConfig
+from services.auth import acting_tenant, authenticated, tenant_metadata
 from services.config import ServerConfig, option, parse_config
 from services.downstream import replica_channel, serving
 from services.errors import ServiceError
@@ -69,6 +70,14 @@ class GatewayConfig:
         return ClientTls(self.downstream_ca, self.downstream_cert, self.downstream_key, self.downstream_server_name)
 
 
+@dataclass(frozen=True)
+class Caller:
+    """How a search names its tenant to the downstreams."""
+
+    metadata: tuple[tuple[str, str], ...]  # the forwarded tenant header (authentication on)
+    tenant_field: str  # RerankRequest.tenant (authentication off)
+
+
 def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
     """Keep the downstream status code, but say which downstream produced it."""
     return ServiceError(err.code(), f"{service}: {err.details()}")
@@ -104,7 +113,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
         start = time.perf_counter()
         depth = request.rerank_depth
-        first_stage = await self._retrieve(request, max(request.top_k, depth), context)
+        # With authentication the caller's tenant travels as a header (the downstreams trust this gateway's
+        # certificate for it); without, the request's tenant field picks the reranker's adapter, as before.
+        tenant = acting_tenant(request.tenant)
+        caller = Caller(tenant_metadata(tenant), "") if authenticated() else Caller((), request.tenant)
+        first_stage = await self._retrieve(request, max(request.top_k, depth), context, caller)
         retrieve_ms = elapsed_ms(start)
         STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000)
         hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=_opt(r, "dense_score"),
@@ -116,7 +129,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             rerank_start = time.perf_counter()
             weight = first_stage.rerank_weight if first_stage.HasField("rerank_weight") else None
             try:
-                hits = await self._rerank(request, hits, depth, weight, context)
+                hits = await self._rerank(request, hits, depth, weight, context, caller)
                 response.reranked = True
             except ServiceError as err:
                 if not self.config.rerank_fail_open:
@@ -129,27 +142,28 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         response.timings.total_ms = elapsed_ms(start)
         return response
 
-    async def _retrieve(self, request: search_pb2.SearchRequest, k: int, context: Context
+    async def _retrieve(self, request: search_pb2.SearchRequest, k: int, context: Context, caller: Caller
                         ) -> retriever_pb2.RetrieveResponse:
         call = retriever_pb2.RetrieveRequest(collection=request.collection, query=request.query, top_k=k,
                                              mode=request.mode)
         try:
-            response: retriever_pb2.RetrieveResponse = await self.retriever.Retrieve(call, timeout=time_budget(context))
+            response: retriever_pb2.RetrieveResponse = await self.retriever.Retrieve(call, timeout=time_budget(context),
+                                                                                     metadata=caller.metadata)
         except grpc.aio.AioRpcError as err:
             raise downstream_error("retriever", err) from None
         return response
 
     async def _rerank(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
-                      weight: float | None, context: Context) -> list[search_pb2.SearchHit]:
+                      weight: float | None, context: Context, caller: Caller) -> list[search_pb2.SearchHit]:
         """The head reranked (fused with the first stage by the collection's fitted weight when it has one,
         else by the reranker's own), then the rest in first-stage order."""
         assert self.reranker is not None
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
-                                          tenant=request.tenant, fusion_weight=weight,
+                                          tenant=caller.tenant_field, fusion_weight=weight,
                                           first_stage_scores=[h.retrieval_score for h in head])
         try:
-            response = await self.reranker.Rerank(call, timeout=time_budget(context))
+            response = await self.reranker.Rerank(call, timeout=time_budget(context), metadata=caller.metadata)
         except grpc.aio.AioRpcError as err:
             raise downstream_error("reranker", err) from None
         reordered = []

@@ -18,11 +18,12 @@ from prometheus_client import Counter, Histogram
 from common.device import set_cpu_threads
 from reranker.batcher import BatcherConfig, RerankBatcher
 from reranker.engine import Reranker, RerankerConfig
-from reranker.errors import QueueFull, RerankInputError
+from reranker.errors import QueueFull, RerankInputError, UnknownTenant
 from reranker.prompt import Prompt
-from reranker.tenants import Listing, TenantHandle, TenantSettings
+from reranker.tenants import DEFAULT_TENANT, Listing, TenantHandle, TenantSettings
 from reranker.zoo import TenantUsage
 from services.admission import Overloaded
+from services.auth import acting_tenant, authenticated
 from services.config import Secret, ServerConfig, option, parse_config
 from services.errors import NotReady, ServiceError
 from services.gen.retrieval.v1 import (
@@ -32,6 +33,7 @@ from services.gen.retrieval.v1 import (
     reranker_pb2,
     reranker_pb2_grpc,
 )
+from services.keys import TENANT_NAME
 from services.metrics import (
     COUNT_BUCKETS,
     LATENCY_BUCKETS,
@@ -139,7 +141,8 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         docs = [(d.title, d.text) for d in request.documents]
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
-        handle, prompt = await self.prepare.run(context, self._prepare, request.tenant, request.query, docs)
+        tenant = acting_tenant(request.tenant)  # on the loop: the caller is a context variable
+        handle, prompt = await self.prepare.run(context, self._prepare, tenant, authenticated(), request.query, docs)
         try:
             scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
         except QueueFull as full:
@@ -156,8 +159,15 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         return reranker_pb2.RerankResponse(results=results, timings=timings, model=handle.settings.model_name,
                                            fused=ranking.fused)
 
-    def _prepare(self, tenant: str, query: str, docs: list[tuple[str, str]]) -> tuple[TenantHandle, Prompt]:
-        handle = self.reranker.handle(tenant)
+    def _prepare(self, tenant: str, default_when_none: bool, query: str, docs: list[tuple[str, str]]
+                 ) -> tuple[TenantHandle, Prompt]:
+        """With authentication, a tenant with no adapter of its own reranks with the server's default."""
+        try:
+            handle = self.reranker.handle(tenant)
+        except UnknownTenant:
+            if not default_when_none:
+                raise
+            handle = self.reranker.handle(DEFAULT_TENANT)
         return handle, self.reranker.build_prompt(query, docs, handle)
 
 
@@ -177,6 +187,8 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         self._authorize(context)
         if not request.tenant:
             raise RerankInputError("tenant must not be empty (the empty tenant is the server's default)")
+        if authenticated() and not TENANT_NAME.match(request.tenant):
+            raise RerankInputError(f"tenant: not a tenant name, got {request.tenant!r}")
         if not request.adapter:
             raise RerankInputError("adapter must name an adapter under the server's adapters root")
         tenants = self.rerank.reranker.tenants
@@ -198,7 +210,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         return listing_to_pb(listing, reranker.prefix_cache.nbytes)
 
     def _authorize(self, context: Context) -> None:
-        if not self.admin_token:
+        """With a keys file the interceptor has let only admin keys through (services.auth); else the admin
+        token, when one is set."""
+        if authenticated() or not self.admin_token:
             return
         metadata = dict(context.invocation_metadata() or ())
         header = metadata.get("authorization", "")
@@ -250,8 +264,10 @@ def build(config: RerankerServiceConfig) -> Hosted:
                             servicer),
              ServiceSpec.of(adapter_pb2, "AdapterService", adapter_pb2_grpc.add_AdapterServiceServicer_to_server,
                             adapters)]
+    service = adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"]
     return Hosted(specs, load=servicer.load, after_load=servicer.start_batcher,
-                  on_stop=[adapters.stop, servicer.stop])
+                  on_stop=[adapters.stop, servicer.stop],
+                  admin_methods=[f"/{service.full_name}/{m.name}" for m in service.methods])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,6 @@ from retriever.engine import Limits, RetrieverEngine
 from retriever.fusion import RetrievalMode
 from services.config import ServerConfig, option, parse_config
 from services.convert import (
-    collection_info_to_pb,
     document_from_pb,
     fusion_from_pb,
     hnsw_from_pb,
@@ -28,6 +27,7 @@ from services.convert import (
 from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
 from services.metrics import Families, counter, register_engine
+from services.namespaces import Namespace
 from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
 
@@ -77,47 +77,61 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     async def CreateCollection(self, request: retriever_pb2.CreateCollectionRequest, context: Context
                                ) -> retriever_pb2.CreateCollectionResponse:
-        stats = await self.worker.run(context, self.engine.create_collection, request.collection,
-                                      index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw),
-                                      mode_from_pb(request.default_mode) or RetrievalMode.HYBRID,
-                                      fusion_from_pb(request.fusion))
-        return retriever_pb2.CreateCollectionResponse(collection=collection_info_to_pb(stats))
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            stats = await self.worker.run(context, self.engine.create_collection, names.stored(request.collection),
+                                          index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw),
+                                          mode_from_pb(request.default_mode) or RetrievalMode.HYBRID,
+                                          fusion_from_pb(request.fusion))
+        return retriever_pb2.CreateCollectionResponse(collection=names.info(stats))
 
     async def UpdateCollection(self, request: retriever_pb2.UpdateCollectionRequest, context: Context
                                ) -> retriever_pb2.UpdateCollectionResponse:
         fusion = fusion_from_pb(request.fusion) if request.HasField("fusion") else None
-        stats = await self.worker.run(context, self.engine.update_collection, request.collection,
-                                      mode_from_pb(request.default_mode), fusion)
-        return retriever_pb2.UpdateCollectionResponse(collection=collection_info_to_pb(stats))
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            stats = await self.worker.run(context, self.engine.update_collection, names.stored(request.collection),
+                                          mode_from_pb(request.default_mode), fusion)
+        return retriever_pb2.UpdateCollectionResponse(collection=names.info(stats))
 
     async def DeleteCollection(self, request: retriever_pb2.DeleteCollectionRequest, context: Context
                                ) -> retriever_pb2.DeleteCollectionResponse:
-        await self.worker.run(context, self.engine.delete_collection, request.collection)
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            await self.worker.run(context, self.engine.delete_collection, names.stored(request.collection))
         return retriever_pb2.DeleteCollectionResponse()
 
     async def ListCollections(self, request: retriever_pb2.ListCollectionsRequest, context: Context
                               ) -> retriever_pb2.ListCollectionsResponse:
+        names = Namespace.of_caller()
         stats = await self.worker.run(context, self.engine.list_collections)
-        return retriever_pb2.ListCollectionsResponse(collections=[collection_info_to_pb(s) for s in stats])
+        return retriever_pb2.ListCollectionsResponse(collections=[names.info(s) for s in stats if names.owns(s)])
 
     async def UpsertDocuments(self, request: retriever_pb2.UpsertDocumentsRequest, context: Context
                               ) -> retriever_pb2.UpsertDocumentsResponse:
         start = time.perf_counter()
         documents = [document_from_pb(d) for d in request.documents]
-        result = await self.worker.run(context, self.engine.upsert, request.collection, documents)
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            result = await self.worker.run(context, self.engine.upsert, names.stored(request.collection), documents)
         return retriever_pb2.UpsertDocumentsResponse(upserted_count=result.upserted, skipped_ids=result.skipped,
                                                      timings=_timings(start))
 
     async def DeleteDocuments(self, request: retriever_pb2.DeleteDocumentsRequest, context: Context
                               ) -> retriever_pb2.DeleteDocumentsResponse:
-        deleted, missing = await self.worker.run(context, self.engine.delete, request.collection, list(request.ids))
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            deleted, missing = await self.worker.run(context, self.engine.delete, names.stored(request.collection),
+                                                     list(request.ids))
         return retriever_pb2.DeleteDocumentsResponse(deleted_count=len(deleted), not_found_ids=missing)
 
     async def Retrieve(self, request: retriever_pb2.RetrieveRequest, context: Context
                        ) -> retriever_pb2.RetrieveResponse:
         start = time.perf_counter()
-        retrieved = await self.worker.run(context, self.engine.search, request.collection, request.query,
-                                          request.top_k, mode_from_pb(request.mode))
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            retrieved = await self.worker.run(context, self.engine.search, names.stored(request.collection),
+                                              request.query, request.top_k, mode_from_pb(request.mode))
         response = retrieved_to_pb(retrieved)
         response.timings.CopyFrom(_timings(start))
         return response

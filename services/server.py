@@ -19,8 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.auth import AuthInterceptor
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
+from services.keys import KeysFile
 from services.metrics import MetricsInterceptor, start_metrics_server
 from services.tls import ServerTls, server_tls
 
@@ -104,6 +106,8 @@ class Hosted:
     load: Callable[[], None] | None = None
     after_load: Callable[[], Awaitable[None]] | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Full method names only an admin key may call when authentication is on (services.auth).
+    admin_methods: list[str] = field(default_factory=list)
     # After loading, polled every HEALTH_PROBE_S: health says SERVING only while it returns True (a gateway
     # whose downstreams cannot serve is not serving either).
     health_probe: Callable[[], Awaitable[bool]] | None = None
@@ -131,8 +135,10 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `hosted.load` and `after_load` have
     returned (and then follows `hosted.health_probe` when there is one); on shutdown, NOT_SERVING again,
     in-flight calls get `grace_s`, then `on_stop` runs."""
-    # Metrics outermost: the status code it counts is the one the error mapping settled on.
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor()], options=GRPC_OPTIONS)
+    # Metrics outermost: the status code it counts is the one the error mapping settled on; authentication
+    # innermost, so that its refusals go through the error mapping too.
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(),
+                                           *_authentication(config, hosted)], options=GRPC_OPTIONS)
     health = HealthServicer()
     names = _register(server, health, hosted.services)
     tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -166,6 +172,15 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     for hook in hosted.on_stop:
         await hook()
     log.info("%s stopped", name)
+
+
+def _authentication(config: ServerConfig, hosted: Hosted) -> list[grpc.aio.ServerInterceptor]:
+    forwarders = [n.strip() for n in config.trusted_forwarders.split(",") if n.strip()]
+    if forwarders and not config.tls_client_ca:
+        raise SystemExit("--trusted-forwarders needs --tls-client-ca (a forwarder is known by its certificate)")
+    if not config.keys_file:
+        return []
+    return [AuthInterceptor(KeysFile(config.keys_file), hosted.admin_methods, forwarders)]
 
 
 def _reload_on_hup(name: str, tls: ServerTls) -> Callable[[], None]:
