@@ -8,6 +8,7 @@ a tenant key on an admin RPC PERMISSION_DENIED; no key, a revoked key or a forge
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,17 @@ class Stack:
     keys: dict[str, str]  # tenant (or "admin") -> API key
     keys_file: Path
 
-    def stub(self, kind: str) -> object:
-        target, tls, make = {
-            "retriever": (self.retriever.target, self.client_tls, retriever_pb2_grpc.RetrieverServiceStub),
-            "reranker": (self.reranker.target, self.client_tls, reranker_pb2_grpc.RerankerServiceStub),
-            "adapters": (self.reranker.target, self.client_tls, adapter_pb2_grpc.AdapterServiceStub),
-            "gateway": (self.gateway.target, self.front_tls, search_pb2_grpc.SearchServiceStub)}[kind]
-        return make(channel(target, tls))
+    def retriever_stub(self) -> retriever_pb2_grpc.RetrieverServiceStub:
+        return retriever_pb2_grpc.RetrieverServiceStub(channel(self.retriever.target, self.client_tls))
+
+    def reranker_stub(self) -> reranker_pb2_grpc.RerankerServiceStub:
+        return reranker_pb2_grpc.RerankerServiceStub(channel(self.reranker.target, self.client_tls))
+
+    def adapters_stub(self) -> adapter_pb2_grpc.AdapterServiceStub:
+        return adapter_pb2_grpc.AdapterServiceStub(channel(self.reranker.target, self.client_tls))
+
+    def gateway_stub(self) -> search_pb2_grpc.SearchServiceStub:
+        return search_pb2_grpc.SearchServiceStub(channel(self.gateway.target, self.front_tls))
 
 
 def doc(i: str, text: str) -> document_pb2.Document:
@@ -92,14 +97,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         started.append(gateway.start())
         stack = Stack(retriever, reranker, gateway, client_tls, ClientTls(str(ca.pem)), issued, keys_file)
         for tenant in TENANTS:  # every tenant: "docs" (the same name for all) and "<tenant>-only"
-            r = stack.stub("retriever")
+            r = stack.retriever_stub()
             for name in ("docs", f"{tenant}-only"):
                 r.CreateCollection(retriever_pb2.CreateCollectionRequest(collection=name), metadata=auth(stack, tenant),
                                    timeout=30)
                 r.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection=name, documents=[
                     doc(f"{tenant}-1", f"{tenant} kittens purr"), doc(f"{tenant}-2", f"{tenant} volcanoes erupt")]),
                     metadata=auth(stack, tenant), timeout=60)
-        stack.stub("adapters").LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant="acme", adapter="scifact-lora"),
+        stack.adapters_stub().LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant="acme", adapter="scifact-lora"),
                                            metadata=admin, timeout=120)
         yield stack
     finally:
@@ -111,9 +116,10 @@ def auth(stack: Stack, who: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {stack.keys[who]}"),)
 
 
-def code(call: Callable[[], object]) -> grpc.StatusCode:
+def code(call: Callable[..., object], *args: object) -> grpc.StatusCode:
+    """The status code of call(*args)."""
     try:
-        call()
+        call(*args)
     except grpc.RpcError as err:
         return err.code()
     return OK
@@ -125,7 +131,7 @@ def other(tenant: str) -> str:
 
 # Per RPC: what a tenant gets on its own resource, on another tenant's, on one that does not exist.
 def retriever_calls(stack: Stack, tenant: str) -> dict[str, Callable[[str], object]]:
-    r, md = stack.stub("retriever"), auth(stack, tenant)
+    r, md = stack.retriever_stub(), auth(stack, tenant)
     return {
         "UpdateCollection": lambda c: r.UpdateCollection(retriever_pb2.UpdateCollectionRequest(collection=c),
                                                          metadata=md, timeout=30),
@@ -135,7 +141,7 @@ def retriever_calls(stack: Stack, tenant: str) -> dict[str, Callable[[str], obje
             collection=c, ids=[f"{tenant}-3"]), metadata=md, timeout=30),
         "Retrieve": lambda c: r.Retrieve(retriever_pb2.RetrieveRequest(collection=c, query="kittens", top_k=5),
                                          metadata=md, timeout=30),
-        "Search": lambda c: stack.stub("gateway").Search(search_pb2.SearchRequest(
+        "Search": lambda c: stack.gateway_stub().Search(search_pb2.SearchRequest(
             collection=c, query="kittens", top_k=5, rerank_depth=2), metadata=md, timeout=60),
     }
 
@@ -144,21 +150,20 @@ def retriever_calls(stack: Stack, tenant: str) -> dict[str, Callable[[str], obje
 def test_isolation_matrix(stack: Stack, tenant: str) -> None:
     stranger = other(tenant)
     for rpc, call in retriever_calls(stack, tenant).items():
-        assert code(lambda: call(f"{tenant}-only")) == OK, rpc
+        assert code(call, f"{tenant}-only") == OK, rpc
         # Another tenant's collection and a nonexistent one: the same code, and the message names only the
         # caller's own words.
         for name in (f"{stranger}-only", "nonexistent"):
             with pytest.raises(grpc.RpcError) as err:
                 call(name)
             assert err.value.code() == NOT_FOUND, (rpc, name)
-            assert err.value.details() == f"collection {name!r} not found" or \
-                err.value.details().endswith(f"collection {name!r} not found"), err.value.details()
+            assert (err.value.details() or "").endswith(f"collection {name!r} not found"), err.value.details()
     # The same name, each tenant its own documents: searching "docs" returns only the caller's.
-    r, md = stack.stub("retriever"), auth(stack, tenant)
+    r, md = stack.retriever_stub(), auth(stack, tenant)
     hits = r.Retrieve(retriever_pb2.RetrieveRequest(collection="docs", query="kittens purr", top_k=10), metadata=md,
                       timeout=30).results
     assert hits and {h.document.id.split("-")[0] for h in hits} == {tenant}
-    reply = stack.stub("gateway").Search(search_pb2.SearchRequest(collection="docs", query="kittens", top_k=5,
+    reply = stack.gateway_stub().Search(search_pb2.SearchRequest(collection="docs", query="kittens", top_k=5,
                                                                   rerank_depth=2), metadata=md, timeout=60)
     assert reply.reranked and {h.document.id.split("-")[0] for h in reply.results} == {tenant}
     listed = r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=md, timeout=30).collections
@@ -168,8 +173,8 @@ def test_isolation_matrix(stack: Stack, tenant: str) -> None:
         r.CreateCollection(retriever_pb2.CreateCollectionRequest(collection=name), metadata=md, timeout=30)
         r.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection=name), metadata=md, timeout=30)
     for name in (f"{stranger}-tmp-never", "nonexistent"):
-        assert code(lambda: r.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection=name), metadata=md,
-                                               timeout=30)) == NOT_FOUND
+        request = retriever_pb2.DeleteCollectionRequest(collection=name)
+        assert code(r.DeleteCollection, request, None, md) == NOT_FOUND
     # The stranger's collection survived every call above, with its documents.
     theirs = r.Retrieve(retriever_pb2.RetrieveRequest(collection=f"{stranger}-only", query="kittens", top_k=10),
                         metadata=auth(stack, stranger), timeout=30).results
@@ -178,7 +183,7 @@ def test_isolation_matrix(stack: Stack, tenant: str) -> None:
 
 @pytest.mark.parametrize("tenant", TENANTS)
 def test_reranker_uses_only_the_callers_adapter(stack: Stack, tenant: str) -> None:
-    rr, md = stack.stub("reranker"), auth(stack, tenant)
+    rr, md = stack.reranker_stub(), auth(stack, tenant)
     docs = [doc("a", "Cats purr."), doc("b", "Lava flows.")]
 
     def rerank(field: str) -> reranker_pb2.RerankResponse:
@@ -189,32 +194,32 @@ def test_reranker_uses_only_the_callers_adapter(stack: Stack, tenant: str) -> No
     assert ("scifact-lora" in own.model) == (tenant == "acme")  # acme's adapter; the others the server's default
     assert rerank(tenant).model == own.model
     for field in (other(tenant), "nonexistent"):  # a tenant field is never a way to another tenant's adapter
-        assert code(lambda: rerank(field)) == DENIED
-    for call in (lambda: stack.stub("adapters").ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=md),
-                 lambda: stack.stub("adapters").LoadAdapter(adapter_pb2.LoadAdapterRequest(
+        assert code(rerank, field) == DENIED
+    for call in (lambda: stack.adapters_stub().ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=md),
+                 lambda: stack.adapters_stub().LoadAdapter(adapter_pb2.LoadAdapterRequest(
                      tenant=tenant, adapter="scifact-lora"), metadata=md),
-                 lambda: stack.stub("adapters").UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="acme"),
+                 lambda: stack.adapters_stub().UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="acme"),
                                                               metadata=md)):
         assert code(call) == DENIED
-    assert code(lambda: stack.stub("gateway").Search(search_pb2.SearchRequest(
+    assert code(lambda: stack.gateway_stub().Search(search_pb2.SearchRequest(
         collection="docs", query="kittens", top_k=3, tenant=other(tenant)), metadata=md, timeout=30)) == DENIED
 
 
 def test_credentials_are_checked_on_every_rpc(stack: Stack) -> None:
-    r = stack.stub("retriever")
+    r = stack.retriever_stub()
     calls = {
         "retriever": lambda md: r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=md, timeout=30),
-        "reranker": lambda md: stack.stub("reranker").Rerank(reranker_pb2.RerankRequest(
+        "reranker": lambda md: stack.reranker_stub().Rerank(reranker_pb2.RerankRequest(
             query="q", documents=[doc("a", "x")]), metadata=md, timeout=30),
-        "adapters": lambda md: stack.stub("adapters").ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=md,
+        "adapters": lambda md: stack.adapters_stub().ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=md,
                                                                    timeout=30),
-        "gateway": lambda md: stack.stub("gateway").Search(search_pb2.SearchRequest(
+        "gateway": lambda md: stack.gateway_stub().Search(search_pb2.SearchRequest(
             collection="docs", query="q", top_k=1), metadata=md, timeout=30),
     }
+    unknown = "Bearer rk_000000000000_" + "x" * 43
     for name, call in calls.items():
-        assert code(lambda: call(())) == UNAUTHENTICATED, name
-        assert code(lambda: call((("authorization", "Bearer rk_000000000000_" + "x" * 43),))) == UNAUTHENTICATED
-        assert code(lambda: call((("authorization", "Basic abc"),))) == UNAUTHENTICATED
+        for metadata in ((), (("authorization", unknown),), (("authorization", "Basic abc"),)):
+            assert code(call, metadata) == UNAUTHENTICATED, (name, metadata)
     # A tenant key cannot forge a tenant header; only the gateway's certificate (or an admin key) may send one.
     forged = (*auth(stack, "beta"), ("x-retrieval-tenant", "acme"))
     assert code(lambda: r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=forged)) == DENIED
@@ -224,10 +229,9 @@ def test_credentials_are_checked_on_every_rpc(stack: Stack) -> None:
     assert sorted(c.name for c in listed) == ["beta-only", "docs"]
     assert code(lambda: calls["adapters"](auth(stack, "admin"))) == OK
     # Revoked and rotated keys (the servers re-read the keys file within a second).
-    key_id = next(r["id"] for r in keys.listing(stack.keys_file) if r["tenant"] == "gamma")
-    new_key = keys.rotate(stack.keys_file, key_id, grace_s=0)
-    keys.revoke(stack.keys_file, next(r["id"] for r in keys.listing(stack.keys_file) if r["tenant"] == "beta"))
-    import time
+    ids = {str(r["tenant"]): str(r["id"]) for r in keys.listing(stack.keys_file)}
+    new_key = keys.rotate(stack.keys_file, ids["gamma"], grace_s=0)
+    keys.revoke(stack.keys_file, ids["beta"])
     time.sleep(1.5)
     assert code(lambda: calls["retriever"](auth(stack, "gamma"))) == UNAUTHENTICATED  # grace 0: the old key ended
     assert code(lambda: calls["retriever"]((("authorization", f"Bearer {new_key}"),))) == OK
