@@ -66,7 +66,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def authorised(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = self._caller(context)
             if method in self.admin_methods and not caller.admin:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method.rsplit('/', 1)[-1]} needs an admin key")
+                raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"{method.rsplit('/', 1)[-1]} needs an admin key")
             token = _PRINCIPAL.set(caller)
             try:
                 return await behavior(request, context)

@@ -40,10 +40,6 @@ from services.server import (
 )
 from services.tls import ClientTls
 
-MAX_TOP_K = 1000
-MAX_RERANK_DEPTH = 1000
-
-
 RETRIEVER_SERVICE = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
 RERANKER_SERVICE = reranker_pb2.DESCRIPTOR.services_by_name["RerankerService"].full_name
 STAGE_SECONDS = Histogram("gateway_stage_seconds", "Time of each stage of a Search: retrieve (first stage), "
@@ -106,7 +102,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             await channel.close()
 
     async def Search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
-        _validate(request)
         async with self.admission.admit(context):
             return await self._search(request, context)
 
@@ -178,18 +173,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
 def _opt(message: retriever_pb2.ScoredDocument, field: str) -> float | None:
     return float(getattr(message, field)) if message.HasField(field) else None
-
-
-def _validate(request: search_pb2.SearchRequest) -> None:
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    if not request.collection:
-        raise ServiceError(invalid, "collection must be set")
-    if not request.query.strip():
-        raise ServiceError(invalid, "query must not be empty")
-    if not 1 <= request.top_k <= MAX_TOP_K:
-        raise ServiceError(invalid, f"top_k must be in 1..{MAX_TOP_K}, got {request.top_k}")
-    if not 0 <= request.rerank_depth <= MAX_RERANK_DEPTH:
-        raise ServiceError(invalid, f"rerank_depth must be in 0..{MAX_RERANK_DEPTH}, got {request.rerank_depth}")
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:

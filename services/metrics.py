@@ -54,7 +54,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
-                code = grpc.StatusCode.OK
+                code = _code_of(context)  # OK, or the status the error mapping set (services.errors)
                 return response
             except grpc.aio.AbortError:
                 code = _code_of(context)
@@ -73,6 +73,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     code = context.code()
+    if code is None:  # never set: the handler returned normally
+        return grpc.StatusCode.OK
     if isinstance(code, grpc.StatusCode):
         return code
     return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

@@ -23,13 +23,13 @@ from services.auth import AuthInterceptor
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
 from services.keys import KeysFile
+from services.limits import MAX_MESSAGE_BYTES, ValidationInterceptor
 from services.metrics import MetricsInterceptor, start_metrics_server
 from services.tls import ServerTls, server_tls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 # A server gives up this long before the caller's deadline, so its DEADLINE_EXCEEDED (saying which stage
@@ -135,10 +135,11 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `hosted.load` and `after_load` have
     returned (and then follows `hosted.health_probe` when there is one); on shutdown, NOT_SERVING again,
     in-flight calls get `grace_s`, then `on_stop` runs."""
-    # Metrics outermost: the status code it counts is the one the error mapping settled on; authentication
-    # innermost, so that its refusals go through the error mapping too.
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(),
-                                           *_authentication(config, hosted)], options=GRPC_OPTIONS)
+    # Metrics outermost: the status code it counts is the one the error mapping settled on; then
+    # authentication, then the input limits (services.limits), both inside the error mapping.
+    interceptors = [MetricsInterceptor(), ErrorMappingInterceptor(), *_authentication(config, hosted),
+                    ValidationInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
     health = HealthServicer()
     names = _register(server, health, hosted.services)
     tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
