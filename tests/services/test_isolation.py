@@ -236,3 +236,8 @@ def test_credentials_are_checked_on_every_rpc(stack: Stack) -> None:
     assert code(lambda: calls["retriever"](auth(stack, "gamma"))) == UNAUTHENTICATED  # grace 0: the old key ended
     assert code(lambda: calls["retriever"]((("authorization", f"Bearer {new_key}"),))) == OK
     assert code(lambda: calls["gateway"](auth(stack, "beta"))) == UNAUTHENTICATED
+    # No key, nor any part of its secret, reaches a log.
+    logs = "".join(s.log_path.read_text() for s in (stack.retriever, stack.reranker, stack.gateway) if s.log_path)
+    assert "Bearer" not in logs
+    for key in [*stack.keys.values(), new_key]:
+        assert key.split("_", 2)[2] not in logs
