@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from services.errors import ServiceError
+from services.errors import ServiceError, rewrapped
 from services.keys import TENANT_NAME, KeysFile, Principal
 
 TENANT_HEADER = "x-retrieval-tenant"
@@ -73,9 +73,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 _PRINCIPAL.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            authorised, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return rewrapped(handler, authorised)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}

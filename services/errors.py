@@ -91,6 +91,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 context.set_details(str(exc) or type(exc).__name__)
                 return None
 
-        return grpc.unary_unary_rpc_method_handler(
-            mapped, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return rewrapped(handler, mapped)
+
+
+def rewrapped(handler: grpc.RpcMethodHandler, behavior: Callable[[Any, Any], Awaitable[Any]]) -> grpc.RpcMethodHandler:
+    """A unary handler like `handler` (same (de)serialisers) whose behaviour is `behavior`: what every server
+    interceptor here returns around the handler it wraps."""
+    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)

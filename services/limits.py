@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from retriever.types import InvalidArgument
+from services.errors import rewrapped
 from services.gen.retrieval.v1 import document_pb2
 from services.keys import TENANT_NAME as TENANT
 
@@ -211,5 +212,4 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
                 check_request(request)
             return await behavior(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(validated, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return rewrapped(handler, validated)

@@ -19,6 +19,8 @@ from prometheus_client import Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from services.errors import rewrapped
+
 log = logging.getLogger(__name__)
 
 # Seconds: from a sub-millisecond BM25 lookup to a 500-document CPU rerank.
@@ -66,9 +68,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 RPC_HANDLED.labels(service, method, code.name).inc()
                 RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            measured, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return rewrapped(handler, measured)
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
