@@ -141,6 +141,17 @@ class RetrieverEngine:
         gone = set(deleted)
         return deleted, [i for i in dict.fromkeys(ids) if i not in gone]
 
+    def get(self, name: str, ids: Sequence[str]) -> tuple[list[Document], list[str]]:
+        """(the documents held under these ids, in the order asked, each once; the ids not held)."""
+        collection = self._get(name)
+        if not ids:
+            raise InvalidArgument("ids must not be empty")
+        with collection.lock:
+            wanted = list(dict.fromkeys(ids))
+            found = [collection.documents[i] for i in wanted if i in collection.documents]
+        held = {d.id for d in found}
+        return found, [i for i in wanted if i not in held]
+
     def search(self, name: str, query: str, top_k: int, mode: RetrievalMode | None = None) -> Retrieved:
         """Top-k hits of one query; `mode` None = the collection's default."""
         collection = self._get(name)

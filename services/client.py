@@ -6,12 +6,14 @@
     python -m services.client search --target 127.0.0.1:50050 --collection scifact \
         --query "..." --top-k 10 --rerank-depth 20 [--tenant acme]
     python -m services.client load-adapter --target 127.0.0.1:50052 --tenant acme --adapter scifact-lora
+    python -m services.client get --target 127.0.0.1:50051 --collection scifact --ids 4983 5836
     python -m services.client adapters --target 127.0.0.1:50052
     python -m services.client unload-adapter --target 127.0.0.1:50052 --tenant acme
 Adapter commands take --admin-token (or env RERANKER_ADMIN_TOKEN) when the server requires one.
 Over TLS, before the subcommand: --ca PEM (the servers' CA), and --cert PEM --key PEM for mutual TLS
 (or env RETRIEVAL_CA, RETRIEVAL_CERT, RETRIEVAL_KEY); --server-name NAME when the target's host is not
-a name in the server's certificate.
+a name in the server's certificate. With API keys (servers started with --keys-file): env RETRIEVAL_API_KEY
+(or --api-key, before the subcommand).
 Add --json (before the subcommand) for machine-readable output.
 """
 
@@ -51,12 +53,12 @@ from services.tls import channel as tls_channel
 INDEX_TYPES = {"flat": retriever_pb2.INDEX_TYPE_FLAT, "hnsw": retriever_pb2.INDEX_TYPE_HNSW}
 
 
-def channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
-    return tls_channel(target, tls, GRPC_OPTIONS)
+def channel(target: str, tls: ClientTls | None = None, api_key: str = "") -> grpc.Channel:
+    return tls_channel(target, tls, GRPC_OPTIONS, api_key)
 
 
 def health_status(target: str, service: str = "", timeout: float = 2.0, tls: ClientTls | None = None) -> str:
-    """SERVING / NOT_SERVING / ... or UNREACHABLE."""
+    """SERVING / NOT_SERVING / ... or UNREACHABLE (health needs no API key)."""
     with channel(target, tls) as ch:
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
@@ -92,10 +94,10 @@ class Ingested:
 
 def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 256, create: bool = True,
                   index_type: str = "flat", progress: bool = True, timeout: float = 600.0,
-                  tls: ClientTls | None = None) -> Ingested:
+                  tls: ClientTls | None = None, api_key: str = "") -> Ingested:
     """Upsert a BEIR corpus.jsonl (or the directory holding it) into a collection."""
     data_dir = corpus.parent if corpus.is_file() else corpus
-    with channel(target, tls) as ch:
+    with channel(target, tls, api_key) as ch:
         stub = retriever_pb2_grpc.RetrieverServiceStub(ch)
         if create:
             try:
@@ -117,8 +119,8 @@ def ingest_corpus(target: str, collection: str, corpus: Path, batch_size: int = 
     return result
 
 
-def collection_size(target: str, collection: str, tls: ClientTls | None = None) -> int | None:
-    with channel(target, tls) as ch:
+def collection_size(target: str, collection: str, tls: ClientTls | None = None, api_key: str = "") -> int | None:
+    with channel(target, tls, api_key) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
             retriever_pb2.ListCollectionsRequest(), timeout=10)
     sizes = {c.name: c.document_count for c in reply.collections}
@@ -127,8 +129,8 @@ def collection_size(target: str, collection: str, tls: ClientTls | None = None) 
 
 def search(target: str, collection: str, query: str, top_k: int = 10, rerank_depth: int = 0, tenant: str = "",
            timeout: float = 120.0, mode: document_pb2.RetrievalMode = document_pb2.RETRIEVAL_MODE_UNSPECIFIED,
-           tls: ClientTls | None = None) -> search_pb2.SearchResponse:
-    with channel(target, tls) as ch:
+           tls: ClientTls | None = None, api_key: str = "") -> search_pb2.SearchResponse:
+    with channel(target, tls, api_key) as ch:
         return search_pb2_grpc.SearchServiceStub(ch).Search(search_pb2.SearchRequest(
             collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant, mode=mode),
             timeout=timeout)
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="")
     p = sub.add_parser("collections", help="list collections")
     p.add_argument("--target", required=True)
+    p = sub.add_parser("get", help="documents of a collection by id")
+    p.add_argument("--target", required=True)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--ids", required=True, nargs="+")
     p = sub.add_parser("create", help="create a collection")
     p.add_argument("--target", required=True)
     p.add_argument("--collection", required=True)
@@ -220,14 +226,14 @@ def _health(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant,
-                      tls=args.tls)
+                      tls=args.tls, api_key=args.api_key)
     _emit(args, response, format_search(response, args.query))
     return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
     result = ingest_corpus(args.target, args.collection, args.corpus, args.batch_size,
-                           index_type=args.index, progress=not args.json, tls=args.tls)
+                           index_type=args.index, progress=not args.json, tls=args.tls, api_key=args.api_key)
     skipped = f"; skipped {len(result.skipped)} empty documents: {', '.join(result.skipped)}" if result.skipped else ""
     _emit(args, {"collection": args.collection, "upserted": result.upserted, "skipped_empty": result.skipped},
           f"upserted {result.upserted} documents{skipped}")
@@ -235,7 +241,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _collections(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).ListCollections(
             retriever_pb2.ListCollectionsRequest(), timeout=10)
     text = "\n".join(f"{c.name}: {c.document_count} docs, dim {c.dimension}, "
@@ -244,8 +250,18 @@ def _collections(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get(args: argparse.Namespace) -> int:
+    with channel(args.target, args.tls, args.api_key) as ch:
+        reply = retriever_pb2_grpc.RetrieverServiceStub(ch).GetDocuments(
+            retriever_pb2.GetDocumentsRequest(collection=args.collection, ids=args.ids), timeout=30)
+    lines = [f"[{d.id}] {d.title or d.text[:80]}" for d in reply.documents]
+    lines += [f"missing: {', '.join(reply.missing_ids)}"] if reply.missing_ids else []
+    _emit(args, reply, "\n".join(lines))
+    return 0 if not reply.missing_ids else 1
+
+
 def _create(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).CreateCollection(retriever_pb2.CreateCollectionRequest(
             collection=args.collection, index_type=INDEX_TYPES[args.index]), timeout=30)
     _emit(args, reply, f"created {reply.collection.name}")
@@ -253,7 +269,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete_collection(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = retriever_pb2_grpc.RetrieverServiceStub(ch).DeleteCollection(
             retriever_pb2.DeleteCollectionRequest(collection=args.collection), timeout=30)
     _emit(args, reply, f"deleted {args.collection}")
@@ -261,11 +277,12 @@ def _delete_collection(args: argparse.Namespace) -> int:
 
 
 def _admin_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {args.admin_token}"),) if args.admin_token else ()
+    """The reranker's admin token (servers without a keys file); an API key, when given, is sent instead."""
+    return (("authorization", f"Bearer {args.admin_token}"),) if args.admin_token and not args.api_key else ()
 
 
 def _load_adapter(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).LoadAdapter(
             adapter_pb2.LoadAdapterRequest(tenant=args.tenant, adapter=args.adapter), timeout=60,
             metadata=_admin_metadata(args))
@@ -276,7 +293,7 @@ def _load_adapter(args: argparse.Namespace) -> int:
 
 
 def _unload_adapter(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).UnloadAdapter(
             adapter_pb2.UnloadAdapterRequest(tenant=args.tenant), timeout=30, metadata=_admin_metadata(args))
     _emit(args, reply, f"unloaded {args.tenant}, freed {reply.freed_bytes / 2**20:.1f} MiB")
@@ -284,7 +301,7 @@ def _unload_adapter(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace) -> int:
-    with channel(args.target, args.tls) as ch:
+    with channel(args.target, args.tls, args.api_key) as ch:
         reply = adapter_pb2_grpc.AdapterServiceStub(ch).ListAdapters(
             adapter_pb2.ListAdaptersRequest(), timeout=30, metadata=_admin_metadata(args))
     m = reply.memory
@@ -301,7 +318,7 @@ def _adapters(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "health": _health, "search": _search, "ingest": _ingest, "collections": _collections, "create": _create,
+    "health": _health, "search": _search, "ingest": _ingest, "collections": _collections, "get": _get, "create": _create,
     "delete-collection": _delete_collection, "adapters": _adapters, "load-adapter": _load_adapter,
     "unload-adapter": _unload_adapter,
 }

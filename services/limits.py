@@ -30,7 +30,7 @@ MAX_QUERY_CHARS = 8192
 MAX_TOP_K = 1000
 MAX_RERANK_DEPTH = 1000
 MAX_DOCUMENTS_PER_REQUEST = 10_000  # upsert and rerank (the engines' configured limits are lower by default)
-MAX_IDS_PER_REQUEST = 10_000  # DeleteDocuments
+MAX_IDS_PER_REQUEST = 10_000  # DeleteDocuments, GetDocuments
 MAX_ID_CHARS = 256
 MAX_DOCUMENT_BYTES = 1024 * 1024  # title + text + metadata, UTF-8
 MAX_METADATA_ENTRIES = 64
@@ -154,7 +154,7 @@ def _upsert(request: Any) -> None:
     check_documents(request.documents, ids_required=True)
 
 
-def _delete_documents(request: Any) -> None:
+def _ids(request: Any) -> None:
     check_name("collection", request.collection)
     if not request.ids:
         raise invalid("ids", "must not be empty")
@@ -189,7 +189,8 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "retrieval.v1.UpdateCollectionRequest": _collection,
     "retrieval.v1.DeleteCollectionRequest": _collection,
     "retrieval.v1.UpsertDocumentsRequest": _upsert,
-    "retrieval.v1.DeleteDocumentsRequest": _delete_documents,
+    "retrieval.v1.DeleteDocumentsRequest": _ids,
+    "retrieval.v1.GetDocumentsRequest": _ids,
     "retrieval.v1.RerankRequest": _rerank,
     "retrieval.v1.LoadAdapterRequest": _load_adapter,
     "retrieval.v1.UnloadAdapterRequest": _unload_adapter,

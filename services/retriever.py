@@ -18,6 +18,7 @@ from retriever.fusion import RetrievalMode
 from services.config import ServerConfig, option, parse_config
 from services.convert import (
     document_from_pb,
+    document_to_pb,
     fusion_from_pb,
     hnsw_from_pb,
     index_kind_from_pb,
@@ -124,6 +125,14 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
             deleted, missing = await self.worker.run(context, self.engine.delete, names.stored(request.collection),
                                                      list(request.ids))
         return retriever_pb2.DeleteDocumentsResponse(deleted_count=len(deleted), not_found_ids=missing)
+
+    async def GetDocuments(self, request: retriever_pb2.GetDocumentsRequest, context: Context
+                           ) -> retriever_pb2.GetDocumentsResponse:
+        names = Namespace.of_caller()
+        with names.errors(request.collection):
+            found, missing = await self.worker.run(context, self.engine.get, names.stored(request.collection),
+                                                   list(request.ids))
+        return retriever_pb2.GetDocumentsResponse(documents=[document_to_pb(d) for d in found], missing_ids=missing)
 
     async def Retrieve(self, request: retriever_pb2.RetrieveRequest, context: Context
                        ) -> retriever_pb2.RetrieveResponse:

@@ -129,8 +129,10 @@ class ClientTls:
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ca, --cert, --key, --server-name for a client command line (env RETRIEVAL_CA, ... beside them)."""
-    for flag, what in [("ca", "PEM CA that signed the server's certificate: connect over TLS"),
+    """--ca, --cert, --key, --server-name and --api-key for a client command line (env RETRIEVAL_CA, ...
+    beside them; the key is better given by its variable, RETRIEVAL_API_KEY, than on a command line)."""
+    for flag, what in [("api-key", "API key (python -m services.keys) sent as authorization: Bearer"),
+                       ("ca", "PEM CA that signed the server's certificate: connect over TLS"),
                        ("cert", "PEM client certificate (mutual TLS)"), ("key", "PEM key of --cert"),
                        ("server-name", "name to check in the server's certificate (default: the target's host)")]:
         env = "RETRIEVAL_" + flag.upper().replace("-", "_")
@@ -141,15 +143,42 @@ def client_tls(args: argparse.Namespace) -> ClientTls:
     return ClientTls(args.ca, args.cert, args.key, args.server_name)
 
 
-def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A blocking channel, over TLS when `tls` is enabled."""
+def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = (), api_key: str = ""
+            ) -> grpc.Channel:
+    """A blocking channel, over TLS when `tls` is enabled, sending `api_key` (services.keys) on every call."""
     if tls is None or not tls.enabled:
-        return grpc.insecure_channel(target, options=list(options))
-    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+        made = grpc.insecure_channel(target, options=list(options))
+    else:
+        made = grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+    return grpc.intercept_channel(made, _ApiKey(api_key)) if api_key else made
 
 
-def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel, over TLS when `tls` is enabled."""
+def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = (), api_key: str = ""
+                ) -> grpc.aio.Channel:
+    """An asyncio channel, over TLS when `tls` is enabled, sending `api_key` on every call."""
+    interceptors = [_AioApiKey(api_key)] if api_key else None
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(target, options=list(options))
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()],
+                                   interceptors=interceptors)
+
+
+def _with_key(details: Any, api_key: str) -> Any:
+    metadata = [*(details.metadata or ()), ("authorization", f"Bearer {api_key}")]
+    return details._replace(metadata=metadata)
+
+
+class _ApiKey(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(_with_key(client_call_details, self._api_key), request)
+
+
+class _AioApiKey(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_key(client_call_details, self._api_key), request)

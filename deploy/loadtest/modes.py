@@ -17,7 +17,7 @@ from services.tls import aio_channel, client_tls
 async def run_mode(args: argparse.Namespace, target: str, queries: Sequence[str],
                    documents: Sequence[document_pb2.Document]) -> dict:
     """{"levels": [...]} (closed, open) or {"levels": probes, "capacity": {...}} (capacity)."""
-    async with aio_channel(target, client_tls(args), GRPC_OPTIONS) as channel:
+    async with aio_channel(target, client_tls(args), GRPC_OPTIONS, args.api_key) as channel:
         tenants = args.tenant.split(",")
         workload = (rerank_workload(channel, queries, documents, args.docs_per_request, tenants)
                     if args.service == "reranker" else

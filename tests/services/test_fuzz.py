@@ -140,6 +140,8 @@ def targets(r: retriever_pb2_grpc.RetrieverServiceStub, rr: reranker_pb2_grpc.Re
                                                                 documents=documents)),
         Target("DeleteDocuments", r.DeleteDocuments, st.builds(retriever_pb2.DeleteDocumentsRequest, collection=names,
                                                                 ids=st.lists(ids, max_size=4))),
+        Target("GetDocuments", r.GetDocuments, st.builds(retriever_pb2.GetDocumentsRequest, collection=names,
+                                                          ids=st.lists(ids, max_size=4))),
         Target("Rerank", rr.Rerank, st.builds(reranker_pb2.RerankRequest, query=strings, documents=documents,
                                               top_n=ints, tenant=names)),
         Target("LoadAdapter", adapters.LoadAdapter, st.builds(adapter_pb2.LoadAdapterRequest, tenant=names,

@@ -8,6 +8,10 @@ a tenant key on an admin RPC PERMISSION_DENIED; no key, a revoked key or a forge
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,6 +143,8 @@ def retriever_calls(stack: Stack, tenant: str) -> dict[str, Callable[[str], obje
             collection=c, documents=[doc(f"{tenant}-3", f"{tenant} lava")]), metadata=md, timeout=60),
         "DeleteDocuments": lambda c: r.DeleteDocuments(retriever_pb2.DeleteDocumentsRequest(
             collection=c, ids=[f"{tenant}-3"]), metadata=md, timeout=30),
+        "GetDocuments": lambda c: r.GetDocuments(retriever_pb2.GetDocumentsRequest(collection=c, ids=[f"{tenant}-1"]),
+                                                 metadata=md, timeout=30),
         "Retrieve": lambda c: r.Retrieve(retriever_pb2.RetrieveRequest(collection=c, query="kittens", top_k=5),
                                          metadata=md, timeout=30),
         "Search": lambda c: stack.gateway_stub().Search(search_pb2.SearchRequest(
@@ -236,6 +242,14 @@ def test_credentials_are_checked_on_every_rpc(stack: Stack) -> None:
     assert code(lambda: calls["retriever"](auth(stack, "gamma"))) == UNAUTHENTICATED  # grace 0: the old key ended
     assert code(lambda: calls["retriever"]((("authorization", f"Bearer {new_key}"),))) == OK
     assert code(lambda: calls["gateway"](auth(stack, "beta"))) == UNAUTHENTICATED
+    # The command-line client over TLS with a key from the environment: a tenant gets its own document.
+    env = {**os.environ, "RETRIEVAL_API_KEY": new_key, "RETRIEVAL_CA": stack.client_tls.ca,
+           "RETRIEVAL_CERT": stack.client_tls.cert, "RETRIEVAL_KEY": stack.client_tls.key}
+    cli = subprocess.run([sys.executable, "-m", "services.client", "--json", "get", "--target", stack.retriever.target,
+                          "--collection", "docs", "--ids", "gamma-1", "acme-1"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    got = json.loads(cli.stdout)
+    assert [d["id"] for d in got["documents"]] == ["gamma-1"] and got["missing_ids"] == ["acme-1"], cli.stderr
     # No key, nor any part of its secret, reaches a log.
     logs = "".join(s.log_path.read_text() for s in (stack.retriever, stack.reranker, stack.gateway) if s.log_path)
     assert "Bearer" not in logs

@@ -73,6 +73,11 @@ def test_ingest_search_replace_delete_restart(server_factory, tmp_path):
     assert "cats" in top_ids(s, "sourdough starter for rye bread", 2)
     assert "volcano" not in top_ids(s, "lava and magma", 7)
     assert top_ids(s, "Qubits and superposition")[0] == "quantum"
+    # GetDocuments: the latest version of each id, in the order asked, each once; the rest missing.
+    got = s.GetDocuments(retriever_pb2.GetDocumentsRequest(collection="c", ids=["quantum", "cats", "volcano",
+                                                                                  "cats", "ghost"]), timeout=30)
+    assert [d.id for d in got.documents] == ["quantum", "cats"] and got.documents[1].title == "Sourdough"
+    assert list(got.missing_ids) == ["volcano", "ghost"]
     s.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection="c"), timeout=30)
     assert not s.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10).collections
 
