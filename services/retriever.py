@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -31,6 +33,7 @@ from services.metrics import Families, counter, register_engine
 from services.namespaces import Namespace
 from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetrieverServiceConfig:
@@ -76,30 +79,32 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         if self._engine is not None:
             self._engine.close()
 
+    async def _on_collection(self, context: Context, collection: str, fn: Callable[..., T], *args: Any
+                             ) -> tuple[T, Namespace]:
+        """fn(stored collection name, *args) on the worker, in the caller's namespace (services.namespaces): its
+        result, and the namespace to name collections in the reply."""
+        names = Namespace.of_caller()  # on the loop: the caller is a context variable
+        with names.errors(collection):
+            return await self.worker.run(context, fn, names.stored(collection), *args), names
+
     async def CreateCollection(self, request: retriever_pb2.CreateCollectionRequest, context: Context
                                ) -> retriever_pb2.CreateCollectionResponse:
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            stats = await self.worker.run(context, self.engine.create_collection, names.stored(request.collection),
-                                          index_kind_from_pb(request.index_type), hnsw_from_pb(request.hnsw),
-                                          mode_from_pb(request.default_mode) or RetrievalMode.HYBRID,
-                                          fusion_from_pb(request.fusion))
+        stats, names = await self._on_collection(
+            context, request.collection, self.engine.create_collection, index_kind_from_pb(request.index_type),
+            hnsw_from_pb(request.hnsw), mode_from_pb(request.default_mode) or RetrievalMode.HYBRID,
+            fusion_from_pb(request.fusion))
         return retriever_pb2.CreateCollectionResponse(collection=names.info(stats))
 
     async def UpdateCollection(self, request: retriever_pb2.UpdateCollectionRequest, context: Context
                                ) -> retriever_pb2.UpdateCollectionResponse:
         fusion = fusion_from_pb(request.fusion) if request.HasField("fusion") else None
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            stats = await self.worker.run(context, self.engine.update_collection, names.stored(request.collection),
-                                          mode_from_pb(request.default_mode), fusion)
+        stats, names = await self._on_collection(context, request.collection, self.engine.update_collection,
+                                                 mode_from_pb(request.default_mode), fusion)
         return retriever_pb2.UpdateCollectionResponse(collection=names.info(stats))
 
     async def DeleteCollection(self, request: retriever_pb2.DeleteCollectionRequest, context: Context
                                ) -> retriever_pb2.DeleteCollectionResponse:
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            await self.worker.run(context, self.engine.delete_collection, names.stored(request.collection))
+        await self._on_collection(context, request.collection, self.engine.delete_collection)
         return retriever_pb2.DeleteCollectionResponse()
 
     async def ListCollections(self, request: retriever_pb2.ListCollectionsRequest, context: Context
@@ -112,35 +117,27 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
                               ) -> retriever_pb2.UpsertDocumentsResponse:
         start = time.perf_counter()
         documents = [document_from_pb(d) for d in request.documents]
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            result = await self.worker.run(context, self.engine.upsert, names.stored(request.collection), documents)
+        result, _ = await self._on_collection(context, request.collection, self.engine.upsert, documents)
         return retriever_pb2.UpsertDocumentsResponse(upserted_count=result.upserted, skipped_ids=result.skipped,
                                                      timings=_timings(start))
 
     async def DeleteDocuments(self, request: retriever_pb2.DeleteDocumentsRequest, context: Context
                               ) -> retriever_pb2.DeleteDocumentsResponse:
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            deleted, missing = await self.worker.run(context, self.engine.delete, names.stored(request.collection),
-                                                     list(request.ids))
+        (deleted, missing), _ = await self._on_collection(context, request.collection, self.engine.delete,
+                                                          list(request.ids))
         return retriever_pb2.DeleteDocumentsResponse(deleted_count=len(deleted), not_found_ids=missing)
 
     async def GetDocuments(self, request: retriever_pb2.GetDocumentsRequest, context: Context
                            ) -> retriever_pb2.GetDocumentsResponse:
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            found, missing = await self.worker.run(context, self.engine.get, names.stored(request.collection),
-                                                   list(request.ids))
+        (found, missing), _ = await self._on_collection(context, request.collection, self.engine.get,
+                                                        list(request.ids))
         return retriever_pb2.GetDocumentsResponse(documents=[document_to_pb(d) for d in found], missing_ids=missing)
 
     async def Retrieve(self, request: retriever_pb2.RetrieveRequest, context: Context
                        ) -> retriever_pb2.RetrieveResponse:
         start = time.perf_counter()
-        names = Namespace.of_caller()
-        with names.errors(request.collection):
-            retrieved = await self.worker.run(context, self.engine.search, names.stored(request.collection),
-                                              request.query, request.top_k, mode_from_pb(request.mode))
+        retrieved, _ = await self._on_collection(context, request.collection, self.engine.search, request.query,
+                                                 request.top_k, mode_from_pb(request.mode))
         response = retrieved_to_pb(retrieved)
         response.timings.CopyFrom(_timings(start))
         return response
