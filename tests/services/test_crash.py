@@ -127,7 +127,8 @@ def resolve_in_flight(stub: retriever_pb2_grpc.RetrieverServiceStub, model: Mode
     model.in_flight = None
 
 
-def found(stub: retriever_pb2_grpc.RetrieverServiceStub, query: str, mode: int, doc_id: str) -> bool:
+def found(stub: retriever_pb2_grpc.RetrieverServiceStub, query: str, mode: document_pb2.RetrievalMode, doc_id: str
+          ) -> bool:
     reply = stub.Retrieve(retriever_pb2.RetrieveRequest(collection="c", query=query, top_k=10, mode=mode), timeout=60)
     return doc_id in [r.document.id for r in reply.results]
 
