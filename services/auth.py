@@ -78,17 +78,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         forwarded = metadata.get(TENANT_HEADER)
-        if forwarded is not None and not TENANT_NAME.match(forwarded):
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER} is not a tenant name")
         if forwarded is not None and self._from_forwarder(context):
-            return Principal(forwarded)
-        caller = self._bearer(metadata.get("authorization", ""))
+            return Principal(_tenant_header(forwarded))
+        caller = self._bearer(metadata.get("authorization", ""))  # first: the unauthenticated learn nothing more
         if forwarded is None:
             return caller
         if not caller.admin:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                f"{TENANT_HEADER} is accepted only with an admin key or from a trusted forwarder")
-        return Principal(forwarded, admin=True, key_id=caller.key_id)
+        return Principal(_tenant_header(forwarded), admin=True, key_id=caller.key_id)
 
     def _bearer(self, header: str) -> Principal:
         scheme, _, key = header.partition(" ")
@@ -104,6 +102,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return False
         names = context.auth_context().get("x509_common_name", [])
         return any(n.decode(errors="replace") in self.forwarders for n in names)
+
+
+def _tenant_header(value: str) -> str:
+    if not TENANT_NAME.match(value):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER} is not a tenant name")
+    return value
 
 
 def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:

@@ -229,6 +229,12 @@ def test_credentials_are_checked_on_every_rpc(stack: Stack) -> None:
     # A tenant key cannot forge a tenant header; only the gateway's certificate (or an admin key) may send one.
     forged = (*auth(stack, "beta"), ("x-retrieval-tenant", "acme"))
     assert code(lambda: r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=forged)) == DENIED
+    # Without a key, even a malformed header is answered UNAUTHENTICATED (nothing learnt before authentication).
+    assert code(lambda: r.ListCollections(retriever_pb2.ListCollectionsRequest(),
+                                          metadata=(("x-retrieval-tenant", "../x"),))) == UNAUTHENTICATED
+    bad_header = (*auth(stack, "admin"), ("x-retrieval-tenant", "../x"))
+    assert code(lambda: r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=bad_header)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
     # The admin addresses a tenant explicitly, and manages adapters.
     as_beta = (*auth(stack, "admin"), ("x-retrieval-tenant", "beta"))
     listed = r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=as_beta, timeout=30).collections
