@@ -23,12 +23,14 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # RERANKER_TRITON=0 turns the kernels off (to compare, or to rule them out).
 ENABLED = triton is not None and os.environ.get("RERANKER_TRITON", "1") != "0"
+# Triton reads TRITON_INTERPRET when it compiles the kernels below: read once, here too.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused(x: torch.Tensor) -> bool:
     """Whether x's element-wise work runs as a Triton kernel: installed, enabled, on a GPU (or Triton's CPU
     interpreter, TRITON_INTERPRET=1, which the tests use where there is no GPU)."""
-    return ENABLED and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return ENABLED and (x.is_cuda or INTERPRETED)
 
 
 def rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -171,9 +171,15 @@ def _rerank(request: Any) -> None:
     check_documents(request.documents, ids_required=False)
     check_tenant("tenant", request.tenant)
     check_range("top_n", request.top_n, 0, MAX_DOCUMENTS_PER_REQUEST)
+    if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
+        raise invalid("first_stage_scores", "must be empty or one per document")
+    if request.HasField("fusion_weight") and not 0.0 <= request.fusion_weight <= 1.0:
+        raise invalid("fusion_weight", f"must be in 0..1, got {request.fusion_weight}")
 
 
 def _load_adapter(request: Any) -> None:
+    if not request.tenant:
+        raise invalid("tenant", "must not be empty (the empty tenant is the server's default)")
     check_tenant("tenant", request.tenant, required=True)
     check_name("adapter", request.adapter)
 

@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 from common.device import set_cpu_threads
 from reranker.batcher import BatcherConfig, RerankBatcher
 from reranker.engine import Reranker, RerankerConfig
-from reranker.errors import QueueFull, RerankInputError, UnknownTenant
+from reranker.errors import QueueFull, UnknownTenant
 from reranker.prompt import Prompt
 from reranker.tenants import DEFAULT_TENANT, Listing, TenantHandle, TenantSettings
 from reranker.zoo import TenantUsage
@@ -33,7 +33,6 @@ from services.gen.retrieval.v1 import (
     reranker_pb2,
     reranker_pb2_grpc,
 )
-from services.keys import TENANT_NAME
 from services.metrics import (
     COUNT_BUCKETS,
     LATENCY_BUCKETS,
@@ -131,13 +130,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
     async def Rerank(self, request: reranker_pb2.RerankRequest, context: Context) -> reranker_pb2.RerankResponse:
         start = time.perf_counter()
         reranker, batcher = self.reranker, self.batcher
-        if request.top_n < 0:
-            raise RerankInputError("top_n must be >= 0 (0 = all)")
-        if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
-            raise RerankInputError("first_stage_scores must be empty or one per document")
         weight = request.fusion_weight if request.HasField("fusion_weight") else None
-        if weight is not None and not 0.0 <= weight <= 1.0:
-            raise RerankInputError(f"fusion_weight must be in 0..1, got {weight}")
         docs = [(d.title, d.text) for d in request.documents]
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
@@ -185,12 +178,6 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     async def LoadAdapter(self, request: adapter_pb2.LoadAdapterRequest, context: Context
                           ) -> adapter_pb2.LoadAdapterResponse:
         self._authorize(context)
-        if not request.tenant:
-            raise RerankInputError("tenant must not be empty (the empty tenant is the server's default)")
-        if authenticated() and not TENANT_NAME.match(request.tenant):
-            raise RerankInputError(f"tenant: not a tenant name, got {request.tenant!r}")
-        if not request.adapter:
-            raise RerankInputError("adapter must name an adapter under the server's adapters root")
         tenants = self.rerank.reranker.tenants
         usage = await self.work.run(context, tenants.load, request.tenant, request.adapter)
         settings = tenants.settings(request.tenant)
