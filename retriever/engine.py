@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from common.types import Document
-from retriever.collection import CURRENT, Collection
+from retriever.backend import Backend, StoredCollection
+from retriever.collection import Collection, LocalBackend
 from retriever.embedder import Embedder
-from retriever.fusion import FusionSettings, RetrievalMode, fuse
+from retriever.fusion import FusedHit, FusionSettings, RetrievalMode, fuse
 from retriever.types import (
     CollectionExists,
     CollectionNotFound,
@@ -48,27 +45,27 @@ class Limits:
 
 
 class RetrieverEngine:
-    def __init__(self, data_dir: Path, embedder: Embedder, limits: Limits = Limits()) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(self, backend: Backend | Path | str, embedder: Embedder, limits: Limits = Limits()) -> None:
+        """`backend`: where collections live; a directory means the local backend (SQLite + FAISS + tantivy)."""
+        self.backend: Backend = LocalBackend(Path(backend)) if isinstance(backend, Path | str) else backend
         self.embedder = embedder
         self.limits = limits
-        self._collections: dict[str, Collection] = {}
+        self._collections: dict[str, StoredCollection] = {}
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        """Load every persisted collection under the data directory."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        found = sorted(p for p in self.data_dir.iterdir() if (p / CURRENT).exists())
-        for directory in tqdm(found, desc="loading collections", unit="collection", disable=not found):
-            collection = Collection.load(directory)
+        """Open every collection the backend holds."""
+        for collection in self.backend.load_all():
             self._collections[collection.spec.name] = collection
-            log.info("loaded collection %s (%d docs)", collection.spec.name, len(collection.documents))
+            log.info("loaded collection %s (%d docs, %s backend)", collection.spec.name,
+                     collection.stats().document_count, self.backend.name)
 
     def close(self) -> None:
-        """Release the collections' index writers (one process writes a data directory at a time)."""
+        """Checkpoint and release every collection (one process writes a data directory at a time)."""
         with self._lock:
             for collection in self._collections.values():
                 collection.close()
+            self.backend.close()
 
     # ---- collections ---------------------------------------------------------
     def create_collection(self, name: str, index: IndexKind = IndexKind.FLAT, hnsw: HnswSettings | None = None,
@@ -81,7 +78,7 @@ class RetrieverEngine:
         with self._lock:
             if name in self._collections:
                 raise CollectionExists(f"collection {name!r} already exists")
-            collection = Collection.create(spec, self.data_dir / name)
+            collection = self.backend.create(spec)
             self._collections[name] = collection
         return collection.stats()
 
@@ -90,11 +87,7 @@ class RetrieverEngine:
             collection = self._collections.pop(name, None)
         if collection is None:
             raise CollectionNotFound(f"collection {name!r} not found")
-        with collection.lock:
-            collection.close()
-            trash = self.data_dir / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
-            collection.directory.rename(trash)  # atomic: a restart never sees half a collection
-            shutil.rmtree(trash, ignore_errors=True)
+        self.backend.drop(collection)
 
     def list_collections(self) -> list[CollectionStats]:
         with self._lock:
@@ -105,8 +98,11 @@ class RetrieverEngine:
         return self._get(name).stats()
 
     def lexical_write_seconds(self, name: str) -> float:
-        """Time the collection's lexical index has spent on writes since it was opened."""
-        return self._get(name).lexical.write_seconds
+        """Time the collection's lexical index has spent on writes since it was opened (local backend)."""
+        collection = self._get(name)
+        if not isinstance(collection, Collection):
+            raise InvalidArgument(f"the {self.backend.name} backend does not time its lexical writes")
+        return collection.lexical_write_seconds
 
     def update_collection(self, name: str, default_mode: RetrievalMode | None = None,
                           fusion: FusionSettings | None = None) -> CollectionStats:
@@ -146,9 +142,8 @@ class RetrieverEngine:
         collection = self._get(name)
         if not ids:
             raise InvalidArgument("ids must not be empty")
-        with collection.lock:
-            wanted = list(dict.fromkeys(ids))
-            found = [collection.documents[i] for i in wanted if i in collection.documents]
+        wanted = list(dict.fromkeys(ids))
+        found = collection.get(wanted)
         held = {d.id for d in found}
         return found, [i for i in wanted if i not in held]
 
@@ -166,20 +161,22 @@ class RetrieverEngine:
         fusion = collection.spec.fusion
         depth = max(top_k, fusion.candidate_depth) if mode is RetrievalMode.HYBRID else top_k
         vectors = self.embedder.encode(list(queries)) if mode is not RetrievalMode.LEXICAL else None
-        with collection.lock:  # both sides and the documents from one state of the collection
-            dense = collection.search_dense(vectors, depth) if vectors is not None else [[] for _ in queries]
-            lexical = [collection.search_lexical(q, depth) if mode is not RetrievalMode.DENSE else [] for q in queries]
-            return [self._hits(collection, d, lx, mode, fusion, top_k) for d, lx in zip(dense, lexical, strict=True)]
+        dense = collection.search_dense(vectors, depth) if vectors is not None else [[] for _ in queries]
+        lexical = [collection.search_lexical(q, depth) if mode is not RetrievalMode.DENSE else [] for q in queries]
+        ranked = [self._ranked(d, lx, mode, fusion, top_k) for d, lx in zip(dense, lexical, strict=True)]
+        # Text comes from the store after the search: a document deleted in between is left out.
+        held = {d.id: d for d in collection.get([h.id for hits in ranked for h in hits])}
+        return [[Hit(held[h.id], h.score, dense_score=h.dense, lexical_score=h.lexical) for h in hits
+                 if h.id in held] for hits in ranked]
 
     @staticmethod
-    def _hits(collection: Collection, dense: Sequence[tuple[str, float]], lexical: Sequence[tuple[str, float]],
-              mode: RetrievalMode, fusion: FusionSettings, top_k: int) -> list[Hit]:
+    def _ranked(dense: Sequence[tuple[str, float]], lexical: Sequence[tuple[str, float]], mode: RetrievalMode,
+                fusion: FusionSettings, top_k: int) -> list[FusedHit]:
         if mode is RetrievalMode.DENSE:
-            return [Hit(collection.document(i), s, dense_score=s) for i, s in dense]
+            return [FusedHit(i, s, dense=s, lexical=None) for i, s in dense]
         if mode is RetrievalMode.LEXICAL:
-            return [Hit(collection.document(i), s, lexical_score=s) for i, s in lexical]
-        return [Hit(collection.document(f.id), f.score, dense_score=f.dense, lexical_score=f.lexical)
-                for f in fuse(dense, lexical, fusion, top_k)]
+            return [FusedHit(i, s, dense=None, lexical=s) for i, s in lexical]
+        return fuse(dense, lexical, fusion, top_k)
 
     def _check_queries(self, queries: Sequence[str], top_k: int) -> None:
         for query in queries:
@@ -191,7 +188,7 @@ class RetrieverEngine:
             raise InvalidArgument(f"top_k must be in 1..{self.limits.max_top_k}, got {top_k}")
 
     # ---- helpers -------------------------------------------------------------
-    def _get(self, name: str) -> Collection:
+    def _get(self, name: str) -> StoredCollection:
         if not name:
             raise InvalidArgument("collection must be set")
         with self._lock:

@@ -7,11 +7,13 @@ tokens as a disjunction of term queries: bag-of-words BM25 (k1 1.2, b 0.75), wit
 user's text to trip over (measured on SciFact test: 0.687 nDCG@10, against 0.686 through tantivy's query
 parser, which turns hyphenated words into phrases; BEIR's Anserini figure is 0.665 multifield / 0.679 flat).
 
-One writer per index; every acknowledged write is committed (tantivy commits are atomic: a crash leaves
-the previous commit), then the searcher is reloaded. Which write of the collection the index reflects is
-kept in `APPLIED` beside it (the collection's snapshot number), written after the commit: on load, a
-mismatch means a crash fell between the two writes, and the collection rebuilds this index from its
-documents (see retriever.collection).
+One writer per index; every acknowledged write (or group of writes committed together) is committed
+(tantivy commits are atomic: a crash leaves the previous commit), then the searcher is reloaded; searches
+run on the last reloaded searcher and never wait for a write. The index is derived state: the collection's
+document store is the truth. `APPLIED` beside the index records a write number the index is known to
+cover, written at the collection's checkpoints (after the commits it covers, so it never runs ahead); on
+load the collection replays the store's rows after it, which is idempotent (an upsert is a delete by id
+plus an add), or rebuilds the index when there is none (see retriever.collection).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from typing import Any
 import tantivy
 
 from common.files import write_atomically
+from common.priority import background_executor
 from common.types import Document
 
 log = logging.getLogger(__name__)
 APPLIED = "APPLIED"
 _WRITER_HEAP_BYTES = 64 << 20
+# Handing documents to tantivy is a Python loop that holds the GIL; a search thread waiting for the GIL
+# would wait out the interpreter's whole switch interval (5 ms), so the loop yields every this many.
+_YIELD_EVERY = 32
 _ANALYZER = (tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
              .filter(tantivy.Filter.lowercase()).filter(tantivy.Filter.stemmer("english")).build())
 
@@ -59,11 +65,15 @@ class LexicalIndex:
         self.index = tantivy.Index(self.schema, path=str(directory), reuse=True)
         self._writer: Any = None
         self._write_lock = threading.Lock()
+        # Writes run on one low-priority thread; the tantivy writer opened there starts its indexing and
+        # merge threads there, so they inherit the priority too (searches win the CPU under contention).
+        self._background = background_executor("lexical-writer")
+        self._closed = False
         self.write_seconds = 0.0  # spent in apply/rebuild since opened (what the index adds to ingest)
 
     @property
     def applied(self) -> int | None:
-        """The collection write this index reflects (None: never committed under a collection)."""
+        """A collection write this index covers (None: unknown, rebuild it)."""
         path = self.directory / APPLIED
         try:
             return int(path.read_text().strip())
@@ -73,29 +83,46 @@ class LexicalIndex:
     def __len__(self) -> int:
         return int(self.index.searcher().num_docs)
 
-    def apply(self, upserts: Sequence[Document], deletes: Sequence[str], seq: int) -> None:
-        """Delete `deletes`, replace or add `upserts`, commit, and record `seq` as applied."""
+    def apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]]) -> None:
+        """Apply (upserts, deletes) pairs in order (each: delete `deletes`, replace or add `upserts`), then
+        commit once and make the result searchable."""
+        self._background.submit(self._apply, changes).result()
+
+    def _apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]]) -> None:
         with self._write_lock:
             start = time.perf_counter()
             writer = self._open_writer()
-            for doc_id in [*deletes, *(d.id for d in upserts)]:
-                writer.delete_documents_by_term("id", doc_id)
-            for doc in upserts:
-                writer.add_document(tantivy.Document(id=doc.id, content=doc.embedding_text()))
-            self._commit(writer, seq)
+            for upserts, deletes in changes:
+                for doc_id in [*deletes, *(d.id for d in upserts)]:
+                    writer.delete_documents_by_term("id", doc_id)
+                self._add(writer, upserts)
+            self._commit(writer)
             self.write_seconds += time.perf_counter() - start
 
-    def rebuild(self, documents: Iterable[Document], seq: int) -> int:
-        """Replace the whole index with `documents` (repair after a crash between writes)."""
-        count = 0
+    def rebuild(self, documents: Iterable[Document]) -> int:
+        """Replace the whole index with `documents` (an index lost or never built)."""
+        return self._background.submit(self._rebuild, documents).result()
+
+    def _rebuild(self, documents: Iterable[Document]) -> int:
         with self._write_lock:
             writer = self._open_writer()
             writer.delete_all_documents()
-            for doc in documents:
-                writer.add_document(tantivy.Document(id=doc.id, content=doc.embedding_text()))
-                count += 1
-            self._commit(writer, seq)
+            count = self._add(writer, documents)
+            self._commit(writer)
         return count
+
+    @staticmethod
+    def _add(writer: Any, documents: Iterable[Document]) -> int:
+        count = 0
+        for count, doc in enumerate(documents, start=1):
+            writer.add_document(tantivy.Document(id=doc.id, content=doc.embedding_text()))
+            if count % _YIELD_EVERY == 0:
+                time.sleep(0)  # let a waiting search thread take the GIL now
+        return count
+
+    def record_applied(self, seq: int) -> None:
+        """Note that every write up to `seq` is committed here (call only after those commits)."""
+        write_atomically(self.directory / APPLIED, str(seq))
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         """Top-k (id, BM25 score), best first; empty when no query token is in the vocabulary."""
@@ -108,6 +135,13 @@ class LexicalIndex:
         return [(searcher.doc(address)["id"][0], float(score)) for score, address in hits]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._background.submit(self._close).result()
+        self._background.shutdown()
+        self._closed = True
+
+    def _close(self) -> None:
         with self._write_lock:
             if self._writer is not None:
                 self._writer.wait_merging_threads()
@@ -122,9 +156,8 @@ class LexicalIndex:
             self._writer = self.index.writer(heap_size=_WRITER_HEAP_BYTES, num_threads=1)
         return self._writer
 
-    def _commit(self, writer: Any, seq: int) -> None:
+    def _commit(self, writer: Any) -> None:
         writer.commit()
         self.index.reload()
-        write_atomically(self.directory / APPLIED, str(seq))
 
 

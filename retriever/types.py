@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from common.types import Document
-from retriever.fusion import FusionSettings, RetrievalMode
+from retriever.fusion import FusionMethod, FusionSettings, RetrievalMode
 
 
 class IndexKind(StrEnum):
@@ -29,6 +30,23 @@ class CollectionSpec:
     hnsw: HnswSettings = field(default_factory=HnswSettings)
     default_mode: RetrievalMode = RetrievalMode.HYBRID
     fusion: FusionSettings = field(default_factory=FusionSettings)
+
+
+def spec_to_json(spec: CollectionSpec) -> dict[str, Any]:
+    fusion = asdict(spec.fusion)
+    return {"name": spec.name, "dimension": spec.dimension, "index": spec.index.value, "hnsw": asdict(spec.hnsw),
+            "default_mode": spec.default_mode.value, "fusion": fusion | {"method": spec.fusion.method.value}}
+
+
+def spec_from_json(data: dict[str, Any]) -> CollectionSpec:
+    """Snapshots written before hybrid search have no mode or fusion: hybrid with the defaults."""
+    fusion = dict(data.get("fusion") or {})
+    if "method" in fusion:
+        fusion["method"] = FusionMethod(fusion["method"])
+    return CollectionSpec(name=data["name"], dimension=data["dimension"], index=IndexKind(data["index"]),
+                          hnsw=HnswSettings(**data["hnsw"]),
+                          default_mode=RetrievalMode(data.get("default_mode", RetrievalMode.HYBRID.value)),
+                          fusion=FusionSettings(**fusion))
 
 
 @dataclass(frozen=True)

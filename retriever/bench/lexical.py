@@ -79,9 +79,9 @@ def _lexical_size(corpus: SyntheticCorpus, size: int, queries: list[str]) -> Lex
         docs = corpus.documents(size)
         seconds = 0.0
         with tqdm(total=size, desc=f"lexical index {size:,}", unit="doc") as bar:
-            for seq, chunk in enumerate(iter(lambda: list(islice(docs, CHUNK)), []), start=1):
+            for chunk in iter(lambda: list(islice(docs, CHUNK)), []):
                 start = time.perf_counter()  # only indexing counts, not generating the text
-                index.apply(chunk, [], seq)
+                index.apply([(chunk, [])])
                 seconds += time.perf_counter() - start
                 bar.update(len(chunk))
         times = _latencies(lambda q: index.search(q, K), queries)
