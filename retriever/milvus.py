@@ -50,7 +50,7 @@ from pymilvus import DataType, Function, FunctionType, MilvusClient  # type: ign
 from common.types import Document
 from retriever.backend import Ranked
 from retriever.fusion import FusionSettings, RetrievalMode
-from retriever.lexical import _ANALYZER, query_terms
+from retriever.lexical import analyze, query_terms
 from retriever.types import (
     CollectionExists,
     CollectionSpec,
@@ -136,7 +136,7 @@ def split_utf8(text: str, max_bytes: int = VARCHAR_MAX_BYTES) -> list[str]:
 
 def lexical_content(doc: Document) -> str:
     """The analysed terms of title + text, space-joined, cut to fit one VARCHAR (at a term boundary)."""
-    content = " ".join(_ANALYZER.analyze(doc.embedding_text()))
+    content = " ".join(analyze(doc.embedding_text()))
     data = content.encode("utf-8")
     if len(data) <= VARCHAR_MAX_BYTES:
         return content

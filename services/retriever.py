@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 from prometheus_client.core import GaugeMetricFamily
 
 from common.device import set_cpu_threads
+from retriever.backend import BackendKind, open_backend
 from retriever.embedder import Embedder, EmbedderConfig
 from retriever.engine import Limits, RetrieverEngine
 from retriever.fusion import RetrievalMode
-from services.config import ServerConfig, option, parse_config
+from services.config import Secret, ServerConfig, option, parse_config
 from services.convert import (
     document_from_pb,
     document_to_pb,
@@ -38,7 +39,15 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class RetrieverServiceConfig:
     server: ServerConfig = option(factory=lambda: ServerConfig(port=50051))
-    data_dir: str = option("var/retriever", "where collections persist (one directory each)")
+    data_dir: str = option("var/retriever", "where collections persist (one directory each; faiss backend)")
+    backend: BackendKind = option(BackendKind.FAISS, "where collections live: faiss (local SQLite + FAISS + "
+                                                     "tantivy under --data-dir) or milvus (--milvus-uri)")
+    milvus_uri: str = option("", "with --backend milvus: a Milvus Lite file (path ending .db) or a Milvus "
+                                 "standalone/cluster (http://host:19530)")
+    milvus_token: Secret = option(factory=Secret, help="Milvus credentials (user:password or an API key)")
+    checkpoint_fraction: float = option(0.1, "faiss backend: write the dense index to disk once the writes "
+                                             "since the last checkpoint reach this fraction of the collection "
+                                             "(a restart replays at most about that much)")
     embedder: EmbedderConfig = option(factory=EmbedderConfig)
     limits: Limits = option(factory=Limits)
 
@@ -51,7 +60,10 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     def load(self) -> None:
         set_cpu_threads()
-        engine = RetrieverEngine(Path(self.config.data_dir), Embedder(self.config.embedder), self.config.limits)
+        config = self.config
+        backend = open_backend(config.backend, Path(config.data_dir), config.milvus_uri,
+                               config.milvus_token.reveal(), config.checkpoint_fraction)
+        engine = RetrieverEngine(backend, Embedder(config.embedder), config.limits)
         engine.load()
         self._engine = engine
 

@@ -36,9 +36,18 @@ def code_of(call, *args) -> grpc.StatusCode:
     return info.value.code()
 
 
-def test_ingest_search_replace_delete_restart(server_factory, tmp_path):
-    data_dir = str(tmp_path / "data")
-    server = server_factory("services.retriever", ["--data-dir", data_dir]).start()
+def storage_args(backend: str, tmp_path) -> list[str]:
+    if backend == "milvus":
+        pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+        return ["--backend", "milvus", "--milvus-uri", str(tmp_path / "milvus.db")]
+    return ["--data-dir", str(tmp_path / "data")]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_ingest_search_replace_delete_restart(server_factory, tmp_path, backend):
+    """The same API and the same answers on both backends (Milvus Lite in a file for the milvus one)."""
+    args = storage_args(backend, tmp_path)
+    server = server_factory("services.retriever", args).start()
     s = stub(server)
     created = s.CreateCollection(retriever_pb2.CreateCollectionRequest(
         collection="c", index_type=retriever_pb2.INDEX_TYPE_HNSW), timeout=30)
@@ -65,7 +74,7 @@ def test_ingest_search_replace_delete_restart(server_factory, tmp_path):
 
     # Graceful SIGTERM, then a new process loads the same state from disk.
     assert server.stop() == 0
-    restarted = server_factory("services.retriever", ["--data-dir", data_dir]).start()
+    restarted = server_factory("services.retriever", args).start()
     s = stub(restarted)
     listed = s.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10).collections
     assert [(c.name, c.document_count) for c in listed] == [("c", 7)]
@@ -78,6 +87,10 @@ def test_ingest_search_replace_delete_restart(server_factory, tmp_path):
                                                                                   "cats", "ghost"]), timeout=30)
     assert [d.id for d in got.documents] == ["quantum", "cats"] and got.documents[1].title == "Sourdough"
     assert list(got.missing_ids) == ["volcano", "ghost"]
+    for mode in (RETRIEVAL_MODE_LEXICAL, RETRIEVAL_MODE_HYBRID):
+        reply = s.Retrieve(retriever_pb2.RetrieveRequest(collection="c", query="aqueducts of Rome", top_k=3,
+                                                         mode=mode), timeout=60)
+        assert reply.results[0].document.id == "rome" and reply.results[0].lexical_score > 0
     s.DeleteCollection(retriever_pb2.DeleteCollectionRequest(collection="c"), timeout=30)
     assert not s.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=10).collections
 
