@@ -251,6 +251,24 @@ def test_compose_and_prometheus_files_are_valid() -> None:
     assert "dns:///reranker:50052" in gateway_command and "dns:///retriever:50051" in gateway_command
 
 
+def test_the_milvus_override_renders_and_points_the_retriever_at_milvus() -> None:
+    needs("docker-compose")
+    files = ["-f", str(DEPLOY / "docker-compose.yml"), "-f", str(DEPLOY / "docker-compose.milvus.yml")]
+    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-only", "MINIO_ROOT_PASSWORD": "test-only"}
+    rendered = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True, env=env,
+                              check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert {"etcd", "minio", "milvus"} <= set(services)
+    retriever = services["retriever"]
+    assert retriever["command"][-4:] == ["--backend", "milvus", "--milvus-uri", "http://milvus:19530"]
+    assert retriever["build"]["args"]["PROJECT_EXTRAS"] == "[milvus]" and retriever["image"] != services["gateway"]["image"]
+    assert services["milvus"]["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    unset = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True, check=False,
+                           env={k: v for k, v in env.items() if k != "MINIO_ROOT_PASSWORD"})
+    assert unset.returncode != 0 and "MINIO_ROOT_PASSWORD" in unset.stderr, "no default object-store secret"
+
+
 def test_dashboard_queries_read_metrics_the_services_expose(stack: Stack) -> None:
     search = search_pb2_grpc.SearchServiceStub(stack.gateway.channel()).Search  # labelled series exist after use
     assert search(search_pb2.SearchRequest(collection="c", query="ash", top_k=2, rerank_depth=2), timeout=60).reranked
