@@ -1,6 +1,7 @@
 """RetrieverService: a thin gRPC layer over `retriever.engine.RetrieverEngine`.
 
     python -m services.retriever --port 50051 --data-dir var/retriever [--model DIR] [--dtype auto]
+    python -m services.retriever --port 50051 --backend milvus --milvus-uri http://milvus:19530
 """
 
 from __future__ import annotations
