@@ -247,8 +247,8 @@ class Collection:
                 return
             data, state = self.index.serialize()
         dense = self.directory / DENSE
-        _write_durably(dense / f"index-{seq}.faiss", data.tobytes())
-        _write_durably(dense / f"index-{seq}.json", json.dumps(state).encode())
+        write_atomically(dense / f"index-{seq}.faiss", data.tobytes())
+        write_atomically(dense / f"index-{seq}.json", json.dumps(state))
         failpoint("collection.before_checkpoint_swap")
         write_atomically(dense / CHECKPOINT, str(seq))
         self.lexical.record_applied(seq)  # every write up to seq was committed there before applied_seq moved
@@ -345,16 +345,6 @@ class LocalBackend:
 
 def is_collection_dir(path: Path) -> bool:
     return (path / STORE).exists() or (path / LEGACY_CURRENT).exists()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def convert_snapshot_layout(directory: Path) -> None:

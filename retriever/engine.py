@@ -1,7 +1,8 @@
-"""The retrieval engine: named collections, each with a dense index (embedder + FAISS) and a lexical one
-(BM25), searched alone or fused (retriever.fusion).
+"""The retrieval engine: named collections, each searched densely (the embedder's vectors), lexically
+(BM25) or both fused (retriever.fusion). Where the collections live is a backend (retriever.backend): the
+local one (SQLite + FAISS + tantivy) or Milvus; the engine embeds, validates and fuses the same on both.
 
-Thread-safe; every method may block (embedding, FAISS, tantivy), so async callers run
+Thread-safe; every method may block (embedding, disk, index work, Milvus calls), so async callers run
 them in a worker thread. Errors are `retriever.types.RetrieverError` subclasses.
 """
 

@@ -25,9 +25,10 @@ from retriever.types import HnswSettings, IndexKind
 
 REBUILD_TOMBSTONE_FRACTION = 0.2
 _faiss: Any = faiss  # faiss's stubs miss SearchParametersHNSW and the parameters' keyword arguments
-# A few queries search faster on one OpenMP thread: a team of threads for one query costs more to wake
-# than it saves (measured: 8 ms instead of 0.13 ms for one query over 5K vectors when the team is woken
-# from the main thread of a 2-core machine). The setting is per calling thread, so it is made per search.
+# A few queries search faster on one OpenMP thread: a team of threads for one query costs more to wake and
+# join than it saves (measured on the 2-core CI machine, one query, top-100: 5K vectors 0.13 ms on one
+# thread, 8 ms on two when woken from the main thread; 1M vectors 60 ms on one, 141 ms on two). Searches
+# run in parallel across requests instead. The setting is per calling thread, so it is made per search.
 _SMALL_BATCH = 64
 _CORES = faiss.omp_get_max_threads()
 
