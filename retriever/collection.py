@@ -205,7 +205,7 @@ class Collection:
             for write in writes:
                 self._apply_dense(write)
         failpoint("collection.between_dense_and_lexical")
-        self.lexical.apply((w.upserts, w.deleted) for w in writes)
+        self.lexical.apply(((w.upserts, w.deleted) for w in writes), writes[-1].seq)
         self.applied_seq = writes[-1].seq
         self._last_write = time.monotonic()
 
@@ -294,11 +294,11 @@ class Collection:
             log.info("collection %s: building its lexical index from %d documents", self.spec.name, len(self.index))
             docs = (d for batch, _ in self.store.live_documents() for d in batch)
             self.lexical.rebuild(tqdm(docs, total=len(self.index), desc=f"lexical index {self.spec.name}",
-                                      unit="doc", disable=len(self.index) < 10_000))
+                                      unit="doc", disable=len(self.index) < 10_000), self.store.last_seq)
             return
         replayed = 0
         for batch in self.store.changes_after(applied):
-            self.lexical.apply(([c.document], []) if c.document else ([], [c.id]) for c in batch)
+            self.lexical.apply((([c.document], []) if c.document else ([], [c.id]) for c in batch), batch[-1].seq)
             replayed += len(batch)
         if replayed:
             log.info("collection %s: %d rows after the lexical index's write %d replayed", self.spec.name,

@@ -61,6 +61,12 @@ class RetrieverEngine:
             log.info("loaded collection %s (%d docs, %s backend)", collection.spec.name,
                      collection.stats().document_count, self.backend.name)
 
+    def __enter__(self) -> RetrieverEngine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Checkpoint and release every collection (one process writes a data directory at a time)."""
         with self._lock:

@@ -10,15 +10,18 @@ parser, which turns hyphenated words into phrases; BEIR's Anserini figure is 0.6
 One writer per index; every acknowledged write (or group of writes committed together) is committed
 (tantivy commits are atomic: a crash leaves the previous commit), then the searcher is reloaded; searches
 run on the last reloaded searcher and never wait for a write. The index is derived state: the collection's
-document store is the truth. `APPLIED` beside the index records a write number the index is known to
-cover, written at the collection's checkpoints (after the commits it covers, so it never runs ahead); on
-load the collection replays the store's rows after it, which is idempotent (an upsert is a delete by id
-plus an add), or rebuilds the index when there is none (see retriever.collection).
+document store is the truth. `APPLIED` beside the index names the last collection write it covers: replaced
+(not fsynced) after each commit, and fsynced at the collection's checkpoints. It never runs ahead of the
+index (written after the commit it names; after a power cut it may lag), and on load the collection replays
+the store's rows after it, which is idempotent (an upsert is a delete by id plus an add), or rebuilds the
+index when there is none (see retriever.collection). Kept current, it also lets another process open the
+collection (a training job reading a live retriever's directory) without replaying, i.e. without the writer.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -89,12 +92,12 @@ class LexicalIndex:
     def __len__(self) -> int:
         return int(self.index.searcher().num_docs)
 
-    def apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]]) -> None:
+    def apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]], seq: int) -> None:
         """Apply (upserts, deletes) pairs in order (each: delete `deletes`, replace or add `upserts`), then
-        commit once and make the result searchable."""
-        self._background.submit(self._apply, changes).result()
+        commit once, make the result searchable, and note `seq` (the last collection write applied)."""
+        self._background.submit(self._apply, changes, seq).result()
 
-    def _apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]]) -> None:
+    def _apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]], seq: int) -> None:
         with self._write_lock:
             start = time.perf_counter()
             writer = self._open_writer()
@@ -103,18 +106,21 @@ class LexicalIndex:
                     writer.delete_documents_by_term("id", doc_id)
                 self._add(writer, upserts)
             self._commit(writer)
+            self._note_applied(seq)
             self.write_seconds += time.perf_counter() - start
 
-    def rebuild(self, documents: Iterable[Document]) -> int:
-        """Replace the whole index with `documents` (an index lost or never built)."""
-        return self._background.submit(self._rebuild, documents).result()
+    def rebuild(self, documents: Iterable[Document], seq: int) -> int:
+        """Replace the whole index with `documents`, the collection as of write `seq` (an index lost or never
+        built)."""
+        return self._background.submit(self._rebuild, documents, seq).result()
 
-    def _rebuild(self, documents: Iterable[Document]) -> int:
+    def _rebuild(self, documents: Iterable[Document], seq: int) -> int:
         with self._write_lock:
             writer = self._open_writer()
             writer.delete_all_documents()
             count = self._add(writer, documents)
             self._commit(writer)
+            self._note_applied(seq)
         return count
 
     @staticmethod
@@ -127,8 +133,14 @@ class LexicalIndex:
         return count
 
     def record_applied(self, seq: int) -> None:
-        """Note that every write up to `seq` is committed here (call only after those commits)."""
-        write_atomically(self.directory / APPLIED, str(seq))
+        """Make it durable that every write up to `seq` is committed here (only after those commits)."""
+        self._background.submit(write_atomically, self.directory / APPLIED, str(seq)).result()
+
+    def _note_applied(self, seq: int) -> None:
+        """APPLIED replaced atomically but not fsynced: a power cut may leave an older value (more replay)."""
+        tmp = self.directory / f"{APPLIED}.next"
+        tmp.write_text(str(seq))
+        os.replace(tmp, self.directory / APPLIED)
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         """Top-k (id, BM25 score), best first; empty when no query token is in the vocabulary."""

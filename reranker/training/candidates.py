@@ -31,19 +31,19 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
     from retriever.engine import RetrieverEngine
     from retriever.types import CollectionNotFound
 
-    engine = RetrieverEngine(data_dir, Embedder())
-    engine.load()
-    expected = count_corpus(data, indexable_only=True)
-    try:
-        have = engine.get_stats(collection).document_count
-    except CollectionNotFound:
-        engine.create_collection(collection)
-        have = 0
-    if have != expected:
-        engine.upsert(collection, list(iter_corpus(data)), progress=True)
-    queries = load_queries(data)
-    judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
-    hits = engine.search_batch(collection, [queries[q] for q in judged], depth)
+    with RetrieverEngine(data_dir, Embedder()) as engine:  # closed: the next caller may open the directory
+        engine.load()
+        expected = count_corpus(data, indexable_only=True)
+        try:
+            have = engine.get_stats(collection).document_count
+        except CollectionNotFound:
+            engine.create_collection(collection)
+            have = 0
+        if have != expected:
+            engine.upsert(collection, list(iter_corpus(data)), progress=True)
+        queries = load_queries(data)
+        judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
+        hits = engine.search_batch(collection, [queries[q] for q in judged], depth)
     return [Candidates(q, queries[q], [h.document for h in row], [h.score for h in row])
             for q, row in zip(judged, hits, strict=True)]
 

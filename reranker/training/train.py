@@ -269,9 +269,9 @@ def title_neighbours(args: argparse.Namespace, titles: list[str], depth: int) ->
     from retriever.embedder import Embedder
     from retriever.engine import RetrieverEngine
 
-    engine = RetrieverEngine(args.retriever_dir, Embedder())
-    engine.load()
-    return [[h.document for h in row] for row in engine.search_batch(args.collection, titles, depth)]
+    with RetrieverEngine(args.retriever_dir, Embedder()) as engine:
+        engine.load()
+        return [[h.document for h in row] for row in engine.search_batch(args.collection, titles, depth)]
 
 
 def plot_losses(log_path: Path, out: Path) -> None:

@@ -81,7 +81,7 @@ def _lexical_size(corpus: SyntheticCorpus, size: int, queries: list[str]) -> Lex
         with tqdm(total=size, desc=f"lexical index {size:,}", unit="doc") as bar:
             for chunk in iter(lambda: list(islice(docs, CHUNK)), []):
                 start = time.perf_counter()  # only indexing counts, not generating the text
-                index.apply([(chunk, [])])
+                index.apply([(chunk, [])], seq=0)
                 seconds += time.perf_counter() - start
                 bar.update(len(chunk))
         times = _latencies(lambda q: index.search(q, K), queries)

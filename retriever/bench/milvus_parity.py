@@ -69,7 +69,7 @@ def default_runs(docs: list[Document], vectors: np.ndarray, queries: dict[str, s
              for qid, row, srow in zip(queries, labels, scores, strict=True)}
     with tempfile.TemporaryDirectory(prefix="parity-lexical-") as tmp:
         lexical_index = LexicalIndex(Path(tmp))
-        lexical_index.rebuild(docs)
+        lexical_index.rebuild(docs, seq=0)
         lexical = {qid: lexical_index.search(text, depth) for qid, text in queries.items()}
         lexical_index.close()
     return {"dense": dense, "lexical": lexical}

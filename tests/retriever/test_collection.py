@@ -327,3 +327,20 @@ def test_the_store_returns_documents_in_the_order_asked_and_survives_reopening(t
     reopened = DocumentStore(tmp_path / "s.sqlite")
     assert reopened.last_seq == 2 and reopened.get(["id-3", "id-4"])[0].metadata == {"n": "4"}
     reopened.close()
+
+
+def test_another_process_may_open_a_live_collection_without_its_writer(tmp_path):
+    """A training job reads the directory of a running retriever: the lexical index is current (APPLIED is
+    noted at every commit), so opening it replays nothing and needs no index writer (the owner holds it)."""
+    owner = new_collection(tmp_path)
+    ids = [f"d{i}" for i in range(30)]
+    owner.upsert(docs(ids, "live"), vectors(ids))
+    owner.delete(["d3"])
+    assert owner.lexical.applied == 2 and owner.checkpoint_seq == 0
+    reader = Collection.load(tmp_path / "c", QUIET)
+    assert state(reader) == state(owner)
+    assert reader.lexical._writer is None, "no writer opened: the owner's lock is never asked for"
+    reader.close()
+    owner.upsert(docs(["d3"], "again"), vectors(["d3"]))
+    assert state(owner)["d3"] == "again tokend3"
+    owner.close()

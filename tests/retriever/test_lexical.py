@@ -11,15 +11,15 @@ DOCS = [Document("cats", "Domestic cats", "Kittens purr and chase mice."),
 def test_upsert_replace_delete_and_reopen(tmp_path):
     index = LexicalIndex(tmp_path / "lex")
     assert index.applied is None and len(index) == 0
-    index.apply([(DOCS, [])])
-    assert index.applied is None and len(index) == 3, "APPLIED is recorded by the collection's checkpoints"
+    assert index.applied is None
+    index.apply([(DOCS, [])], seq=1)
+    assert index.applied == 1 and len(index) == 3
     assert index.search("purring kitten", 3)[0][0] == "cats", "stemmed: purring ~ purr, kitten ~ kittens"
-    index.apply([([Document("cats", "Sourdough", "A starter leavens rye bread.")], [])])
+    index.apply([([Document("cats", "Sourdough", "A starter leavens rye bread.")], [])], seq=2)
     assert len(index) == 3, "an upsert replaces by id"
     assert [i for i, _ in index.search("kittens", 3)] == []
     assert index.search("rye sourdough", 1)[0][0] == "cats"
-    index.apply([([], ["rome", "missing"])])
-    index.record_applied(3)
+    index.apply([([], ["rome", "missing"])], seq=3)
     assert len(index) == 2 and index.search("aqueducts", 3) == []
     index.close()
 
@@ -30,7 +30,7 @@ def test_upsert_replace_delete_and_reopen(tmp_path):
 
 def test_scores_are_bm25_ordered_and_queries_need_no_syntax(tmp_path):
     index = LexicalIndex(tmp_path / "lex")
-    index.apply([(DOCS, [])])
+    index.apply([(DOCS, [])], seq=1)
     hits = index.search("bread baking yeast", 3)
     assert hits[0][0] == "bread" and all(a[1] >= b[1] > 0 for a, b in zip(hits, hits[1:], strict=False))
     for odd in ['"unbalanced', "a:b -c (d", "AND OR NOT", "5'-nucleotidase", "***", "emperors)"]:
@@ -42,9 +42,9 @@ def test_scores_are_bm25_ordered_and_queries_need_no_syntax(tmp_path):
 
 def test_rebuild_replaces_everything(tmp_path):
     index = LexicalIndex(tmp_path / "lex")
-    index.apply([(DOCS, [])])
-    assert index.rebuild(DOCS[:1]) == 1
-    assert len(index) == 1
+    index.apply([(DOCS, [])], seq=1)
+    assert index.rebuild(DOCS[:1], seq=7) == 1
+    assert index.applied == 7 and len(index) == 1
     assert index.search("roads", 3) == []
 
 
@@ -53,7 +53,7 @@ def test_writes_applied_in_order_within_one_commit(tmp_path):
     later add survives an earlier delete of the same id."""
     index = LexicalIndex(tmp_path / "lex")
     index.apply([(DOCS, []), ([], ["cats"]), ([Document("rome", "Modern Rome", "Scooters and espresso.")], []),
-                 ([], ["bread"]), ([Document("bread", "Rye", "Dense loaves.")], [])])
+                 ([], ["bread"]), ([Document("bread", "Rye", "Dense loaves.")], [])], seq=5)
     assert len(index) == 2
     assert index.search("kittens", 3) == [] and index.search("aqueducts", 3) == []
     assert index.search("espresso", 1)[0][0] == "rome" and index.search("loaves", 1)[0][0] == "bread"
