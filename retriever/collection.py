@@ -12,7 +12,8 @@ writers that arrive while one commits go in the next transaction together), then
 index in memory and to the tantivy index (one commit per group). Its cost is what it carries, not the
 collection's size. Checkpoints run in the background: when the writes since the last one reach a fraction
 of the collection (or a time bound passes), the FAISS index is copied and written beside the old one, the
-pointer swapped, the lexical index's APPLIED recorded, and tombstones both cover are purged.
+pointer swapped, the lexical index's APPLIED (noted after every commit) fsynced, and tombstones both
+cover are purged.
 
 On start: the last dense checkpoint is read and the store's rows after it replayed; the lexical index
 replays the rows after its APPLIED (idempotent), or is rebuilt when missing. A crash at any point thus
