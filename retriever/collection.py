@@ -52,7 +52,7 @@ from retriever.fusion import FusionSettings, RetrievalMode
 from retriever.index import StringIdIndex
 from retriever.lexical import LexicalIndex
 from retriever.store import Change, DocumentStore, Write
-from retriever.types import CollectionSpec, CollectionStats, spec_from_json, spec_to_json
+from retriever.types import CollectionNotFound, CollectionSpec, CollectionStats, spec_from_json, spec_to_json
 
 log = logging.getLogger(__name__)
 STORE = "store.sqlite"
@@ -125,6 +125,7 @@ class Collection:
         self.checkpoint_seq = 0  # the last write the on-disk checkpoints cover
         self._last_write = time.monotonic()
         self._closing = threading.Event()
+        self._closed = False  # set by close(): calls still in flight (on a deleted collection) get NOT_FOUND
         self._checkpointer: threading.Thread | None = None
 
     # ---- life cycle ----------------------------------------------------------
@@ -159,6 +160,8 @@ class Collection:
         if self._checkpointer is not None:
             self._checkpointer.join()
         self.checkpoint()
+        with self._commits.leader_lock, self._searching.write():  # in-flight reads and writes finish first
+            self._closed = True
         self.lexical.close()
         self.store.close()
 
@@ -175,11 +178,18 @@ class Collection:
         return write.deleted
 
     def get(self, ids: Sequence[str]) -> list[Document]:
-        return self.store.get(ids)
+        with self._searching.read():
+            self._check_open()
+            return self.store.get(ids)
 
     def search_dense(self, query_vectors: np.ndarray, k: int) -> list[Ranked]:
         with self._searching.read():
+            self._check_open()
             return self.index.search(query_vectors, k)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CollectionNotFound(f"collection {self.spec.name!r} not found")
 
     def search_lexical(self, query: str, k: int) -> Ranked:
         return self.lexical.search(query, k)
@@ -200,6 +210,7 @@ class Collection:
 
     # ---- the write path ----------------------------------------------------------
     def _apply_group(self, writes: list[Write]) -> None:
+        self._check_open()
         self.store.commit(writes)  # durable from here: a crash after this replays the group on load
         failpoint("collection.after_store_commit")
         with self._searching.write():

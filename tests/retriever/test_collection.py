@@ -18,7 +18,7 @@ from retriever.collection import CHECKPOINT, DENSE, CheckpointPolicy, Collection
 from retriever.engine import RetrieverEngine
 from retriever.fusion import RetrievalMode
 from retriever.store import DocumentStore, Write
-from retriever.types import CollectionSpec, IndexKind, spec_to_json
+from retriever.types import CollectionNotFound, CollectionSpec, IndexKind, spec_to_json
 
 DIM = 8
 QUIET = CheckpointPolicy(min_changes=10**9, max_interval_s=1e9)  # checkpoints only when a test asks
@@ -344,3 +344,14 @@ def test_another_process_may_open_a_live_collection_without_its_writer(tmp_path)
     owner.upsert(docs(["d3"], "again"), vectors(["d3"]))
     assert state(owner)["d3"] == "again tokend3"
     owner.close()
+
+
+def test_calls_in_flight_on_a_deleted_collection_answer_not_found(tmp_path):
+    backend = LocalBackend(tmp_path, QUIET)
+    collection = backend.create(CollectionSpec("c", DIM))
+    collection.upsert(docs(["d1"], "x"), vectors(["d1"]))
+    backend.drop(collection)
+    for call in (lambda: collection.get(["d1"]), lambda: collection.search_dense(vectors(["d1"]), 1),
+                 lambda: collection.upsert(docs(["d2"], "y"), vectors(["d2"])), lambda: collection.delete(["d1"])):
+        with pytest.raises(CollectionNotFound):
+            call()
