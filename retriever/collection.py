@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -50,6 +49,7 @@ from common.rwlock import ReadWriteLock
 from common.types import Document
 from retriever.fusion import FusionSettings, RetrievalMode
 from retriever.index import StringIdIndex
+from retriever.legacy import LEGACY_CURRENT, convert_snapshot_layout
 from retriever.lexical import LexicalIndex
 from retriever.store import Change, DocumentStore, Write
 from retriever.types import CollectionNotFound, CollectionSpec, CollectionStats, spec_from_json, spec_to_json
@@ -59,7 +59,6 @@ STORE = "store.sqlite"
 DENSE = "dense"
 LEXICAL = "lexical"
 CHECKPOINT = "CHECKPOINT"
-LEGACY_CURRENT = "CURRENT"  # the snapshot layout of earlier versions
 Ranked = list[tuple[str, float]]
 
 
@@ -145,7 +144,7 @@ class Collection:
     @classmethod
     def load(cls, directory: Path, policy: CheckpointPolicy = CheckpointPolicy()) -> Collection:
         if (directory / LEGACY_CURRENT).exists():
-            convert_snapshot_layout(directory)
+            convert_snapshot_layout(directory, STORE, LEXICAL)
         store = DocumentStore(directory / STORE)
         collection = cls(spec_from_json(json.loads(store.meta("spec") or "{}")), directory, store, policy)
         collection._restore_dense()
@@ -357,43 +356,3 @@ class LocalBackend:
 
 def is_collection_dir(path: Path) -> bool:
     return (path / STORE).exists() or (path / LEGACY_CURRENT).exists()
-
-
-def convert_snapshot_layout(directory: Path) -> None:
-    """Move a collection written as whole snapshots (CURRENT -> snap-N/) into a document store. The store
-    is built beside and renamed into place, so a crash leaves the snapshot (converted again) or the store
-    (leftovers removed); the vectors come from the snapshot's FAISS index."""
-    name = (directory / LEGACY_CURRENT).read_text().strip()
-    snapshot = directory / name
-    if not (directory / STORE).exists() and snapshot.exists():
-        spec = spec_from_json(json.loads((snapshot / "spec.json").read_text()))
-        log.info("collection %s: converting snapshot %s to a document store", spec.name, name)
-        tmp = directory / f"{STORE}.tmp"
-        tmp.unlink(missing_ok=True)
-        store = DocumentStore(tmp)
-        store.set_meta("spec", json.dumps(spec_to_json(spec)))
-        documents, vectors = _read_snapshot(snapshot, spec)
-        if documents:
-            store.commit([Write(upserts=documents, vectors=vectors)])
-        store.close()
-        os.replace(tmp, directory / STORE)
-        fsync_dir(directory)
-    for leftover in [*directory.glob("snap-*"), directory / LEXICAL]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    (directory / LEGACY_CURRENT).unlink(missing_ok=True)
-    fsync_dir(directory)
-
-
-def _read_snapshot(snapshot: Path, spec: CollectionSpec) -> tuple[list[Document], np.ndarray]:
-    import faiss
-
-    index: Any = faiss.read_index(str(snapshot / "index.faiss"))
-    documents, labels = [], []
-    with open(snapshot / "documents.jsonl", encoding="utf-8") as rows:
-        for line in rows:
-            row = json.loads(line)
-            labels.append(row.pop("label"))
-            documents.append(Document(**row))
-    vectors = index.reconstruct_batch(np.asarray(labels, dtype=np.int64)) if labels else \
-        np.zeros((0, spec.dimension), np.float32)
-    return documents, vectors
