@@ -8,10 +8,20 @@ from pathlib import Path
 
 def write_atomically(path: Path, content: str | bytes) -> None:
     """Readers see the old content or the new, never a torn file, and the new survives a crash."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_for(path)
     with open(tmp, "wb") as f:
         f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
+    install(tmp, path)
+
+
+def temporary_for(path: Path) -> Path:
+    """Where a new version of `path` is written before `install` puts it in place."""
+    return path.with_name(path.name + ".tmp")
+
+
+def install(tmp: Path, path: Path) -> None:
+    """Make the fully written `tmp` durable, then atomically the file at `path`."""
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)

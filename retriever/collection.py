@@ -40,11 +40,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from common.failpoints import failpoint
-from common.files import fsync_dir, write_atomically
+from common.files import fsync_dir, install, temporary_for, write_atomically
 from common.rwlock import ReadWriteLock
 from common.types import Document
 from retriever.fusion import FusionSettings, RetrievalMode
@@ -256,9 +257,11 @@ class Collection:
             seq = self.applied_seq
             if seq == self.checkpoint_seq:
                 return
-            data, state = self.index.serialize()
+            copy, state = self.index.snapshot()
         dense = self.directory / DENSE
-        write_atomically(dense / f"index-{seq}.faiss", data.tobytes())
+        index_path = dense / f"index-{seq}.faiss"
+        faiss.write_index(copy, str(temporary_for(index_path)))
+        install(temporary_for(index_path), index_path)
         write_atomically(dense / f"index-{seq}.json", json.dumps(state))
         failpoint("collection.before_checkpoint_swap")
         write_atomically(dense / CHECKPOINT, str(seq))

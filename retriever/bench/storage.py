@@ -10,7 +10,8 @@ cost and is measured in retriever.bench, not here. Then, side by side at each si
 - the first-stage search (dense top-100, lexical top-100, the top hits' texts; pre-computed query vectors)
   p50/p99 idle and while a writer upserts 256-document batches at 5 a second;
 - a checkpoint (the dense index written to disk; on its own here, the background checkpointer's policy
-  is off so that it does not land inside the timed writes);
+  is off so that it does not land inside the timed writes), and the part of it writers wait for (the
+  in-memory copy of the index);
 - a restart in a fresh process: load time and resident memory, and the collection's size on disk.
 Writes JSON and a PNG with the same stem, and prints a table.
 """
@@ -60,6 +61,7 @@ class SizeResult:
     search_ingest_ms: tuple[float, float]
     ingest_batches_during_search: int
     checkpoint_s: float
+    checkpoint_writers_wait_s: float  # the in-memory copy of the index, which writers wait for
     restart_s: float
     restart_rss_mb: float
     disk_mb: float
@@ -98,6 +100,9 @@ def bench_size(size: int, synthetic: Synthetic, root: Path, timed_batches: int) 
     checkpoint_start = time.perf_counter()
     collection.checkpoint()
     checkpoint_s = time.perf_counter() - checkpoint_start
+    copy_start = time.perf_counter()
+    collection.index.snapshot()
+    copy_s = time.perf_counter() - copy_start
 
     fresh = iter(range(size, size + 10**7))
     new = _timed(timed_batches, lambda: collection.upsert(*synthetic.batch([f"d{next(fresh)}" for _ in range(BATCH)])))
@@ -108,8 +113,8 @@ def bench_size(size: int, synthetic: Synthetic, root: Path, timed_batches: int) 
     idle, busy, written = _search_during_ingest(collection, synthetic, fresh)
     collection.close()
     restart_s, rss_mb = _restart(directory)
-    return SizeResult(size, fill, new, replace, delete, idle, busy, written, checkpoint_s, restart_s, rss_mb,
-                      _disk_mb(directory))
+    return SizeResult(size, fill, new, replace, delete, idle, busy, written, checkpoint_s, copy_s, restart_s,
+                      rss_mb, _disk_mb(directory))
 
 
 def _timed(n: int, write: Callable[[], object]) -> tuple[float, float]:
@@ -206,12 +211,12 @@ def plot(results: list[SizeResult], path: Path) -> None:
 
 def table(results: list[SizeResult]) -> str:
     rows = ["| documents | fill docs/s | upsert new p50/p99 ms | replace p50/p99 | delete p50/p99 | search p99 idle "
-            "/ ingest ms | checkpoint s | restart s | RSS MB | disk MB |", "|---" * 10 + "|"]
+            "/ ingest ms | checkpoint s (writers wait) | restart s | RSS MB | disk MB |", "|---" * 10 + "|"]
     for r in results:
         rows.append(f"| {r.documents:,} | {r.fill_docs_per_s:,.0f} | {r.upsert_new_ms[0]:.1f} / "
                     f"{r.upsert_new_ms[1]:.1f} | {r.upsert_replace_ms[0]:.1f} / {r.upsert_replace_ms[1]:.1f} | "
                     f"{r.delete_ms[0]:.1f} / {r.delete_ms[1]:.1f} | {r.search_idle_ms[1]:.2f} / "
-                    f"{r.search_ingest_ms[1]:.2f} | {r.checkpoint_s:.1f} | {r.restart_s:.1f} | "
+                    f"{r.search_ingest_ms[1]:.2f} | {r.checkpoint_s:.1f} ({r.checkpoint_writers_wait_s:.2f}) | {r.restart_s:.1f} | "
                     f"{r.restart_rss_mb:,.0f} | {r.disk_mb:,.0f} |")
     return "\n".join(rows)
 
