@@ -27,6 +27,8 @@ and get. Filters are built here with each id escaped as a string literal (`quote
 `get(ids=)`, `delete(ids=)` and `query_iterator` paste ids between quotes unescaped, which breaks on (or
 is steered by) an id holding `"` or `\\`; `export` therefore pages by primary key itself, as
 query_iterator does. Writes to one collection are serialised in this process (delete reads then deletes).
+A write larger than one request (about 32 MiB) goes in several, each atomic on its own: a crash between them
+leaves the earlier ones applied (the local backend's writes are all or nothing).
 
 Milvus Lite 3.2 (pure Python, in-process) differs from Milvus: its write-ahead log is flushed but not
 fsynced per write (a process crash loses nothing, a power cut may); its BM25 statistics are per segment
@@ -163,8 +165,8 @@ def _schema(spec: CollectionSpec) -> Any:
 
 def _index_params(spec: CollectionSpec) -> Any:
     """Build parameters go nested under "params": pymilvus 3 sends them flattened, which Milvus reads but
-    Milvus Lite 3.2 silently ignores (BM25 would run with k1 1.5, HNSW with its own M); Milvus reads the
-    nested form too."""
+    Milvus Lite 3.2 silently ignores (BM25 would run with k1 1.5, HNSW with its own M). Milvus documents the
+    nested form as well; not verified against a Milvus server here (none runs on these machines)."""
     params = MilvusClient.prepare_index_params()
     if spec.index is IndexKind.HNSW:
         params.add_index("dense", index_type="HNSW", metric_type="IP",
