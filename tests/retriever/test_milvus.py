@@ -13,7 +13,7 @@ pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (Milvus 
 
 from common.types import Document  # noqa: E402
 from retriever.fusion import FusionMethod, FusionSettings, RetrievalMode  # noqa: E402
-from retriever.lexical import _ANALYZER, query_terms  # noqa: E402
+from retriever.lexical import analyze, query_terms  # noqa: E402
 from retriever.milvus import (  # noqa: E402
     VARCHAR_MAX_BYTES,
     MilvusBackend,
@@ -126,7 +126,7 @@ def test_lexical_search_stems_and_ranks(backend):
 
 def bm25(docs: list[Document], query: str, k1: float = 1.2, b: float = 0.75) -> dict[str, float]:
     """Textbook BM25 (Lucene's idf) over the default backend's terms: what Milvus must compute."""
-    terms = {d.id: _ANALYZER.analyze(d.embedding_text()) for d in docs}
+    terms = {d.id: analyze(d.embedding_text()) for d in docs}
     avgdl = sum(map(len, terms.values())) / len(docs)
     scores: dict[str, float] = {}
     for term in query_terms(query):
