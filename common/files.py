@@ -6,12 +6,16 @@ import os
 from pathlib import Path
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Readers see the old content or the new, never a torn file, and the new survives a crash."""
+def write_atomically(path: Path, content: str | bytes, durable: bool = True) -> None:
+    """Readers see the old content or the new, never a torn file, and the new survives a crash (with
+    `durable` False, a power cut may leave the old content: no fsync)."""
     tmp = temporary_for(path)
     with open(tmp, "wb") as f:
         f.write(content.encode() if isinstance(content, str) else content)
-    install(tmp, path)
+    if durable:
+        install(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 def temporary_for(path: Path) -> Path:

@@ -44,7 +44,7 @@ class StringIdIndex:
         self.id_of: dict[int, str] = {}
         self.tombstones: set[int] = set()
         self.next_label = 0
-        self._skip_tombstones: Any = None  # the ID selector searches use, rebuilt after tombstones change
+        self._skip_tombstones: Any = None  # the ID selector searches use (None: no tombstones)
 
     def __len__(self) -> int:
         return len(self.label_of)
@@ -80,7 +80,7 @@ class StringIdIndex:
             self.tombstones.update(labels)
             if len(self.tombstones) > REBUILD_TOMBSTONE_FRACTION * max(len(self.label_of), 1):
                 self._compact()
-            self._skip_tombstones = None
+            self._refresh_tombstone_selector()
         return present
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -94,13 +94,16 @@ class StringIdIndex:
         return [[(self.id_of[label], float(score)) for score, label in zip(row_scores, row_labels, strict=True)
                  if label >= 0] for row_scores, row_labels in zip(scores, labels, strict=True)]
 
+    def _refresh_tombstone_selector(self) -> None:
+        """Built where tombstones change (under the collection's write lock), so searches only read it:
+        one built during a search could be replaced, and freed, under another search still using it."""
+        self._skip_tombstones = faiss.IDSelectorNot(faiss.IDSelectorBatch(
+            np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones)))) if self.tombstones else None
+
     def _search_parameters(self) -> Any:
         """A fresh object per search: IndexIDMap swaps its selector in place for the duration of a search,
         so concurrent searches cannot share one (the selector itself is read-only and shared)."""
-        if self.tombstones and self._skip_tombstones is None:
-            self._skip_tombstones = faiss.IDSelectorNot(
-                faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones))))
-        selector = self._skip_tombstones if self.tombstones else None
+        selector = self._skip_tombstones
         if self.kind is IndexKind.HNSW:
             graph: Any = faiss.downcast_index(self.faiss_index.index)
             return _faiss.SearchParametersHNSW(sel=selector, efSearch=graph.hnsw.efSearch)
@@ -140,4 +143,4 @@ class StringIdIndex:
         self.id_of = {label: doc_id for doc_id, label in self.label_of.items()}
         self.tombstones = set(state["tombstones"])
         self.next_label = int(state["next_label"])
-        self._skip_tombstones = None
+        self._refresh_tombstone_selector()

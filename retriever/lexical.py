@@ -21,9 +21,7 @@ collection (a training job reading a live retriever's directory) without replayi
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,8 +71,7 @@ class LexicalIndex:
         self.schema = _schema()
         self.index = tantivy.Index(self.schema, path=str(directory), reuse=True)
         self._writer: Any = None
-        self._write_lock = threading.Lock()
-        # Writes run on one low-priority thread; the tantivy writer opened there starts its indexing and
+        # Writes run on one low-priority thread, hence one at a time; the tantivy writer opened there starts its indexing and
         # merge threads there, so they inherit the priority too (searches win the CPU under contention).
         self._background = background_executor("lexical-writer")
         self._closed = False
@@ -98,16 +95,14 @@ class LexicalIndex:
         self._background.submit(self._apply, changes, seq).result()
 
     def _apply(self, changes: Iterable[tuple[Sequence[Document], Sequence[str]]], seq: int) -> None:
-        with self._write_lock:
-            start = time.perf_counter()
-            writer = self._open_writer()
-            for upserts, deletes in changes:
-                for doc_id in [*deletes, *(d.id for d in upserts)]:
-                    writer.delete_documents_by_term("id", doc_id)
-                self._add(writer, upserts)
-            self._commit(writer)
-            self._note_applied(seq)
-            self.write_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        writer = self._open_writer()
+        for upserts, deletes in changes:
+            for doc_id in [*deletes, *(d.id for d in upserts)]:
+                writer.delete_documents_by_term("id", doc_id)
+            self._add(writer, upserts)
+        self._commit(writer, seq)
+        self.write_seconds += time.perf_counter() - start
 
     def rebuild(self, documents: Iterable[Document], seq: int) -> int:
         """Replace the whole index with `documents`, the collection as of write `seq` (an index lost or never
@@ -115,12 +110,10 @@ class LexicalIndex:
         return self._background.submit(self._rebuild, documents, seq).result()
 
     def _rebuild(self, documents: Iterable[Document], seq: int) -> int:
-        with self._write_lock:
-            writer = self._open_writer()
-            writer.delete_all_documents()
-            count = self._add(writer, documents)
-            self._commit(writer)
-            self._note_applied(seq)
+        writer = self._open_writer()
+        writer.delete_all_documents()
+        count = self._add(writer, documents)
+        self._commit(writer, seq)
         return count
 
     @staticmethod
@@ -135,12 +128,6 @@ class LexicalIndex:
     def record_applied(self, seq: int) -> None:
         """Make it durable that every write up to `seq` is committed here (only after those commits)."""
         self._background.submit(write_atomically, self.directory / APPLIED, str(seq)).result()
-
-    def _note_applied(self, seq: int) -> None:
-        """APPLIED replaced atomically but not fsynced: a power cut may leave an older value (more replay)."""
-        tmp = self.directory / f"{APPLIED}.next"
-        tmp.write_text(str(seq))
-        os.replace(tmp, self.directory / APPLIED)
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         """Top-k (id, BM25 score), best first; empty when no query token is in the vocabulary."""
@@ -160,10 +147,9 @@ class LexicalIndex:
         self._closed = True
 
     def _close(self) -> None:
-        with self._write_lock:
-            if self._writer is not None:
-                self._writer.wait_merging_threads()
-                self._writer = None
+        if self._writer is not None:
+            self._writer.wait_merging_threads()
+            self._writer = None
 
     def destroy(self) -> None:
         self.close()
@@ -174,8 +160,11 @@ class LexicalIndex:
             self._writer = self.index.writer(heap_size=_WRITER_HEAP_BYTES, num_threads=1)
         return self._writer
 
-    def _commit(self, writer: Any) -> None:
+    def _commit(self, writer: Any, seq: int) -> None:
+        """Commit, make it searchable, note `seq` in APPLIED: atomically but not fsynced, since a power cut
+        leaving an older value only means more replay (checkpoints make it durable: record_applied)."""
         writer.commit()
         self.index.reload()
+        write_atomically(self.directory / APPLIED, str(seq), durable=False)
 
 

@@ -122,7 +122,7 @@ class DocumentStore:
         if not write.deletes:
             return
         wanted = list(dict.fromkeys(write.deletes))
-        present = self._live_ids(self._writer, wanted)
+        present = {row[0] for row in _live_rows(self._writer, "id", wanted)}
         write.deleted = [i for i in wanted if i in present]
         self._writer.executemany(
             "UPDATE documents SET deleted = 1, seq = ?, title = '', text = '', metadata = '{}', vector = NULL "
@@ -143,14 +143,8 @@ class DocumentStore:
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Live documents under `ids`, in the order asked, each once."""
         wanted = list(dict.fromkeys(ids))
-        found: dict[str, Document] = {}
-        db = self._reader()
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start:start + _IN_CHUNK]
-            rows = db.execute(f"SELECT id, title, text, metadata FROM documents WHERE deleted = 0 AND id IN "
-                              f"({','.join('?' * len(chunk))})", chunk)
-            for doc_id, title, text, metadata in rows:
-                found[doc_id] = Document(doc_id, title, text, json.loads(metadata))
+        found = {doc_id: Document(doc_id, title, text, json.loads(metadata)) for doc_id, title, text, metadata
+                 in _live_rows(self._reader(), "id, title, text, metadata", wanted)}
         return [found[i] for i in wanted if i in found]
 
     def count(self) -> int:
@@ -185,18 +179,17 @@ class DocumentStore:
         return Change(doc_id, seq, Document(doc_id, title, text, json.loads(metadata)),
                       np.frombuffer(vector, dtype=np.float32))
 
-    @staticmethod
-    def _live_ids(db: sqlite3.Connection, ids: list[str]) -> set[str]:
-        present: set[str] = set()
-        for start in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[start:start + _IN_CHUNK]
-            present.update(r[0] for r in db.execute(
-                f"SELECT id FROM documents WHERE deleted = 0 AND id IN ({','.join('?' * len(chunk))})", chunk))
-        return present
-
     def close(self) -> None:
         self._writer.close()
         with self._readers_lock:
             for connection in self._readers:
                 connection.close()
             self._readers.clear()
+
+
+def _live_rows(db: sqlite3.Connection, columns: str, ids: list[str]) -> Iterator[tuple]:
+    """`columns` of the live rows under `ids`, in chunks of `IN (...)` under SQLite's parameter limit."""
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start:start + _IN_CHUNK]
+        yield from db.execute(f"SELECT {columns} FROM documents WHERE deleted = 0 AND id IN "
+                              f"({','.join('?' * len(chunk))})", chunk)
