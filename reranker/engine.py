@@ -49,6 +49,8 @@ DocumentInput = str | tuple[str, str]  # text, or (title, text)
 @dataclass(frozen=True)
 class RerankerConfig:
     model: str = ""  # local HF Llama/Mistral/Qwen2 directory or .gguf; empty: bundled SmolLM2-135M-Instruct
+    # Where a .gguf model is converted once to load fast (reranker.model.model_cache): empty: ~/.cache/...; "off"
+    model_cache: str = ""
     # The default tenant's reranker (requests with an empty tenant): "default": the shipped fine-tuned
     # LoRA when it exists for this base model; "none": the base model; or a PEFT adapter directory.
     adapter: str = "default"
@@ -86,7 +88,7 @@ class Reranker:
 
     def __init__(self, config: RerankerConfig = RerankerConfig(), loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.lm = loaded or load_model(config.model, config.device, config.dtype)
+        self.lm = loaded or load_model(config.model, config.device, config.dtype, cache=config.model_cache)
         self.prefix_cache = SharedPrefixCache(config.prefix_cache_mb << 20)
         self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs)
         self.forward_lock = threading.Lock()

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
-from reranker.model import default_model_file, load_model
+from reranker.model import load_model
 from reranker.prompt import PromptBuilder, PromptLimits
 from reranker.reference import reference_scores
 
@@ -26,10 +26,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    gguf = default_model_file()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return load_model(device="cpu").tokenizer
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
