@@ -102,6 +102,7 @@ def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
     so concurrent first loads never see half a directory."""
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
     target = cache_root / f"{gguf.stem}-{digest}"
+    _remove_abandoned(cache_root, target.name)
     if (target / "config.json").exists():
         return target
     scratch = cache_root / f".{target.name}.{os.getpid()}.tmp"
@@ -126,3 +127,21 @@ def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _remove_abandoned(cache_root: Path, name: str) -> None:
+    """Scratch directories of conversions whose process died (half a model's size each)."""
+    for scratch in cache_root.glob(f".{name}.*.tmp"):
+        pid = scratch.name.removesuffix(".tmp").rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -1,6 +1,9 @@
 """A .gguf model is converted once into a Hugging Face directory; loading that gives exactly what reading the
 GGUF file gives (weights, config, tokenizer), at a fraction of the start-up time."""
 
+import os
+import subprocess
+
 import torch
 
 from reranker.model import converted_gguf, default_model_file, load_model, model_cache
@@ -34,3 +37,20 @@ def test_an_unwritable_cache_falls_back_to_the_gguf_file(tmp_path):
     blocked.write_text("a file where the cache directory should be")
     assert converted_gguf(default_model_file(), blocked / "models") is None
     assert model_cache("off") is None and model_cache(str(tmp_path)) == tmp_path
+
+
+def test_a_dead_conversions_scratch_is_removed_and_a_live_ones_kept(tmp_path):
+    gguf = default_model_file()
+    root = model_cache()
+    done = converted_gguf(gguf, root) if root else None  # the name the cache uses for this file
+    assert done is not None
+    (tmp_path / done.name).mkdir()
+    (tmp_path / done.name / "config.json").write_text("{}")  # converted already: no conversion here
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid names a conversion that died
+    dead = tmp_path / f".{done.name}.{child.pid}.tmp"
+    live = tmp_path / f".{done.name}.{os.getpid()}.tmp"
+    dead.mkdir()
+    live.mkdir()
+    assert converted_gguf(gguf, tmp_path) == tmp_path / done.name
+    assert live.is_dir() and not dead.exists()
