@@ -89,7 +89,10 @@ def model_cache(setting: str = "") -> Path | None:
         return None
     if setting:
         return Path(setting)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blockrank-retrieval" / "models"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blockrank-retrieval" / "models"
+    except RuntimeError:  # no home directory (a bare job account): read the GGUF
+        return None
 
 
 def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
@@ -119,7 +122,7 @@ def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
         for file in scratch.iterdir():
             file.chmod(0o644)  # safetensors writes 0600; an image's cache is read by an unprivileged user
         os.rename(scratch, target)
-    except OSError as error:
+    except Exception as error:  # the cache only saves time: whatever fails here, the GGUF itself still loads
         if (target / "config.json").exists():  # another process converted it first
             return target
         log.warning("cannot cache the converted %s under %s (%s); reading the GGUF file", gguf.name, cache_root, error)
