@@ -260,8 +260,9 @@ class Collection:
             copy, state = self.index.snapshot()
         dense = self.directory / DENSE
         index_path = dense / f"index-{seq}.faiss"
-        faiss.write_index(copy, str(temporary_for(index_path)))
-        install(temporary_for(index_path), index_path)
+        scratch = temporary_for(index_path)
+        faiss.write_index(copy, str(scratch))
+        install(scratch, index_path)
         write_atomically(dense / f"index-{seq}.json", json.dumps(state))
         failpoint("collection.before_checkpoint_swap")
         write_atomically(dense / CHECKPOINT, str(seq))

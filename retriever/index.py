@@ -97,8 +97,11 @@ class StringIdIndex:
     def _refresh_tombstone_selector(self) -> None:
         """Built where tombstones change (under the collection's write lock), so searches only read it:
         one built during a search could be replaced, and freed, under another search still using it."""
-        self._skip_tombstones = faiss.IDSelectorNot(faiss.IDSelectorBatch(
-            np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones)))) if self.tombstones else None
+        self._skip_tombstones = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstone_labels())) \
+            if self.tombstones else None
+
+    def _tombstone_labels(self) -> np.ndarray:
+        return np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones))
 
     def _search_parameters(self) -> Any:
         """A fresh object per search: IndexIDMap swaps its selector in place for the duration of a search,
@@ -111,7 +114,7 @@ class StringIdIndex:
 
     def _compact(self) -> None:
         if self.kind is IndexKind.FLAT:
-            self.faiss_index.remove_ids(np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones)))
+            self.faiss_index.remove_ids(self._tombstone_labels())
             self.tombstones.clear()
             return
         live = sorted(self.id_of)
