@@ -99,7 +99,8 @@ def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence
     rows, shared = packed.rows, packed.shared
     hidden = fw.decoder.embed_tokens(packed.ids)
     rope = _rope_rows(fw, packed.positions)
-    final_bias = [key_bias(_final_mask(r, packed.valid), torch.float32) for r in rows]
+    few = kernels.attends_few(hidden, fw.head_dim)
+    final_keys = [_final_keys(r, packed.valid, few) for r in rows]
     local = {} if local is None else local
     masses: list[dict[int, torch.Tensor]] = [{} for _ in rows]
     spans = [Segment(r.prefix.start, r.final.stop, None, i) for i, r in enumerate(rows)]
@@ -119,7 +120,7 @@ def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence
         if index == last_layer:
             break
         out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i],
-                                                                              final_bias[i])])
+                                                                              final_keys[i], few)])
         _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", out.flatten(1), segments)
         x = rms_norm(layer.post_attention_layernorm, hidden)
         gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
@@ -163,7 +164,7 @@ def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.
 
 
 def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,
-            shared: _Shared | None, final_bias: torch.Tensor) -> list[torch.Tensor]:
+            shared: _Shared | None, final_keys: torch.Tensor, few: bool) -> list[torch.Tensor]:
     """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final. The prefix and the
     documents need no mask (causal, bottom-right aligned); the final segment skips the documents' padding."""
     n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
@@ -171,13 +172,26 @@ def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
     else:
         prefix_k, prefix_v = k[r.prefix], v[r.prefix]
-    # The final segment's keys, in its bias's order: the whole prefix, the documents, itself.
-    final_parts = [(prefix_k, prefix_v, 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
     docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
                              v[r.docs].view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
-    return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale),
-            docs.reshape(-1, fw.n_heads, hd),
-            attend_rows(q[r.final], final_parts, final_bias, fw.scale)]
+    if few:  # the documents' and the final segment's own rows are adjacent in k and v: one source, read in place
+        tail = slice(r.docs.start, r.final.stop)
+        final = kernels.attend_few(q[r.final], [(prefix_k, prefix_v, None, False), (k[tail], v[tail], final_keys, True)],
+                                   fw.scale)
+    else:  # the final segment's keys, in its bias's order: the whole prefix, the documents, itself
+        parts = [(prefix_k, prefix_v, 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
+        final = attend_rows(q[r.final], parts, final_keys, fw.scale)
+    return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale), docs.reshape(-1, fw.n_heads, hd), final]
+
+
+def _final_keys(r: _Rows, valid: torch.Tensor, few: bool) -> torch.Tensor:
+    """What the final segment sees, in the form its attention takes: for kernels.attend_few, which of the
+    [documents | final] rows it may see (n_docs * width + F,) (bool; the prefix is all seen, its own rows
+    causally); for attend_rows, an additive float32 bias over [prefix | documents | final]."""
+    if few:
+        n_final = r.final.stop - r.final.start
+        return torch.cat([valid[r.doc_span].reshape(-1), valid.new_ones(n_final)])
+    return key_bias(_final_mask(r, valid), torch.float32)
 
 
 def _final_mask(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
