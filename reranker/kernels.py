@@ -88,9 +88,9 @@ def attend_few(q: torch.Tensor, sources: list[KeySource], scale: float) -> torch
     block_m = max(16, triton.next_power_of_2(t * group))
     splits = [triton.cdiv(k.shape[0], FEW_SPLIT_KEYS) for k, _, _, _ in sources]
     total = sum(splits)
-    partial = dict(device=q.device, dtype=torch.float32)
-    maxima, sums = torch.empty(total, kv, block_m, **partial), torch.empty(total, kv, block_m, **partial)
-    accumulated = torch.empty(total, kv, block_m, hd, **partial)
+    maxima = torch.empty(total, kv, block_m, device=q.device, dtype=torch.float32)
+    sums = torch.empty_like(maxima)
+    accumulated = torch.empty(total, kv, block_m, hd, device=q.device, dtype=torch.float32)
     first = 0
     for (k, v, seen, causal), n in zip(sources, splits, strict=True):
         assert k.stride(-1) == 1 and v.stride(-1) == 1, "keys and values need a contiguous last dimension"
