@@ -3,7 +3,6 @@ batched request through the projections and MLPs together; each prompt owns a sp
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,18 +35,17 @@ def segments_in(spans: Sequence[tuple[int, int]], lo: int, hi: int,
 
 
 def pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
-    """Every prompt's documents, right-padded to the longest. Built with one tensor from the flat token list
-    and a scatter (a Python loop over documents costs milliseconds at hundreds of documents, as much as a GPU
+    """Every prompt's documents, right-padded to the longest. Built with one scatter from the prompts' flat
+    token arrays (a Python loop over documents costs milliseconds at hundreds of documents, as much as a GPU
     forward); copied to the device once per tensor."""
-    rows = [doc for p in prompts for doc in p.docs]
-    if not rows or any(not row for row in rows):
+    tokens = [p.doc_tokens for p in prompts]  # laid out when each prompt was built
+    lengths = torch.from_numpy(np.concatenate([n for _, n in tokens]))
+    if not len(lengths) or not bool(lengths.min() > 0):
         raise ValueError("every prompt needs at least one non-empty document")
-    lengths = torch.tensor([len(row) for row in rows])
     width = int(lengths.max())
     valid = torch.arange(width)[None] < lengths[:, None]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-    ids[valid] = torch.from_numpy(flat)  # numpy reads a list of ints 3x faster than torch.tensor
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    ids[valid] = torch.from_numpy(np.concatenate([flat for flat, _ in tokens]))
     tags = torch.tensor([n for p in prompts for n in p.tag_lengths])
     scored = valid & (torch.arange(width)[None] >= tags[:, None])
     spans: list[tuple[int, int]] = []

@@ -11,9 +11,12 @@ segment boundaries are exact.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 DEFAULT_BLOCK_TOKENS = 160  # H, the paper's block length; adapters record the one they were trained with
@@ -54,6 +57,16 @@ class Prompt:
     def n_docs(self) -> int:
         return len(self.docs)
 
+    @cached_property
+    def doc_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every document's ids back to back and each one's length (int64 arrays): what the forward lays out
+        (reranker.docbatch). Built once, when the prompt is built (off the model's critical path: a list of 16K
+        ints takes ~0.3 ms to read, a tenth of a 100-document rerank on a GPU); the documents must not change
+        afterwards."""
+        lengths = np.fromiter((len(doc) for doc in self.docs), dtype=np.int64, count=len(self.docs))
+        flat = np.fromiter(itertools.chain.from_iterable(self.docs), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
 
 class PromptBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate = PromptTemplate(),
@@ -86,8 +99,10 @@ class PromptBuilder:
         blocks = [(tag + self._ids(t.document.format(title=title, text=text)))[: self.limits.block_tokens]
                   for tag, (title, text) in zip(tags, docs, strict=True)]
         final = self._ids(t.final.format(query=query)) + self._ids(t.answer_open)
-        return Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens,
-                      tag_lengths=[len(tag) for tag in tags], shared_prefix=len(self._shared))
+        prompt = Prompt(prefix=prefix, docs=blocks, final=final, signal_tokens=self.limits.signal_tokens,
+                        tag_lengths=[len(tag) for tag in tags], shared_prefix=len(self._shared))
+        prompt.doc_tokens  # noqa: B018 - laid out now, in the request's thread
+        return prompt
 
     def answer_ids(self, index: int) -> list[int]:
         """Token ids of the completion naming document `index` (the LM target when training)."""
