@@ -73,9 +73,13 @@ FEW_COMBINE_ROWS = 16
 KeySource = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
 
 
+# attend_few on or off alone (reranker.gpu.profiling measures the forward both ways).
+FEW_ENABLED = True
+
+
 def attends_few(x: torch.Tensor, head_dim: int) -> bool:
     """Whether attend_few runs for a model of this head size on x's device: fused kernels on, a power of two."""
-    return fused(x) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return FEW_ENABLED and fused(x) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def attend_few(q: torch.Tensor, sources: list[KeySource], scale: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common.beir import iter_corpus
-from reranker.bench.speed import QUERY
+from reranker import kernels
+from reranker.bench.speed import QUERY, merged_forward
 from reranker.engine import Reranker, RerankerConfig
 from reranker.tenants import EquivalenceMode
 
@@ -29,29 +30,45 @@ def run_profile(args: argparse.Namespace) -> str:
     reranker = Reranker(RerankerConfig(device=args.device, block_tokens=args.block_tokens,
                                        equivalence=EquivalenceMode.OFF))
     handle = reranker.handle()
+    merged = merged_forward(reranker)  # what reranker.bench speed compares with full attention
     corpus = [(d.title, d.text) for d in itertools.islice(iter_corpus(args.data), args.n_docs)]
     prompt = reranker.build_prompt(QUERY, corpus, handle)
     on_gpu = reranker.lm.device.type == "cuda"
 
-    def once() -> None:
-        reranker.score_prompts([prompt], [handle])
-        if on_gpu:
-            torch.cuda.synchronize()
+    def synced(fn: Callable[[], object]) -> Callable[[], None]:
+        def once() -> None:
+            fn()
+            if on_gpu:
+                torch.cuda.synchronize()
+        return once
 
-    for _ in range(3):
-        once()  # warm-up: kernels chosen, caches filled, the CUDA graph captured
-    graphed_ms, graphed = wall_ms(once), profiled(once, on_gpu)
+    once = synced(lambda: [s.float().cpu() for s in merged.score([prompt], handle.settings.spec)])
+    lines = [f"{args.n_docs} documents x {args.block_tokens} tokens on {reranker.lm.device}, mean of {RUNS}:"]
+
+    def measure(label: str, variant: Callable[[], None]) -> None:
+        for _ in range(3):
+            variant()  # warm-up: kernels chosen, caches filled, the CUDA graph captured
+        lines.append(f"{label}: with CUDA graphs {wall_ms(variant):.1f} ms per rerank, "
+                     f"device busy {device_ms(profiled(variant, on_gpu)):.1f} ms")
+
+    measure("adapter merged", once)
+    measure("adapter as an unmerged tenant block", synced(lambda: reranker.score_prompts([prompt], [handle])))
+    kernels.FEW_ENABLED = False  # the final segment's attention as torch ops (attend_rows), graphs recaptured
+    merged.graphs.clear()
+    try:
+        measure("adapter merged, final segment as torch ops", once)
+    finally:
+        kernels.FEW_ENABLED = True
+        merged.graphs.clear()
     # The table is of the eager forward: inside a graph the launches are not there to count.
-    with reranker.forward.graphs.eager():
+    with merged.graphs.eager():
         once()
         eager_ms, events = wall_ms(once), profiled(once, on_gpu)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    lines.append(f"adapter merged, eager: {eager_ms:.1f} ms per rerank, device busy {device_ms(events):.1f} ms, "
+                 f"{launches / RUNS:.0f} kernel launches (table below)")
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    header = (f"{args.n_docs} documents x {args.block_tokens} tokens on {reranker.lm.device}, mean of {RUNS}:\n"
-              f"with CUDA graphs {graphed_ms:.1f} ms per rerank, device busy {device_ms(graphed):.1f} ms\n"
-              f"eager {eager_ms:.1f} ms per rerank, device busy {device_ms(events):.1f} ms, "
-              f"{launches / RUNS:.0f} kernel launches (table below)\n\n")
-    return header + events.table(sort_by=sort, row_limit=30)
+    return "\n".join(lines) + "\n\n" + events.table(sort_by=sort, row_limit=30)
 
 
 def profiled(once: Callable[[], None], on_gpu: bool) -> Any:
