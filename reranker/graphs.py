@@ -91,8 +91,11 @@ class PackedGraphs:
             self.capacity = capacity
 
     def clear(self) -> None:
+        """Drop every graph. Their memory pool goes with the last of them, so the next capture starts a new one
+        (capturing into the released pool fails an allocator assertion: seen on an H100)."""
         self._graphs.clear()
         self._seen.clear()
+        self._pool = None
 
     def _count(self, key: Hashable) -> int:
         if len(self._seen) > 64 * max(1, self.capacity):  # bound the bookkeeping of shapes seen once
