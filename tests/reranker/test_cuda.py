@@ -243,3 +243,11 @@ def test_cuda_graph_replays_equal_the_eager_forward(lm: LoadedModel, adapters_ro
         for a, b in zip(got, expected, strict=True):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), (a, b)
     assert eager.forward.graphs.captures == 0
+    # Dropping every graph releases their memory pool: capturing again must start a new one (reusing the
+    # released pool failed an allocator assertion on an H100) and replay the same scores.
+    graphs.clear()
+    again = [batch(graphed, forward) for _ in range(3)]
+    assert (graphs.captures, graphs.replays) == (2, 5)
+    for got in again:
+        for a, b in zip(got, batch(eager, forward), strict=True):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), (a, b)
