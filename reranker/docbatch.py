@@ -39,9 +39,9 @@ def pad_docs(prompts: Sequence[Prompt], device: torch.device) -> DocBatch:
     token arrays (a Python loop over documents costs milliseconds at hundreds of documents, as much as a GPU
     forward); copied to the device once per tensor."""
     tokens = [p.doc_tokens for p in prompts]  # laid out when each prompt was built
-    lengths = torch.from_numpy(np.concatenate([n for _, n in tokens]))
-    if not len(lengths) or not bool(lengths.min() > 0):
+    if not tokens or any(not len(n) or int(n.min()) == 0 for _, n in tokens):
         raise ValueError("every prompt needs at least one non-empty document")
+    lengths = torch.from_numpy(np.concatenate([n for _, n in tokens]))
     width = int(lengths.max())
     valid = torch.arange(width)[None] < lengths[:, None]
     ids = torch.zeros(len(lengths), width, dtype=torch.long)

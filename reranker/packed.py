@@ -8,7 +8,8 @@ parts of all prompts ([prefix | documents | final] per prompt, documents right-p
 them once per layer, the norms as one fused kernel each, q and k as one matmul with RoPE over both, residual
 updates and LoRA deltas inside the matmuls (addmm). Only attention is per part: the same who-sees-what and
 positions as the chunked path; the prefix and the documents through SDPA with no mask (causal, bottom-right
-aligned: flash attention), the final segment with an additive bias built once per forward. `pack` lays a batch
+aligned: flash attention), the final segment through one flash-decoding Triton kernel (kernels.attend_few) on a
+GPU, else with an additive bias built once per forward (attention.attend_rows). `pack` lays a batch
 out on the host and `forward_packed` only launches device work, so reranker.graphs can hold it in a CUDA graph.
 Inference only (no captures, no autograd); equal to the dense reference (tests/reranker/test_attention.py).
 """
