@@ -67,7 +67,9 @@ def dense_few(q: torch.Tensor, sources: list[kernels.KeySource], scale: float) -
         mask = torch.ones(t, n, dtype=torch.bool, device=k.device) if seen is None else seen[None].expand(t, -1).clone()
         if causal:
             mask &= torch.arange(n, device=k.device)[None] <= n - t + torch.arange(t, device=k.device)[:, None]
-        keys.append(k), values.append(v), visible.append(mask)
+        keys.append(k)
+        values.append(v)
+        visible.append(mask)
     group = heads // keys[0].shape[1]
     k64 = torch.cat(keys).double().repeat_interleave(group, dim=1)
     v64 = torch.cat(values).double().repeat_interleave(group, dim=1)
