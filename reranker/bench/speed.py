@@ -37,7 +37,7 @@ from common.paths import SCIFACT
 from common.plots import figure
 from reranker import kernels
 from reranker.batcher import prompt_tokens
-from reranker.blockrank import BlockRankForward
+from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.reference import full_causal_ids
@@ -115,6 +115,11 @@ def merged_forward(reranker: Reranker) -> BlockRankForward:
                             cuda_graphs=reranker.config.cuda_graphs)
 
 
+def host_scores(forward: BlockRankForward, prompt: Prompt, spec: ScoringSpec) -> list[list[float]]:
+    """One rerank on `forward`, its scores back on the host (as Reranker.score_prompts returns them)."""
+    return [s.float().cpu().tolist() for s in forward.score([prompt], spec)]
+
+
 def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHandle, merged: BlockRankForward,
                  prompt: Prompt, dense_points: list[tuple[int, float]]) -> dict:
     """One size: BlockRank (merged, then as a tenant block), then the full-attention baseline on the same prompt
@@ -122,8 +127,8 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
     device, n, spec = reranker.lm.device, prompt.n_docs, handle.settings.spec
     warmup = 2 if device.type == "cuda" else 0
 
-    def blockrank() -> list[list[float]]:  # as Reranker.score_prompts: the scores back on the host
-        return [s.float().cpu().tolist() for s in merged.score([prompt], spec)]
+    def blockrank() -> list[list[float]]:
+        return host_scores(merged, prompt, spec)
 
     blockrank_s = timed(blockrank, device, args.repeats, args.budget_s, warmup)
     row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None}

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common.beir import iter_corpus
 from reranker import kernels
-from reranker.bench.speed import QUERY, merged_forward
+from reranker.bench.speed import QUERY, host_scores, merged_forward
 from reranker.engine import Reranker, RerankerConfig
 from reranker.tenants import EquivalenceMode
 
@@ -42,7 +42,7 @@ def run_profile(args: argparse.Namespace) -> str:
                 torch.cuda.synchronize()
         return once
 
-    once = synced(lambda: [s.float().cpu() for s in merged.score([prompt], handle.settings.spec)])
+    once = synced(lambda: host_scores(merged, prompt, handle.settings.spec))
     lines = [f"{args.n_docs} documents x {args.block_tokens} tokens on {reranker.lm.device}, mean of {RUNS}:"]
 
     def measure(label: str, variant: Callable[[], None]) -> None:
