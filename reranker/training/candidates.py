@@ -24,11 +24,13 @@ class Candidates:
 
 
 def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: str,
-                max_queries: int | None = None) -> list[Candidates]:
-    """Top-`depth` first-stage candidates for the judged queries of `split`."""
+                max_queries: int | None = None, mode: str = "") -> list[Candidates]:
+    """Top-`depth` first-stage candidates for the judged queries of `split`; `mode` (dense, lexical, hybrid)
+    overrides the collection's default retrieval mode."""
     # Imported here: the GPU run reads candidates from a file and has no faiss, tantivy or embedder.
     from retriever.embedder import Embedder
     from retriever.engine import RetrieverEngine
+    from retriever.fusion import RetrievalMode
     from retriever.types import CollectionNotFound
 
     with RetrieverEngine(data_dir, Embedder()) as engine:  # closed: the next caller may open the directory
@@ -43,7 +45,8 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
             engine.upsert(collection, list(iter_corpus(data)), progress=True)
         queries = load_queries(data)
         judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
-        hits = engine.search_batch(collection, [queries[q] for q in judged], depth)
+        hits = engine.search_batch(collection, [queries[q] for q in judged], depth,
+                                   RetrievalMode(mode) if mode else None)
     return [Candidates(q, queries[q], [h.document for h in row], [h.score for h in row])
             for q, row in zip(judged, hits, strict=True)]
 

@@ -11,8 +11,11 @@ top-`--negatives-depth` minus the judged documents), shuffled into random
 slots, drawn anew at every use (so each epoch sees new lists).
 `--pseudo-queries N` adds N corpus titles as queries for their own document
 (GPL/InPars-style) with the title's first-stage neighbours as negatives,
-skipping every document judged in any test split. `--dev-queries` train queries are held out of training and used after
-it to pick the scoring heads and fit the first-stage/reranker fusion weight.
+skipping every document judged in any test split. `--also DIR` adds another
+collection's train queries (one example per query, its relevant documents drawn
+in turn); steps take the collections in turn. `--dev-queries` train queries of
+`--data` are held out of training and used after it to pick the scoring heads
+and fit the first-stage/reranker fusion weight.
 
 The LM loss runs through layers 0..l* followed by the final norm and lm_head:
 layers after l* are never served (early exit), so the identifier has to be
@@ -48,29 +51,53 @@ from reranker.training.candidates import Candidates, first_stage, load_candidate
 
 @dataclass
 class Example:
-    """A query, one relevant document and its pool of hard negatives; every use draws fresh negatives
-    into fresh slots, so later epochs see new lists."""
+    """A query, its relevant document(s) and its pool of hard negatives; every use draws one relevant
+    document, fresh negatives and fresh slots, so later epochs see new lists."""
 
     query: str
-    positive: Document
+    positives: list[Document]
     negatives: list[Document]
 
     def draw(self, n_docs: int, rng: random.Random) -> tuple[list[tuple[str, str]], int]:
-        chosen = [self.positive, *rng.sample(self.negatives, n_docs - 1)]
+        positive = self.positives[0] if len(self.positives) == 1 else rng.choice(self.positives)
+        chosen = [positive, *rng.sample(self.negatives, n_docs - 1)]
         rng.shuffle(chosen)
-        return [(d.title, d.text) for d in chosen], chosen.index(self.positive)
+        return [(d.title, d.text) for d in chosen], chosen.index(positive)
 
 
-def build_examples(candidates: list[Candidates], qrels: dict, n_docs: int) -> list[Example]:
-    """One example per (query, relevant document): negatives are the unjudged first-stage candidates."""
+def build_examples(candidates: list[Candidates], qrels: dict, n_docs: int, per_query: bool = False) -> list[Example]:
+    """Negatives are the unjudged first-stage candidates. One example per (query, relevant document), or with
+    `per_query` one per query drawing among its relevant ones (collections that judge dozens per query, like
+    NFCorpus, would otherwise weigh each query by its number of judgements)."""
     examples = []
     for cand in candidates:
         relevant = qrels.get(cand.query_id, {})
         negatives = [d for d in cand.documents if d.id not in relevant]
-        if len(negatives) < n_docs - 1:
+        positives = [d for d in cand.documents if d.id in relevant]
+        if len(negatives) < n_docs - 1 or not positives:
             continue
-        examples += [Example(cand.query, d, negatives) for d in cand.documents if d.id in relevant]
+        examples += [Example(cand.query, positives, negatives)] if per_query else \
+            [Example(cand.query, [d], negatives) for d in positives]
     return examples
+
+
+class ExampleStream:
+    """The training collections' examples in turn, one per step; each collection's list is walked in order and
+    reshuffled at the start of each of its later epochs."""
+
+    def __init__(self, sources: list[list[Example]], rng: random.Random) -> None:
+        self.sources = [s for s in sources if s]
+        self.rng = rng
+        self.drawn = [0] * len(self.sources)
+        self.turn = 0
+
+    def next(self) -> Example:
+        examples, taken = self.sources[self.turn], self.drawn[self.turn]
+        if taken and taken % len(examples) == 0:
+            self.rng.shuffle(examples)  # a new epoch, in a new order
+        self.drawn[self.turn] += 1
+        self.turn = (self.turn + 1) % len(self.sources)
+        return examples[taken % len(examples)]
 
 
 def training_losses(forward: BlockRankForward, lm_head: torch.nn.Module, norm: torch.nn.Module, prompt: Prompt,
@@ -102,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-docs", type=int, default=8)
     parser.add_argument("--block-tokens", type=int, default=96)
     parser.add_argument("--negatives-depth", type=int, default=30)
+    parser.add_argument("--negatives-mode", choices=["dense", "lexical", "hybrid", "default"], default="dense",
+                        help="first stage the hard negatives come from; dense (MiniLM) is the shipped adapter's, "
+                             "hybrid ones made a weaker reranker (model card); default: the collection's mode")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another BEIR collection whose --split queries join training (repeatable); its "
+                             "collection in --retriever-dir is named after the directory. Steps take the "
+                             "collections in turn, so --data keeps its share whatever the others' sizes")
     parser.add_argument("--pseudo-queries", type=int, default=0)
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--dev-query-ids-from", type=Path, default=None,
@@ -130,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass
 class Run:
-    """What one training run works on: the model, l*, the prompt builder, examples and held-out queries."""
+    """What one training run works on: the model, l*, the prompt builder, examples (one list per training
+    collection) and held-out queries."""
 
     lm: LoadedModel
     layer: int
     builder: PromptBuilder
-    examples: list[Example]
+    examples: list[list[Example]]
     dev: list[Candidates]
 
 
@@ -150,7 +185,8 @@ def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
                                                                               lm.model.config.num_hidden_layers // 2))
     builder = PromptBuilder(lm.tokenizer, PromptTemplate(), PromptLimits(block_tokens=args.block_tokens))
     candidates = load_candidates(args.candidates, args.data, args.negatives_depth) if args.candidates else \
-        first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection)
+        first_stage(args.data, args.split, args.negatives_depth, args.retriever_dir, args.collection,
+                    mode=negatives_mode(args))
     rng.shuffle(candidates)
     if args.dev_query_ids_from:
         held_out = held_out_query_ids(args.dev_query_ids_from)
@@ -162,8 +198,24 @@ def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
     if args.pseudo_queries:
         examples += [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1]
     rng.shuffle(examples)
-    print(f"{len(examples)} training examples, {len(dev)} dev queries held out, l*={layer}")
-    return Run(lm, layer, builder, examples, dev)
+    sources = [examples, *(other_examples(args, data, rng) for data in args.also)]
+    print(f"{' + '.join(str(len(s)) for s in sources)} training examples, {len(dev)} dev queries held out, "
+          f"l*={layer}")
+    return Run(lm, layer, builder, sources, dev)
+
+
+def negatives_mode(args: argparse.Namespace) -> str:
+    return "" if args.negatives_mode == "default" else str(args.negatives_mode)
+
+
+def other_examples(args: argparse.Namespace, data: Path, rng: random.Random) -> list[Example]:
+    """An --also collection's examples: all of its --split queries (none held out; its own dev split is the
+    held-out set), one example per query."""
+    candidates = first_stage(data, args.split, args.negatives_depth, args.retriever_dir, data.name,
+                             mode=negatives_mode(args))
+    examples = build_examples(candidates, load_qrels(data, args.split), args.n_docs, per_query=True)
+    rng.shuffle(examples)
+    return examples
 
 
 def train(args: argparse.Namespace) -> None:
@@ -212,13 +264,11 @@ def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.
     log_path.write_text("")
     model.train()
     start = time.perf_counter()
-    examples = run.examples
+    stream = ExampleStream(run.examples, rng)
     bar = tqdm(total=args.steps, desc="training", unit="step")
     step = 0
     while step < plan["steps"]:
-        if step and step % len(examples) == 0:
-            rng.shuffle(examples)  # a new epoch, in a new order
-        example = examples[step % len(examples)]
+        example = stream.next()
         docs, slot = example.draw(args.n_docs, rng)
         prompt = run.builder.build(example.query, docs)
         lm_loss, aux_loss = training_losses(forward, base.lm_head, base.model.norm, prompt,
@@ -261,7 +311,7 @@ def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Exampl
     corpus = [d for d in iter_corpus(args.data) if d.title and d.id not in judged_elsewhere]
     picked = rng.sample(corpus, min(args.pseudo_queries, len(corpus)))
     neighbours = title_neighbours(args, [d.title for d in picked], args.negatives_depth)
-    return [Example(doc.title, doc, [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
+    return [Example(doc.title, [doc], [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
             for doc, near in zip(picked, neighbours, strict=True)]
 
 
