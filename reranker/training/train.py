@@ -235,7 +235,7 @@ def train(args: argparse.Namespace) -> None:
     train_loop(args, run, model, rng, args.out / "train_log.jsonl")
     model.save_pretrained(args.out)
     plot_losses(args.out / "train_log.jsonl", args.out / "loss.png")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = json.loads(json.dumps(vars(args), default=str))  # paths (--data, every --also) as strings
     meta = {"layer": run.layer, "heads": [], "block_tokens": args.block_tokens, "base_model": run.lm.name,
             "train_seconds": time.perf_counter() - start, "device": str(run.lm.device), "settings": settings,
             "dev_query_ids": [c.query_id for c in run.dev]}
