@@ -59,6 +59,7 @@ class Example:
     negatives: list[Document]
 
     def draw(self, n_docs: int, rng: random.Random) -> tuple[list[tuple[str, str]], int]:
+        # rng.choice draws even from one item: skipping it keeps the shipped adapter's lists as they were drawn
         positive = self.positives[0] if len(self.positives) == 1 else rng.choice(self.positives)
         chosen = [positive, *rng.sample(self.negatives, n_docs - 1)]
         rng.shuffle(chosen)
