@@ -2,6 +2,7 @@
 
     python -m reranker.training.select_layer --data ../shared/data/scifact --split train --max-queries 120
     python -m reranker.training.select_layer --adapter reranker/adapters/scifact-lora     # after training
+    python -m reranker.training.select_layer --adapter DIR --also ../shared/data/nfcorpus  # weight across collections
 
 For each judged query, the first-stage top-`depth` candidates are scored at
 every layer up to `--max-layer` in one pass (attention mass of the signal
@@ -12,7 +13,8 @@ weight of the fused score w·reranker + (1-w)·first stage (both min-max
 normalised per query) is fitted by grid search, so a reranker that does not
 beat the first stage is not served alone. The base model's choice goes to
 reranker/scoring/<model>.json; an adapter's into its blockrank.json (on its
-held-out dev queries). A per-layer curve is saved as PNG.
+held-out dev queries; with --also, the weight is the best mean over those and other
+collections' dev queries, so it holds beyond the adapter's own collection). A per-layer curve is saved as PNG.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
     heads = subsets[k_best]
 
     model_scores = {c.query_id: masses[c.query_id][best, heads].mean(0).tolist() for c in candidates}
-    fusion = {w: ndcg10(qrels, run_from(candidates, partial(_fused, model_scores, w))) for w in FUSION_GRID}
-    weight = max(FUSION_GRID, key=lambda w: (round(fusion[w], 6), -w))  # ties: the more conservative weight
+    fusion = fusion_grid(candidates, qrels, model_scores)
+    weight = best_weight(fusion)
     return {
         "layer": layers[best], "heads": sorted(heads) if k_best < n_heads else [], "fusion_weight": weight,
         "ndcg_at_10": {"first_stage": first, "layer_all_heads": per_layer[best], "reranker_alone": subset_scores[k_best],
@@ -93,6 +95,41 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
         "per_head_at_layer": per_head, "head_subsets": {str(k): v for k, v in subset_scores.items()},
         "fusion_grid": {str(w): v for w, v in fusion.items()},
     }
+
+
+def fusion_grid(candidates: list[Candidates], qrels: dict, model_scores: dict[str, list[float]]) -> dict[float, float]:
+    """nDCG@10 of the fused ranking at every weight of FUSION_GRID."""
+    return {w: ndcg10(qrels, run_from(candidates, partial(_fused, model_scores, w))) for w in FUSION_GRID}
+
+
+def best_weight(grid: dict[float, float]) -> float:
+    return max(grid, key=lambda w: (round(grid[w], 6), -w))  # ties: the more conservative weight
+
+
+def macro_grid(grids: list[dict[float, float]]) -> dict[float, float]:
+    """Each collection's nDCG@10 per weight, averaged with one vote per collection (a collection with more
+    queries must not outvote the others: the weight has to hold for collections never seen)."""
+    return {w: sum(g[w] for g in grids) / len(grids) for w in grids[0]}
+
+
+def across_collections(reranker: Reranker, chosen: dict, args: argparse.Namespace) -> dict:
+    """Refit the fusion weight on the mean over the adapter's held-out queries and every --also collection's
+    --also-split queries, at the layer and heads already chosen."""
+    heads = chosen["heads"] or slice(None)
+    grids = {args.data.name: {float(w): v for w, v in chosen["fusion_grid"].items()}}
+    for data in args.also:
+        candidates = first_stage(data, args.also_split, args.depth, args.retriever_dir, data.name)
+        qrels = load_qrels(data, args.also_split)
+        qrels = {c.query_id: qrels[c.query_id] for c in candidates}
+        masses = collect_masses(reranker, candidates, [chosen["layer"]])
+        scores = {c.query_id: masses[c.query_id][0, heads].mean(0).tolist() for c in candidates}
+        grids[f"{data.name}/{args.also_split}"] = fusion_grid(candidates, qrels, scores)
+    mean = macro_grid(list(grids.values()))
+    weight = best_weight(mean)
+    own = grids[args.data.name][weight]
+    return {"fusion_weight": weight, "ndcg_at_10": chosen["ndcg_at_10"] | {"fused": own},
+            "fusion_grid_across_collections": {str(w): v for w, v in mean.items()},
+            "fusion_grid_by_collection": {name: {str(w): v for w, v in g.items()} for name, g in grids.items()}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,10 +142,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-layer", type=int, default=-1, help="default: 2/3 of the depth (keep it cheap)")
     parser.add_argument("--model", default="")
     parser.add_argument("--adapter", default="", help="calibrate this adapter (its layer stays fixed)")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="with --adapter: another BEIR collection whose --also-split queries join the fusion "
+                             "weight's choice (mean nDCG@10 over the collections, one vote each); its collection "
+                             "in --retriever-dir is named after the directory")
+    parser.add_argument("--also-split", default="dev")
     parser.add_argument("--retriever-dir", type=Path, default=VAR_DIR / "retriever")
     parser.add_argument("--collection", default="scifact")
     args = parser.parse_args(argv)
-    if args.split == "test":
+    if "test" in (args.split, args.also_split):
         sys.exit("refusing to tune on the test split")
     return args
 
@@ -154,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     qrels = load_qrels(args.data, args.split)
     qrels = {c.query_id: qrels[c.query_id] for c in goal.candidates}
     chosen = choose(reranker, goal.candidates, qrels, goal.layers, fixed_layer=bool(args.adapter))
+    if args.adapter and args.also:
+        chosen |= across_collections(reranker, chosen, args)
     meta = goal.meta | chosen | {
         "model": reranker.lm.name,
         "picked_on": {"data": args.data.name, "split": args.split, "queries": len(goal.candidates),

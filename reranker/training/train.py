@@ -27,9 +27,11 @@ a JSONL log; checkpoints every --save-every steps. Seeded and reproducible.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -137,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="another BEIR collection whose --split queries join training (repeatable); its "
                              "collection in --retriever-dir is named after the directory. Steps take the "
                              "collections in turn, so --data keeps its share whatever the others' sizes")
-    parser.add_argument("--pseudo-queries", type=int, default=0)
+    parser.add_argument("--pseudo-queries", type=int, default=0,
+                        help="corpus documents that become pseudo-queries for themselves; they take their own "
+                             "turn among the training sources, so --data keeps its share of the steps")
+    parser.add_argument("--pseudo-source", choices=["title", "sentence"], default="title",
+                        help="title: the document's title is the query; sentence: one of its sentences is, and "
+                             "is cut from the document (the inverse cloze task), so the match is not verbatim")
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--dev-query-ids-from", type=Path, default=None,
                         help="hold out the dev queries recorded in this blockrank.json (compare two adapters "
@@ -196,10 +203,10 @@ def prepare(args: argparse.Namespace, rng: random.Random) -> Run:
     else:
         dev, train_cands = candidates[: args.dev_queries], candidates[args.dev_queries:]
     examples = build_examples(train_cands, load_qrels(args.data, args.split), args.n_docs)
-    if args.pseudo_queries:
-        examples += [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1]
     rng.shuffle(examples)
-    sources = [examples, *(other_examples(args, data, rng) for data in args.also)]
+    pseudo = [e for e in pseudo_examples(args, rng) if len(e.negatives) >= args.n_docs - 1] \
+        if args.pseudo_queries else []
+    sources = [examples, pseudo, *(other_examples(args, data, rng) for data in args.also)]
     print(f"{' + '.join(str(len(s)) for s in sources)} training examples, {len(dev)} dev queries held out, "
           f"l*={layer}")
     return Run(lm, layer, builder, sources, dev)
@@ -302,27 +309,49 @@ def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.
 
 
 def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
-    """Titles as queries for their own document (negatives: the title's first-stage neighbours);
-    documents judged in any other split (test) are never used."""
+    """Corpus documents as pseudo-queries for themselves (GPL/InPars-style without a generator): the title, or
+    with --pseudo-source sentence one sentence cut out of the text (ICT, Lee et al. 2019); negatives are the
+    query's first-stage neighbours. Documents judged in any other split (test) are never used."""
     judged_elsewhere: set[str] = set()
     for path in (args.data / "qrels").glob("*.tsv"):
         if path.stem != args.split:
             for rel in load_qrels(args.data, path.stem).values():
                 judged_elsewhere.update(rel)
-    corpus = [d for d in iter_corpus(args.data) if d.title and d.id not in judged_elsewhere]
-    picked = rng.sample(corpus, min(args.pseudo_queries, len(corpus)))
-    neighbours = title_neighbours(args, [d.title for d in picked], args.negatives_depth)
-    return [Example(doc.title, [doc], [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
-            for doc, near in zip(picked, neighbours, strict=True)]
+    corpus = [d for d in iter_corpus(args.data) if d.id not in judged_elsewhere]
+    pairs = [pair for d in corpus if (pair := pseudo_pair(d, args.pseudo_source, rng))]
+    picked = rng.sample(pairs, min(args.pseudo_queries, len(pairs)))
+    neighbours = query_neighbours(args, [query for query, _ in picked], args.negatives_depth)
+    return [Example(query, [doc], [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
+            for (query, doc), near in zip(picked, neighbours, strict=True)]
 
 
-def title_neighbours(args: argparse.Namespace, titles: list[str], depth: int) -> list[list[Document]]:
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+ICT_WORDS = (6, 30)  # a pseudo-query's length in words, about that of a claim or question
+
+
+def pseudo_pair(doc: Document, source: str, rng: random.Random) -> tuple[str, Document] | None:
+    """(query, the document it was drawn from, without the query when it was cut out of it), or None."""
+    if source == "title":
+        return (doc.title, doc) if doc.title else None
+    sentences = SENTENCE_END.split(doc.text)
+    usable = [i for i, s in enumerate(sentences) if ICT_WORDS[0] <= len(s.split()) <= ICT_WORDS[1]]
+    if len(sentences) < 3 or not usable:
+        return None  # too short to lose a sentence and still be a document
+    cut = rng.choice(usable)
+    rest = " ".join(s for i, s in enumerate(sentences) if i != cut)
+    return sentences[cut], dataclasses.replace(doc, text=rest)
+
+
+def query_neighbours(args: argparse.Namespace, queries: list[str], depth: int) -> list[list[Document]]:
     from retriever.embedder import Embedder
     from retriever.engine import RetrieverEngine
+    from retriever.fusion import RetrievalMode
 
+    mode = negatives_mode(args)
     with RetrieverEngine(args.retriever_dir, Embedder()) as engine:
         engine.load()
-        return [[h.document for h in row] for row in engine.search_batch(args.collection, titles, depth)]
+        rows = engine.search_batch(args.collection, queries, depth, RetrievalMode(mode) if mode else None)
+        return [[h.document for h in row] for row in rows]
 
 
 def plot_losses(log_path: Path, out: Path) -> None:

@@ -4,7 +4,7 @@ import random
 
 from common.types import Document
 from reranker.training.candidates import Candidates
-from reranker.training.train import Example, ExampleStream, build_examples
+from reranker.training.train import Example, ExampleStream, build_examples, pseudo_pair
 
 
 def doc(i: int) -> Document:
@@ -52,3 +52,22 @@ def test_one_collection_keeps_the_original_order():
         order.append(expected[step % len(expected)].query)
     stream = ExampleStream([list(examples)], random.Random(7))
     assert [stream.next().query for _ in range(12)] == order
+
+
+def test_pseudo_queries_from_titles_or_cut_sentences():
+    text = ("Background sentence about the field and its open problem. We measured the effect in two cohorts of "
+            "patients. The treatment reduced mortality by a third in both cohorts. Tiny.")
+    source = Document(id="d1", title="A trial", text=text, metadata={"year": "2020"})
+    assert pseudo_pair(source, "title", random.Random(0)) == ("A trial", source)
+    assert pseudo_pair(Document(id="d2", text=text), "title", random.Random(0)) is None
+
+    cut = set()
+    for seed in range(20):
+        query, positive = pseudo_pair(source, "sentence", random.Random(seed))
+        assert query not in positive.text, "the sentence is cut out of its document: no verbatim match"
+        assert query in text and positive.text.count(". ") == 2, "exactly one sentence goes"
+        assert (positive.id, positive.title, positive.metadata) == ("d1", "A trial", {"year": "2020"})
+        cut.add(query)
+    assert "Tiny." not in cut and len(cut) == 3, "any sentence of a claim's length may be drawn, nothing shorter"
+    assert pseudo_pair(Document(id="d3", text="One sentence only. And a second one here."), "sentence",
+                       random.Random(0)) is None, "too short to lose a sentence"
