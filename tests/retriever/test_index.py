@@ -44,3 +44,34 @@ def test_hnsw_rebuilds_after_many_tombstones():
 def test_search_on_empty_index_returns_nothing():
     index = StringIdIndex(8, IndexKind.FLAT, HnswSettings())
     assert index.search(unit_vectors(2, 8), 5) == [[], []]
+
+
+@pytest.mark.parametrize("kind", [IndexKind.FLAT, IndexKind.HNSW])
+def test_searches_skip_exactly_the_tombstones_across_writes_and_restore(kind, tmp_path):
+    import faiss
+
+    index = StringIdIndex(32, kind, HnswSettings(m=16, ef_construction=64, ef_search=256))
+    vectors = unit_vectors(300)
+    index.upsert([f"d{i}" for i in range(200)], vectors[:200])
+    live = {f"d{i}" for i in range(200)}
+    rng = np.random.default_rng(1)
+    for write in range(6):  # removals and replacements, below the compaction fraction, labels growing past bytes
+        gone = [f"d{i}" for i in rng.choice(200, 4, replace=False)]
+        before_bits = None if index._tombstone_bits is None else index._tombstone_bits.copy()
+        held = index._tombstone_bits
+        index.remove(gone)
+        live -= set(gone)
+        if held is not None:
+            assert np.array_equal(held, before_bits), "a search's selector is never changed under it"
+        added = [f"n{write}-{j}" for j in range(3)]
+        index.upsert(added, vectors[200 + 3 * write: 203 + 3 * write])
+        live |= set(added)
+        found = {doc for doc, _ in index.search(vectors[:1], len(live))[0]}
+        assert found <= live and (kind is IndexKind.HNSW or found == live)
+    assert index.tombstones, "still below the compaction fraction: the bitmap carries them"
+
+    snapshot, state = index.snapshot()
+    faiss.write_index(snapshot, str(tmp_path / "index"))
+    restored = StringIdIndex(32, kind, HnswSettings(m=16, ef_construction=64, ef_search=256))
+    restored.restore(str(tmp_path / "index"), state)
+    assert restored.search(vectors[:5], 40) == index.search(vectors[:5], 40)
