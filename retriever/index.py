@@ -24,7 +24,9 @@ import numpy as np
 from retriever.types import HnswSettings, IndexKind
 
 REBUILD_TOMBSTONE_FRACTION = 0.2
-_faiss: Any = faiss  # faiss's stubs miss SearchParametersHNSW and the parameters' keyword arguments
+# faiss's stubs miss SearchParametersHNSW, the parameters' keyword arguments and the selectors' array constructors
+_faiss: Any = faiss
+
 # A few queries search faster on one OpenMP thread: a team of threads for one query costs more to wake and
 # join than it saves (measured on the 2-core CI machine, one query, top-100: 5K vectors 0.13 ms on one
 # thread, 8 ms on two when woken from the main thread; 1M vectors 60 ms on one, 141 ms on two). Searches
@@ -115,7 +117,7 @@ class StringIdIndex:
         marked = np.asarray(added, dtype=np.int64) if previous is not None else self._tombstone_labels()
         np.bitwise_or.at(bits, marked >> 3, np.left_shift(1, marked & 7).astype(np.uint8))
         self._tombstone_bits = bits
-        self._skip_tombstones = faiss.IDSelectorNot(faiss.IDSelectorBitmap(bits))
+        self._skip_tombstones = faiss.IDSelectorNot(_faiss.IDSelectorBitmap(bits))
 
     def _tombstone_labels(self) -> np.ndarray:
         return np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones))

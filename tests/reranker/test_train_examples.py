@@ -63,7 +63,9 @@ def test_pseudo_queries_from_titles_or_cut_sentences():
 
     cut = set()
     for seed in range(20):
-        query, positive = pseudo_pair(source, "sentence", random.Random(seed))
+        pair = pseudo_pair(source, "sentence", random.Random(seed))
+        assert pair is not None
+        query, positive = pair
         assert query not in positive.text, "the sentence is cut out of its document: no verbatim match"
         assert query in text and positive.text.count(". ") == 2, "exactly one sentence goes"
         assert (positive.id, positive.title, positive.metadata) == ("d1", "A trial", {"year": "2020"})
