@@ -8,7 +8,8 @@ For each judged query, the first-stage top-`depth` candidates are scored at
 every layer up to `--max-layer` in one pass (attention mass of the signal
 tokens, per head). The layer whose all-head score gives the best nDCG@10 wins
 (with `--adapter`, the layer it was trained for is kept); heads are ranked by
-their own nDCG@10 at that layer and the best top-k subset is kept. Last, the
+their own nDCG@10 at that layer and the best top-k subset is kept (with
+`--adapter`, all heads: its training scored their mean). Last, the
 weight of the fused score w·reranker + (1-w)·first stage (both min-max
 normalised per query) is fitted by grid search, so a reranker that does not
 beat the first stage is not served alone. The base model's choice goes to
@@ -67,7 +68,9 @@ def run_from(candidates: list[Candidates], scores: Callable[[Candidates], list[f
 
 
 def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers: list[int],
-           fixed_layer: bool) -> dict:
+           trained_score: bool) -> dict:
+    """Layer, heads and fusion weight; with `trained_score` (an adapter) the layer and the all-head mean it was
+    trained on are kept: picking heads again on ~100 held-out queries fits their noise (model card)."""
     masses = collect_masses(reranker, candidates, layers)
 
     def at(select: Callable[[torch.Tensor], torch.Tensor]) -> float:
@@ -75,13 +78,13 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
 
     first = ndcg10(qrels, run_from(candidates, lambda c: c.first_stage_scores))
     per_layer = [at(partial(_heads_mean, i, slice(None))) for i in range(len(layers))]
-    best = len(layers) - 1 if fixed_layer else max(range(len(layers)), key=per_layer.__getitem__)
+    best = len(layers) - 1 if trained_score else max(range(len(layers)), key=per_layer.__getitem__)
     n_heads = reranker.forward.n_heads
     per_head = [at(partial(_heads_mean, best, [h])) for h in range(n_heads)]
     ranked_heads = sorted(range(n_heads), key=lambda h: -per_head[h])
     subsets = {k: ranked_heads[:k] for k in sorted({1, 2, 3, 4, 6, n_heads}) if k <= n_heads}
     subset_scores = {k: at(partial(_heads_mean, best, hs)) for k, hs in subsets.items()}
-    k_best = max(subset_scores, key=subset_scores.__getitem__)
+    k_best = n_heads if trained_score else max(subset_scores, key=subset_scores.__getitem__)
     heads = subsets[k_best]
 
     model_scores = {c.query_id: masses[c.query_id][best, heads].mean(0).tolist() for c in candidates}
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     goal = target(args, reranker, handle)
     qrels = load_qrels(args.data, args.split)
     qrels = {c.query_id: qrels[c.query_id] for c in goal.candidates}
-    chosen = choose(reranker, goal.candidates, qrels, goal.layers, fixed_layer=bool(args.adapter))
+    chosen = choose(reranker, goal.candidates, qrels, goal.layers, trained_score=bool(args.adapter))
     if args.adapter and args.also:
         chosen |= across_collections(reranker, chosen, args)
     meta = goal.meta | chosen | {
