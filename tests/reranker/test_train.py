@@ -39,3 +39,14 @@ def test_train_saves_a_loadable_reproducible_adapter(tmp_path, scifact_retriever
     tuned_scores = tuned.score_prompts([tuned.build_prompt("blood sugar", docs, tuned_handle)], [tuned_handle])[0]
     base_scores = base.score_prompts([base.build_prompt("blood sugar", docs, base_handle)], [base_handle])[0]
     assert tuned_scores != pytest.approx(base_scores, abs=1e-7), "the adapter changes the model"
+
+    # Calibration on the held-out train queries: an adapter keeps its layer and the all-head score it was
+    # trained on; the fusion weight comes from the grid, and the choice is written into its blockrank.json.
+    calibrate = [sys.executable, "-m", "reranker.training.select_layer", "--adapter", str(adapter), "--data",
+                 str(SCIFACT), "--retriever-dir", str(scifact_retriever.data_dir), "--collection", "scifact"]
+    result = subprocess.run(calibrate, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    chosen = json.loads((adapter / "blockrank.json").read_text())
+    assert chosen["layer"] == 6 and chosen["heads"] == [] and chosen["picked_on"]["queries"] == 5
+    assert chosen["fusion_weight"] in [float(w) for w in chosen["fusion_grid"]]
+    assert chosen["dev_query_ids"] == meta["dev_query_ids"], "training's record is kept"
