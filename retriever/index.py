@@ -111,10 +111,12 @@ class StringIdIndex:
             self._tombstone_bits = self._skip_tombstones = None
             return
         bits = np.zeros((self.next_label + 7) // 8, dtype=np.uint8)
-        previous = self._tombstone_bits if added is not None else None
-        if previous is not None:
+        previous = self._tombstone_bits
+        if added is not None and previous is not None:
             bits[: len(previous)] = previous
-        marked = np.asarray(added, dtype=np.int64) if previous is not None else self._tombstone_labels()
+            marked = np.asarray(added, dtype=np.int64)
+        else:
+            marked = self._tombstone_labels()
         np.bitwise_or.at(bits, marked >> 3, np.left_shift(1, marked & 7).astype(np.uint8))
         self._tombstone_bits = bits
         self._skip_tombstones = faiss.IDSelectorNot(_faiss.IDSelectorBitmap(bits))

@@ -27,6 +27,17 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
                 max_queries: int | None = None, mode: str = "") -> list[Candidates]:
     """Top-`depth` first-stage candidates for the judged queries of `split`; `mode` (dense, lexical, hybrid)
     overrides the collection's default retrieval mode."""
+    queries = load_queries(data)
+    judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
+    hits = search(data, data_dir, collection, [queries[q] for q in judged], depth, mode)
+    return [Candidates(q, queries[q], [d for d, _ in row], [score for _, score in row])
+            for q, row in zip(judged, hits, strict=True)]
+
+
+def search(data: Path, data_dir: Path, collection: str, queries: list[str], depth: int,
+           mode: str = "") -> list[list[tuple[Document, float]]]:
+    """Top-`depth` (document, score) per query from `collection` in the retriever directory `data_dir`, after
+    ingesting the BEIR corpus at `data` there if the collection does not hold it all."""
     # Imported here: the GPU run reads candidates from a file and has no faiss, tantivy or embedder.
     from retriever.embedder import Embedder
     from retriever.engine import RetrieverEngine
@@ -43,12 +54,8 @@ def first_stage(data: Path, split: str, depth: int, data_dir: Path, collection: 
             have = 0
         if have != expected:
             engine.upsert(collection, list(iter_corpus(data)), progress=True)
-        queries = load_queries(data)
-        judged = [q for q in load_qrels(data, split) if q in queries][:max_queries]
-        hits = engine.search_batch(collection, [queries[q] for q in judged], depth,
-                                   RetrievalMode(mode) if mode else None)
-    return [Candidates(q, queries[q], [h.document for h in row], [h.score for h in row])
-            for q, row in zip(judged, hits, strict=True)]
+        rows = engine.search_batch(collection, queries, depth, RetrievalMode(mode) if mode else None)
+    return [[(h.document, h.score) for h in row] for row in rows]
 
 
 def save_candidates(path: Path, candidates: list[Candidates]) -> None:

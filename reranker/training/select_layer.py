@@ -87,7 +87,7 @@ def choose(reranker: Reranker, candidates: list[Candidates], qrels: dict, layers
     k_best = n_heads if trained_score else max(subset_scores, key=subset_scores.__getitem__)
     heads = subsets[k_best]
 
-    model_scores = {c.query_id: masses[c.query_id][best, heads].mean(0).tolist() for c in candidates}
+    model_scores = {q: _heads_mean(best, heads, m).tolist() for q, m in masses.items()}
     fusion = fusion_grid(candidates, qrels, model_scores)
     weight = best_weight(fusion)
     return {
@@ -122,10 +122,9 @@ def across_collections(reranker: Reranker, chosen: dict, args: argparse.Namespac
     grids = {args.data.name: {float(w): v for w, v in chosen["fusion_grid"].items()}}
     for data in args.also:
         candidates = first_stage(data, args.also_split, args.depth, args.retriever_dir, data.name)
-        qrels = load_qrels(data, args.also_split)
-        qrels = {c.query_id: qrels[c.query_id] for c in candidates}
+        qrels = judged(data, args.also_split, candidates)
         masses = collect_masses(reranker, candidates, [chosen["layer"]])
-        scores = {c.query_id: masses[c.query_id][0, heads].mean(0).tolist() for c in candidates}
+        scores = {q: _heads_mean(0, heads, m).tolist() for q, m in masses.items()}
         grids[f"{data.name}/{args.also_split}"] = fusion_grid(candidates, qrels, scores)
     mean = macro_grid(list(grids.values()))
     weight = best_weight(mean)
@@ -180,6 +179,12 @@ def target(args: argparse.Namespace, reranker: Reranker, handle: TenantHandle) -
     return Target(scoring_file(reranker.lm.name), {}, candidates[: args.max_queries], list(range(1, max_layer + 1)))
 
 
+def judged(data: Path, split: str, candidates: list[Candidates]) -> dict:
+    """The split's qrels of the queries the candidates are for."""
+    qrels = load_qrels(data, split)
+    return {c.query_id: qrels[c.query_id] for c in candidates}
+
+
 def _heads_mean(layer: int, heads: slice | list[int], masses: torch.Tensor) -> torch.Tensor:
     """Scores from one layer's (heads, docs) masses, averaged over the chosen heads."""
     chosen: torch.Tensor = masses[layer, heads].mean(0)
@@ -196,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                        block_tokens=args.block_tokens))
     handle = reranker.handle()
     goal = target(args, reranker, handle)
-    qrels = load_qrels(args.data, args.split)
-    qrels = {c.query_id: qrels[c.query_id] for c in goal.candidates}
+    qrels = judged(args.data, args.split, goal.candidates)
     chosen = choose(reranker, goal.candidates, qrels, goal.layers, trained_score=bool(args.adapter))
     if args.adapter and args.also:
         chosen |= across_collections(reranker, chosen, args)

@@ -48,7 +48,7 @@ from reranker.adapters import ADAPTER_META, base_scoring, held_out_query_ids
 from reranker.blockrank import BlockRankForward
 from reranker.model import HFModule, LoadedModel, load_model
 from reranker.prompt import Prompt, PromptBuilder, PromptLimits, PromptTemplate
-from reranker.training.candidates import Candidates, first_stage, load_candidates
+from reranker.training.candidates import Candidates, first_stage, load_candidates, search
 
 
 @dataclass
@@ -320,8 +320,9 @@ def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Exampl
     corpus = [d for d in iter_corpus(args.data) if d.id not in judged_elsewhere]
     pairs = [pair for d in corpus if (pair := pseudo_pair(d, args.pseudo_source, rng))]
     picked = rng.sample(pairs, min(args.pseudo_queries, len(pairs)))
-    neighbours = query_neighbours(args, [query for query, _ in picked], args.negatives_depth)
-    return [Example(query, [doc], [n for n in near if n.id != doc.id and n.id not in judged_elsewhere])
+    neighbours = search(args.data, args.retriever_dir, args.collection, [query for query, _ in picked],
+                        args.negatives_depth, negatives_mode(args))
+    return [Example(query, [doc], [n for n, _ in near if n.id != doc.id and n.id not in judged_elsewhere])
             for (query, doc), near in zip(picked, neighbours, strict=True)]
 
 
@@ -340,18 +341,6 @@ def pseudo_pair(doc: Document, source: str, rng: random.Random) -> tuple[str, Do
     cut = rng.choice(usable)
     rest = " ".join(s for i, s in enumerate(sentences) if i != cut)
     return sentences[cut], dataclasses.replace(doc, text=rest)
-
-
-def query_neighbours(args: argparse.Namespace, queries: list[str], depth: int) -> list[list[Document]]:
-    from retriever.embedder import Embedder
-    from retriever.engine import RetrieverEngine
-    from retriever.fusion import RetrievalMode
-
-    mode = negatives_mode(args)
-    with RetrieverEngine(args.retriever_dir, Embedder()) as engine:
-        engine.load()
-        rows = engine.search_batch(args.collection, queries, depth, RetrievalMode(mode) if mode else None)
-        return [[h.document for h in row] for row in rows]
 
 
 def plot_losses(log_path: Path, out: Path) -> None:
