@@ -146,7 +146,11 @@ def test_deadline_is_honoured(server_factory, tmp_path):
 def test_not_serving_until_loaded(server_factory, tmp_path):
     server = server_factory("services.retriever", ["--data-dir", str(tmp_path / "d")]).start(wait=False)
     seen = set()
-    health = health_pb2_grpc.HealthStub(server.channel())
+    # Reconnect every 50 ms: a first attempt made before the server listens would otherwise back off ~1 s
+    # (gRPC's default), long enough for the whole load to pass unseen.
+    fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+                      ("grpc.max_reconnect_backoff_ms", 100)]
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target, options=fast_reconnect))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(0.05)
