@@ -36,9 +36,9 @@ from reranker.attention import (
     key_bias,
 )
 from reranker.docbatch import DocBatch, pad_docs, segments_in
+from reranker.forward_context import FusedWeights, SharedEntries, SharedPrefix
 from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
-from reranker.packed import FusedWeights
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
@@ -186,7 +186,7 @@ class BlockRankForward:
         rope_prefix: list[Rope] = []
         rope_final: list[Rope] = []
         offsets: list[int] = []
-        shared: list[_Shared | None] = []
+        shared: list[SharedPrefix | None] = []
         for p, route, width in zip(prompts, routes, block_tokens, strict=True):
             n0 = len(p.prefix)
             offsets.append(n0)
@@ -205,21 +205,21 @@ class BlockRankForward:
         return _State(prefix, embed(docs.ids), final, rope_prefix, self.rope(positions), rope_final,
                       shared=shared if any(shared) else [])
 
-    def shared_for(self, prompt: Prompt, route: Route, use_cache: bool) -> _Shared | None:
+    def shared_for(self, prompt: Prompt, route: Route, use_cache: bool) -> SharedPrefix | None:
         """The prompt's shared instruction tokens when they come from the cache: caching on, a chain that has
         an identity, and a query part after them."""
         s = prompt.shared_prefix
         if self.prefix_cache is None or not use_cache or not route.chain_keys or not 0 < s < len(prompt.prefix):
             return None
-        return _Shared(tuple(prompt.prefix[:s]), self.rope(torch.arange(s, device=self.device)[None]))
+        return SharedPrefix(tuple(prompt.prefix[:s]), self.rope(torch.arange(s, device=self.device)[None]))
 
     def rope(self, positions: torch.Tensor) -> Rope:
         dummy = self.decoder.embed_tokens.weight[:1]
         cos, sin = self.decoder.rotary_emb(dummy, positions)
         return cos, sin
 
-    def advance_shared(self, index: int, layer: HFModule, shared: Sequence[_Shared | None],
-                       local: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]], routes: Sequence[Route],
+    def advance_shared(self, index: int, layer: HFModule, shared: Sequence[SharedPrefix | None],
+                       local: SharedEntries, routes: Sequence[Route],
                        deltas: Sequence[LayerDeltas | None]) -> None:
         """Make sure every prompt's shared-prefix K/V at this layer exist: from the cache, or computed
         once per distinct (chain up to here, tokens) from the previous layer's output."""
@@ -360,17 +360,6 @@ class LayerTrace:
 
 
 @dataclass
-class _Shared:
-    """A prompt's shared instruction tokens and, at the current layer, their K/V and output."""
-
-    tokens: tuple[int, ...]
-    rope: Rope
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-
-
-@dataclass
 class _State:
     prefix: list[torch.Tensor]  # per prompt (1, L0 - shared, D)
     docs: torch.Tensor  # (D, T, hidden)
@@ -379,9 +368,9 @@ class _State:
     rope_docs: Rope
     rope_final: list[Rope]
     kv_buffer: torch.Tensor | None = None  # (2, docs, T, kv, hd), reused across layers at inference
-    shared: list[_Shared | None] = field(default_factory=list)  # empty: no prompt uses the cache
+    shared: list[SharedPrefix | None] = field(default_factory=list)  # empty: no prompt uses the cache
     # this forward's shared entries, safe from eviction
-    shared_local: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    shared_local: SharedEntries = field(default_factory=dict)
 
 
 def _real_tokens(state: _State, docs: DocBatch) -> torch.Tensor:

@@ -23,16 +23,14 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from reranker.forward_context import ForwardContext
 from reranker.packed import Packed, forward_packed, pack
 from reranker.prompt import Prompt
 from reranker.routing import Route
-
-if TYPE_CHECKING:
-    from reranker.blockrank import BlockRankForward
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class PackedGraphs:
         self.captures = 0
         self.replays = 0
 
-    def run(self, fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence[Route],
+    def run(self, fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
             block_tokens: Sequence[int], score_layers: Sequence[Sequence[int]], last_layer: int) -> Masses:
         packed = pack(fw, prompts, routes, block_tokens)
         signal = [p.signal_tokens for p in prompts]
@@ -110,7 +108,7 @@ class PackedGraphs:
         self.replays += 1
         return [{layer: mass.clone() for layer, mass in masses.items()} for masses in entry.outputs]
 
-    def _capture(self, fw: BlockRankForward, packed: Packed, signal: Sequence[int], routes: Sequence[Route],
+    def _capture(self, fw: ForwardContext, packed: Packed, signal: Sequence[int], routes: Sequence[Route],
                  layers: Sequence[Sequence[int]], last_layer: int, key: Hashable) -> _Graph | None:
         device = fw.device
         local: dict = {}  # the shared prefix entries the graph reads, kept alive with it

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from reranker import kernels
 from reranker.attention import Rope, attend_docs_fused, attend_prefix, attend_rows, attention_mass, key_bias
 from reranker.docbatch import pad_docs
+from reranker.forward_context import ForwardContext, SharedEntries, SharedPrefix
 from reranker.model import HFModule
 from reranker.prompt import Prompt
 from reranker.routing import FusedLinear, Route, Segment, add_deltas, project
-
-if TYPE_CHECKING:
-    from reranker.blockrank import BlockRankForward, _Shared
 
 
 @dataclass
@@ -54,29 +51,11 @@ class Packed:
     valid: torch.Tensor  # (documents, width) real document tokens
     scored: torch.Tensor  # (documents, width) tokens whose attention mass scores the document
     rows: list[_Rows]
-    shared: list[_Shared | None]
+    shared: list[SharedPrefix | None]
 
     @property
     def inputs(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.positions, self.valid, self.scored
-
-
-class FusedWeights:
-    """Per decoder layer, its q and k projections as one matmul (stacked on first use), so that RoPE runs once
-    over both. Not v, nor gate with up: a column slice of a wider output is strided, and the element-wise kernels
-    after it then run about 2x slower than on a contiguous tensor (SiLU over gate|up's slice: 73 against 34 us
-    per call on an H100)."""
-
-    QK = ("self_attn.q_proj", "self_attn.k_proj")
-
-    def __init__(self, layers: Sequence[HFModule]) -> None:
-        self._layers = layers
-        self._fused: dict[int, FusedLinear] = {}
-
-    def __getitem__(self, index: int) -> FusedLinear:
-        if index not in self._fused:
-            self._fused[index] = FusedLinear.of(self._layers[index], self.QK)
-        return self._fused[index]
 
 
 def rms_norm(norm: HFModule, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +63,7 @@ def rms_norm(norm: HFModule, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def run_packed(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence[Route],
+def run_packed(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
                block_tokens: Sequence[int], score_layers: Sequence[Sequence[int]],
                last_layer: int) -> list[dict[int, torch.Tensor]]:
     """Per prompt, {layer: (signal, heads, n_docs) attention masses} for its score layers."""
@@ -92,9 +71,9 @@ def run_packed(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence
     return forward_packed(fw, packed, [p.signal_tokens for p in prompts], routes, score_layers, last_layer)
 
 
-def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence[int], routes: Sequence[Route],
+def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[int], routes: Sequence[Route],
                    score_layers: Sequence[Sequence[int]], last_layer: int,
-                   local: dict | None = None) -> list[dict[int, torch.Tensor]]:
+                   local: SharedEntries | None = None) -> list[dict[int, torch.Tensor]]:
     """The forward itself: device work only (no host copies, no synchronisation), so a CUDA graph can hold it.
     `local` receives the shared prefix K/V entries it read (a graph keeps them)."""
     rows, shared = packed.rows, packed.shared
@@ -131,7 +110,7 @@ def forward_packed(fw: BlockRankForward, packed: Packed, signal_tokens: Sequence
     return masses
 
 
-def _rope_rows(fw: BlockRankForward, positions: torch.Tensor) -> Rope:
+def _rope_rows(fw: ForwardContext, positions: torch.Tensor) -> Rope:
     """cos and sin (rows, 1, hd) of every row's position, the sin's first half negated: rotating x is then
     x * cos + swap_halves(x) * sin (the model's cos/sin repeat their frequencies in both halves)."""
     cos, sin = fw.rope(positions[None])
@@ -139,7 +118,7 @@ def _rope_rows(fw: BlockRankForward, positions: torch.Tensor) -> Rope:
     return cos[0][:, None], torch.cat([-sin[0][:, :half], sin[0][:, half:]], dim=-1)[:, None]
 
 
-def _qkv(fw: BlockRankForward, layer: HFModule, qk: FusedLinear, x: torch.Tensor, rope: Rope,
+def _qkv(fw: ForwardContext, layer: HFModule, qk: FusedLinear, x: torch.Tensor, rope: Rope,
          segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normed rows (rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd), RoPE applied to q and k together."""
     heads, hd = fw.n_heads + fw.n_kv, fw.head_dim
@@ -149,7 +128,7 @@ def _qkv(fw: BlockRankForward, layer: HFModule, qk: FusedLinear, x: torch.Tensor
     return rotated[:, :fw.n_heads], rotated[:, fw.n_heads:], v
 
 
-def _activate(fw: BlockRankForward, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _activate(fw: ForwardContext, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's act_fn(gate) * up, one fused kernel for SiLU (Llama, Mistral, Qwen2)."""
     silu = getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
     return kernels.silu_mul(gate, up) if silu else act_fn(gate) * up
@@ -164,8 +143,8 @@ def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.
     add_deltas(hidden, name, x, segments)
 
 
-def _attend(fw: BlockRankForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,
-            shared: _Shared | None, final_keys: torch.Tensor, few: bool) -> list[torch.Tensor]:
+def _attend(fw: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,
+            shared: SharedPrefix | None, final_keys: torch.Tensor, few: bool) -> list[torch.Tensor]:
     """One prompt's attention outputs, (rows, heads, hd) per part: prefix, documents, final. The prefix and the
     documents need no mask (causal, bottom-right aligned); the final segment skips the documents' padding."""
     n, hd = r.doc_span.stop - r.doc_span.start, fw.head_dim
@@ -204,7 +183,7 @@ def _final_mask(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
                       causal], dim=1)
 
 
-def pack(fw: BlockRankForward, prompts: Sequence[Prompt], routes: Sequence[Route],
+def pack(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
          block_tokens: Sequence[int]) -> Packed:
     """Token ids and positions of the packed rows and each prompt's rows, built on the host with a handful of
     tensor ops per prompt (no per-token Python), copied to the device once. Positions as in the chunked path:

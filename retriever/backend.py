@@ -2,7 +2,7 @@
 
 Two implement these protocols: the default, local one (`retriever.collection`: SQLite as the source of
 truth, FAISS and tantivy as derived indexes) and Milvus (`retriever.milvus`: Milvus Lite in a file, or a
-Milvus standalone/cluster). The engine embeds, validates and fuses; a backend stores documents with their
+Milvus standalone/cluster); `retriever.backends` opens the one a service is configured with. The engine embeds, validates and fuses; a backend stores documents with their
 vectors and answers the two first-stage searches, so modes and fusion behave the same on both.
 
 Every method may block (disk, network, index work): async callers run them in a worker thread. Searches
@@ -13,8 +13,6 @@ absent from `get`, and callers drop such hits.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from enum import StrEnum
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -68,23 +66,3 @@ class Backend(Protocol):
         """Delete the collection and its data (closed first)."""
 
     def close(self) -> None: ...
-
-
-class BackendKind(StrEnum):
-    FAISS = "faiss"  # local: SQLite + FAISS + tantivy under a data directory (the default)
-    MILVUS = "milvus"  # Milvus Lite (a .db file) or a Milvus standalone/cluster
-
-
-def open_backend(kind: BackendKind, data_dir: Path, milvus_uri: str = "", milvus_token: str = "",
-                 checkpoint_fraction: float | None = None) -> Backend:
-    """The backend a service was configured with (Milvus's client is imported only when asked for)."""
-    if kind is BackendKind.MILVUS:
-        if not milvus_uri:
-            raise ValueError("the milvus backend needs a URI: a Milvus Lite file (*.db) or http://host:19530")
-        from retriever.milvus import MilvusBackend
-
-        return MilvusBackend(milvus_uri, milvus_token)
-    from retriever.collection import CheckpointPolicy, LocalBackend
-
-    policy = CheckpointPolicy() if checkpoint_fraction is None else CheckpointPolicy(fraction=checkpoint_fraction)
-    return LocalBackend(data_dir, policy)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from retriever.backend import Backend, BackendKind, StoredCollection, open_backend
+from retriever.backend import Backend, StoredCollection
+from retriever.backends import BackendKind, open_backend
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ def main() -> None:
     plugin = shutil.which("protoc-gen-mypy_grpc", path=str(Path(sys.executable).parent)) or \
         shutil.which("protoc-gen-mypy_grpc")
     if plugin:
-        args += [f"--plugin=protoc-gen-mypy_grpc={plugin}", f"--mypy_grpc_out={OUT}"]
+        # quiet: the plugin otherwise prints a line per file it writes.
+        args += [f"--plugin=protoc-gen-mypy_grpc={plugin}", f"--mypy_grpc_out={OUT}", "--mypy_grpc_opt=quiet"]
     args += protos
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")

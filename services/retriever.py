@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from prometheus_client.core import GaugeMetricFamily
 
 from common.device import set_cpu_threads
-from retriever.backend import BackendKind, open_backend
+from retriever.backends import BackendKind, open_backend
 from retriever.embedder import Embedder, EmbedderConfig
 from retriever.engine import Limits, RetrieverEngine
 from retriever.fusion import RetrievalMode
