@@ -37,15 +37,16 @@ run: setup
 eval: setup
 	$(PY) -m services.run --eval bench-results/eval
 
-# The monitoring tests use promtool, prometheus and docker-compose (Debian packages): installed here when run as
-# root (as CI is); otherwise those tests skip and say what to install.
+# The monitoring tests use promtool, prometheus and docker-compose, the tenant registry's etcd tests etcd (Debian
+# packages): installed here when run as root (as CI is); otherwise those tests skip and say what to install.
 test-tools:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null; \
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
+	  && command -v etcd >/dev/null; \
 	then :; elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose >/dev/null; \
-	else echo "note: prometheus/promtool/docker-compose missing (apt-get install prometheus docker-compose as root);" \
-	  "the monitoring tests will skip"; fi
+	    prometheus docker-compose etcd-server >/dev/null; \
+	else echo "note: prometheus/promtool/docker-compose/etcd missing (apt-get install prometheus docker-compose" \
+	  "etcd-server as root); the monitoring and etcd registry tests will skip"; fi
 
 # The slowest tests are listed: the suite should stay near 15 minutes on 2 cores (longer runs get own targets).
 test: setup test-tools
@@ -97,7 +98,7 @@ bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
 
-# The reranker's GPU job (README "GPU run"). gpu-prepare: here, everything it needs into .gpu/ (model in two
+# The reranker's GPU job (docs/gpu.md). gpu-prepare: here, everything it needs into .gpu/ (model in two
 # parts for the lent GPU machine, wheels, SciFact, first-stage candidates). gpu-run: the whole job on a machine
 # with CUDA and this checkout set up; results (JSON, PNG, logs, the trained adapter) under bench-results/gpu/run.
 gpu-prepare: setup
@@ -107,5 +108,7 @@ gpu-run: gpu-prepare
 	mkdir -p .gpu/data && tar xzf .gpu/b/data.tar.gz -C .gpu/data
 	$(PY) -m reranker.gpu run --assets .gpu/b --data .gpu/data/scifact --out bench-results/gpu/run
 
+# The generated code and what benchmarks wrote here; the committed results (gpu/, trials/, the index) stay.
 clean:
-	rm -rf $(GEN) bench-results .pytest_cache
+	rm -rf $(GEN) .pytest_cache bench-results/gpu/run
+	find bench-results -mindepth 1 -maxdepth 1 ! -name gpu ! -name trials ! -name README.md -exec rm -rf {} +

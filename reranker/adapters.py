@@ -19,6 +19,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from common.names import NameInvalid, check_adapter_name, is_adapter_name
 from reranker.errors import AdapterInvalid, AdapterNotFound
 from reranker.routing import LoraDelta
 
@@ -32,7 +33,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "blockrank.json"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY = re.compile(r"layers\.(\d+)\.((?:self_attn|mlp)\.[a-z_]+_proj)\.lora_([AB])\.weight$")
 _UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "target_parameters", "layer_replication")
 
@@ -73,8 +73,10 @@ def resolve_startup_adapter(adapter: str, model_name: str) -> Path | None:
 def resolve_adapter_name(root: Path, name: str) -> Path:
     """A client-supplied adapter *name* -> its directory under the server's adapters root.
     Names are plain identifiers; paths, '..' and links out of the root are refused."""
-    if not _NAME.fullmatch(name) or ".." in name:
-        raise AdapterInvalid(f"adapter name {name!r} must match {_NAME.pattern} (a name, not a path)")
+    try:
+        check_adapter_name(name)  # the rule lives in common.names (shared with the tenant registry)
+    except NameInvalid as exc:
+        raise AdapterInvalid(str(exc)) from None
     root = root.resolve()
     directory = (root / name).resolve()
     if directory.parent != root:
@@ -87,7 +89,7 @@ def resolve_adapter_name(root: Path, name: str) -> Path:
 def list_adapter_names(root: Path) -> list[str]:
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / ADAPTER_CONFIG).is_file() and _NAME.fullmatch(p.name))
+    return sorted(p.name for p in root.iterdir() if (p / ADAPTER_CONFIG).is_file() and is_adapter_name(p.name))
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from typing import Any
 
 import grpc
 
+from common.names import is_tenant_name
 from services.errors import ServiceError, rewrapped
-from services.keys import TENANT_NAME, KeysFile, Principal
+from services.keys import KeysFile, Principal
 
 TENANT_HEADER = "x-retrieval-tenant"
 OPEN = Principal("", admin=True)  # no keys file: everyone may do everything, as before authentication existed
@@ -105,7 +106,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _tenant_header(value: str) -> str:
-    if not TENANT_NAME.match(value):
+    if not is_tenant_name(value):
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER} is not a tenant name")
     return value
 

@@ -30,10 +30,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from common.names import NameInvalid, check_tenant_name
+
 log = logging.getLogger(__name__)
 
-# Tenant names reach storage names (a tenant's collections live under "<tenant>.<name>"): a safe, short charset.
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 KEY_FORMAT = re.compile(r"^rk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 DEFAULT_GRACE_S = 24 * 3600.0
 RELOAD_CHECK_S = 1.0
@@ -68,10 +68,11 @@ class KeyRecord:
 
 
 def validate_tenant(name: str) -> str:
-    if not TENANT_NAME.match(name):
-        raise KeysFileError(f"tenant names are 1-32 of a-z, 0-9, '_' and '-' (starting with a letter or digit), "
-                            f"got {name!r}")
-    return name
+    """The tenant name rule lives in common.names (shared with the adapters root and the tenant registry)."""
+    try:
+        return check_tenant_name(name)
+    except NameInvalid as exc:
+        raise KeysFileError(str(exc)) from None
 
 
 def _digest(salt: str, secret: str) -> str:

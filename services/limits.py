@@ -2,7 +2,7 @@
 (`ValidationInterceptor`): a request outside them is INVALID_ARGUMENT with a message that names the field
 (`documents[3].metadata: 65 entries, at most 64`). The engines keep their own checks behind these (they are
 used without gRPC too); their configurable limits (the reranker's documents per request and tokens per
-document, the retriever's documents per upsert) stay in their configs and are listed in the README's table
+document, the retriever's documents per upsert) stay in their configs and are listed in docs/security.md's table
 beside these.
 
 Names reach disk paths (collections are directories; tenants prefix them; adapters are directories under the
@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from common.names import is_adapter_name, is_tenant_name
 from retriever.types import InvalidArgument
 from services.errors import rewrapped
 from services.gen.retrieval.v1 import document_pb2
-from services.keys import TENANT_NAME as TENANT
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # transport: set on every server and client channel
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's serialized size
@@ -36,7 +36,6 @@ MAX_DOCUMENT_BYTES = 1024 * 1024  # title + text + metadata, UTF-8
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 4096
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # collections (as the engine stores them), adapters
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -70,13 +69,13 @@ def check_enums(message: Message, prefix: str) -> None:
 
 
 def check_name(field: str, name: str) -> None:
-    if not NAME.match(name) or ".." in name:
+    if not is_adapter_name(name):  # collections follow the adapters' rule (common.names)
         raise invalid(field, f"1-128 of A-Z, a-z, 0-9, '_', '.', '-' (no '..'), starting with a letter or digit; "
                              f"got {_shown(name)}")
 
 
 def check_tenant(field: str, tenant: str, required: bool = False) -> None:
-    if (tenant or required) and not TENANT.match(tenant):
+    if (tenant or required) and not is_tenant_name(tenant):
         raise invalid(field, f"1-32 of a-z, 0-9, '_', '-', starting with a letter or digit; got {_shown(tenant)}")
 
 
