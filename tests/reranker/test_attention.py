@@ -9,6 +9,7 @@ from reranker.model import load_model
 from reranker.prompt import PromptBuilder, PromptLimits
 from reranker.reference import reference_scores
 from tests.conftest import FIXTURE_DOCS
+from tests.reranker.numerics import longest_inner_product, same_order_where_separated, scores_bound
 
 BLOCK = 40
 
@@ -24,7 +25,8 @@ def test_fused_equals_einsum_with_padding_and_gqa():
     einsum = attend_docs(q, k, v, valid, pk, pv, 0.25)
     fused = attend_docs_fused(q, k, v, valid, pk, pv, 0.25)
     assert fused.shape == einsum.shape
-    # Real query rows agree; pad rows are never read (keys masked, no score), so only real ones count.
+    # Real query rows agree; pad rows are never read (keys masked, no score), so only real ones count. Outputs are
+    # means of N(0, 1) values over <= 19 keys: two fp32 orders differ by a few u * sqrt(19) * |v|max ~ 1e-6.
     assert float((fused - einsum)[valid].abs().max()) < 1e-5
 
 
@@ -36,8 +38,9 @@ def test_forward_with_either_attention_matches_dense_reference(fused):
     spec = ScoringSpec(layer=6, block_tokens=BLOCK)
     scores = BlockRankForward(lm.model, gpu_path=fused).score([prompt], spec)[0]
     reference, _ = reference_scores(lm.model, prompt, spec)
-    assert float((scores - reference).abs().max()) <= 1e-4
-    assert torch.equal(scores.argsort(), reference.argsort())
+    tolerance = scores_bound(spec.layer, longest_inner_product(lm.model.config), fp32_sides=2)
+    assert float((scores - reference).abs().max()) <= tolerance
+    assert same_order_where_separated(scores, reference, tolerance)
 
 
 def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path):
@@ -66,6 +69,8 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
                 results[packed] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
         forward.gpu_path = False
         assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache
+        inner = longest_inner_product(forward.model.config)
         for packed_masses, chunked_masses in zip(results[True], results[False], strict=True):
             for layer in (3, 9):
-                assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) < 1e-5
+                bound = scores_bound(layer, inner, fp32_sides=2)
+                assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) <= bound

@@ -22,6 +22,7 @@ from reranker.errors import AdapterInvalid, AdapterNotFound, UnknownTenant
 from reranker.prompt import PromptTemplate
 from reranker.tenants import DEFAULT_TENANT, EquivalenceMode, TenantHandle
 from reranker.training.derive import derive_adapter, merge_adapter
+from tests.reranker.numerics import longest_inner_product, scores_bound
 
 QUERY = "Insulin lowers blood glucose in diabetes"
 DOCS = [("Insulin", "Insulin lowers blood glucose; type 1 diabetes destroys the beta cells that make it."),
@@ -66,6 +67,12 @@ def scores(r: Reranker, tenant: str, query: str = QUERY) -> torch.Tensor:
     return torch.tensor(r.score_prompts([r.build_prompt(query, DOCS, handle)], [handle])[0])
 
 
+def two_forwards_bound(r: Reranker, tenant: str) -> float:
+    """How far two fp32 forwards of the same scores may be apart (tests/reranker/numerics.py)."""
+    layer = r.handle(tenant).settings.spec.layer
+    return scores_bound(layer, longest_inner_product(r.forward.model.config), fp32_sides=2)
+
+
 def merged_scores(r: Reranker, adapter_dir, handle: TenantHandle, query: str = QUERY) -> torch.Tensor:
     """The same tenant as the naive deployment would serve it: its adapter merged into its own model (on the
     served model's device), scores on the CPU."""
@@ -100,8 +107,8 @@ def test_tenant_scores_equal_the_merged_standalone_model(reranker):
     cached = scores(reranker, "acme")  # second pass reads the shared-prefix K/V from the cache
     assert reranker.prefix_cache.hits > hits
     standalone = merged_scores(reranker, DEFAULT_ADAPTER, reranker.handle("acme"))
-    assert (served - standalone).abs().max() <= 1e-4
-    assert (cached - standalone).abs().max() <= 1e-4
+    assert (served - standalone).abs().max() <= two_forwards_bound(reranker, "acme")
+    assert (cached - standalone).abs().max() <= two_forwards_bound(reranker, "acme")
     assert (served - scores(reranker, DEFAULT_TENANT)).abs().max() > 1e-3, "the adapter must change the scores"
 
 
@@ -119,7 +126,8 @@ def test_mixed_tenant_batch_keeps_each_tenant_apart(reranker):
     finally:
         reranker.forward.chunk_tokens = 2048
     for key, got in zip(order, together, strict=True):
-        assert (torch.tensor(got) - alone[key]).abs().max() <= 1e-5, key
+        # Rows of several tenants per chunk: other matmul shapes, so other summation orders than alone.
+        assert (torch.tensor(got) - alone[key]).abs().max() <= two_forwards_bound(reranker, key[0]), key
 
 
 def test_identical_uploads_share_their_blocks(reranker):
