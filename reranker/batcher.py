@@ -1,22 +1,43 @@
-"""Dynamic batching for the reranker: callers `await submit(prompt, handle)`;
-one worker drains a bounded queue into batches capped by tokens and runs them
-off the event loop. Requests of different tenants share batches: each item
-carries its tenant's handle, and the score function runs them together. A
-full queue is refused at once (QueueFull), so overload shows up as an error
-the caller can act on instead of as unbounded latency. A request that does
-not fit the current batch's token cap is carried over to start the next one."""
+"""Dynamic batching for the reranker, fair across tenants: callers `await submit(prompt, handle, tenant, limits)`;
+one worker forms batches capped by prompt tokens and scores them off the event loop. Requests of different
+tenants share batches: each item carries its tenant's handle, and the score function runs them together.
+
+Scheduling. Each tenant has its own FIFO queue, and a batch is filled by deficit round-robin over the tenants
+with waiting requests, counted in prompt tokens (DRR: M. Shreedhar and G. Varghese, "Efficient fair queuing
+using deficit round robin", SIGCOMM 1995). A visit adds one quantum of tokens to the tenant's deficit; the
+tenant's requests are taken in order while the deficit covers the next one's tokens, each spending its tokens;
+a tenant whose queue empties leaves the round and forgets its deficit (no credit is saved up while idle). The
+round-robin position, and the visit in progress, carry over from one batch to the next: the service order is
+DRR's, cut into batches, so no tenant is always first. While two tenants stay backlogged, the prompt tokens
+each has been served differ by less than one quantum plus one longest prompt, whatever their prompt lengths
+or rates. Tokens, not requests, because a forward pass costs about its tokens: first come first served (one
+queue, as before) gives a tenant a share of the model in proportion to what it offers, so one tenant's flood
+delays every other. Work-conserving: a tenant whose neighbours are idle, or a lone one, takes whole batches.
+
+Limits per tenant (reranker.limits.TenantLimits; None falls back to BatcherConfig's defaults): `max_queued` of
+its requests may wait, more are refused at once with TenantQueueFull (a QueueFull: RESOURCE_EXHAUSTED with the
+retry hint) while other tenants are still admitted; `max_inflight` of its requests may share one forward pass,
+so a flood cannot fill, and stretch, every pass the others run in. The global `max_queue` still bounds all
+that waits (QueueFull), so overload shows up as an error the caller can act on, not as unbounded latency.
+
+Batches hold at most `max_batch_tokens`; a request is never split: the one DRR picks next that does not fit
+starts the next batch (one larger than the cap runs alone). The worker waits up to `max_wait_ms` for company
+unless a full batch is already waiting. Requests cancelled while queued (deadlines) are skipped."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from reranker.errors import QueueFull
+from reranker.errors import QueueFull, TenantQueueFull
+from reranker.limits import TenantLimits
 from reranker.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -28,6 +49,12 @@ class BatcherConfig:
     max_queue: int = 64  # waiting requests; more are refused with RESOURCE_EXHAUSTED
     max_batch_tokens: int = 65_536  # prompt tokens per forward pass
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    # Defaults for tenants whose TenantLimits leave a field None. Both change nothing for a lone tenant (one
+    # tenant may fill the queue and every batch, as before fair share); set them, or per-tenant limits in the
+    # registry, for a noisy neighbour to be refused instead of filling the shared queue.
+    tenant_max_queued: int = 0  # a tenant's waiting requests; 0: max_queue
+    tenant_max_inflight: int = 0  # a tenant's requests per forward pass; 0: no cap
+    tenant_quantum_tokens: int = 0  # prompt tokens a tenant's turn adds to its deficit; 0: max_batch_tokens // 8
 
 
 @dataclass
@@ -41,16 +68,148 @@ class Scored:
 class _Item(Generic[H]):
     prompt: Prompt
     handle: H
+    tenant: str
+    tokens: int
     future: asyncio.Future[Scored]
     enqueued: float
-
-    @property
-    def tokens(self) -> int:
-        return prompt_tokens(self.prompt)
 
 
 def prompt_tokens(prompt: Prompt) -> int:
     return sum(len(d) for d in prompt.docs) + len(prompt.prefix) + len(prompt.final)
+
+
+class _FairQueues(Generic[H]):
+    """Per-tenant FIFO queues and the DRR state; synchronous, so it runs on the event loop without locks."""
+
+    def __init__(self, quantum: int) -> None:
+        self.quantum = max(1, quantum)
+        self.waiting = 0  # requests queued, including cancelled ones not yet dropped
+        self.tokens = 0  # their prompt tokens
+        self._queues: dict[str, deque[_Item[H]]] = {}
+        self._ring: deque[str] = deque()  # tenants with a queue, in round-robin order; _ring[0] is visited
+        self._deficit: dict[str, int] = {}
+        self._inflight_cap: dict[str, int] = {}  # 0: none; the latest submit's limit
+        self._in_visit = False  # _ring[0] already had its quantum for this visit (a batch was cut mid-visit)
+
+    def depths(self) -> dict[str, int]:
+        return {tenant: len(queue) for tenant, queue in self._queues.items() if queue}
+
+    def push(self, item: _Item[H], max_queued: int, max_inflight: int, max_total: int) -> None:
+        """Queue `item`, or refuse it at once (TenantQueueFull before QueueFull: the more specific reason)."""
+        queue = self._queues.get(item.tenant)
+        if queue is not None and len(queue) >= max_queued and self._purge(queue) >= max_queued:
+            raise TenantQueueFull(f"tenant {item.tenant!r} has {len(queue)} reranks waiting, its limit "
+                                  f"(max_queued={max_queued}); other tenants are still admitted")
+        if self.waiting >= max_total and sum(self._purge(q) for q in self._queues.values()) >= max_total:
+            raise QueueFull(f"reranker queue is full ({max_total} waiting)")
+        if queue is None:
+            queue = self._queues[item.tenant] = deque()
+            self._ring.append(item.tenant)
+            self._deficit[item.tenant] = 0
+        queue.append(item)
+        self._inflight_cap[item.tenant] = max_inflight
+        self.waiting += 1
+        self.tokens += item.tokens
+
+    def take(self, cap: int) -> list[_Item[H]]:
+        """The next batch in DRR order: at most `cap` tokens (or one request larger than that), each tenant at
+        most its in-flight cap. Empty only when nothing live waits."""
+        batch: list[_Item[H]] = []
+        tokens, idle_visits = 0, 0
+        taken: Counter[str] = Counter()
+        capped: set[str] = set()  # tenants at their in-flight cap: skipped for the rest of this batch
+        while len(capped) < len(self._ring):
+            tenant = self._ring[0]
+            queue = self._queues[tenant]
+            self._drop_cancelled(queue)
+            if not queue:
+                capped.discard(tenant)
+                self._leave(tenant)
+                continue
+            if tenant in capped:
+                self._ring.rotate(-1)
+                continue
+            if not self._in_visit:
+                self._deficit[tenant] += self.quantum
+                self._in_visit = True
+            limit, served = self._inflight_cap[tenant], False
+            while queue and queue[0].tokens <= self._deficit[tenant] and not (limit and taken[tenant] >= limit):
+                if batch and tokens + queue[0].tokens > cap:
+                    return batch  # starts the next batch, in this same visit
+                item = self._pop(queue)
+                batch.append(item)
+                tokens += item.tokens
+                taken[tenant] += 1
+                self._deficit[tenant] -= item.tokens
+                served = True
+                self._drop_cancelled(queue)
+            idle_visits = 0 if served else idle_visits + 1
+            self._end_visit(tenant, capped if queue and limit and taken[tenant] >= limit else None)
+            if idle_visits and idle_visits >= len(self._ring) - len(capped):
+                self._skip_idle_rounds(capped)
+                idle_visits = 0
+        return batch
+
+    def _end_visit(self, tenant: str, capped: set[str] | None) -> None:
+        self._in_visit = False
+        queue = self._queues[tenant]
+        if not queue:
+            self._leave(tenant)
+            return
+        if capped is not None:  # stopped by its cap, not its deficit: keep no more credit than DRR would
+            self._deficit[tenant] = min(self._deficit[tenant], queue[0].tokens - 1)
+            capped.add(tenant)
+        self._ring.rotate(-1)
+
+    def _skip_idle_rounds(self, capped: set[str]) -> None:
+        """Every tenant had a visit that could not pay for its next request: add at once the quanta of the
+        rounds in which none could (what visiting them one by one would do, with long prompts and a small
+        quantum, in many turns of the loop)."""
+        for tenant in self._ring:
+            self._drop_cancelled(self._queues[tenant])
+        eligible = [t for t in self._ring if t not in capped and self._queues[t]]
+        if not eligible:
+            return
+        rounds = min(math.ceil((self._queues[t][0].tokens - self._deficit[t]) / self.quantum) for t in eligible) - 1
+        for tenant in eligible:
+            self._deficit[tenant] += max(0, rounds) * self.quantum
+
+    def _leave(self, tenant: str) -> None:
+        """An emptied queue leaves the round and forgets its deficit."""
+        if self._ring and self._ring[0] == tenant:
+            self._in_visit = False
+        self._ring.remove(tenant)
+        del self._queues[tenant], self._deficit[tenant], self._inflight_cap[tenant]
+
+    def _pop(self, queue: deque[_Item[H]]) -> _Item[H]:
+        item = queue.popleft()
+        self.waiting -= 1
+        self.tokens -= item.tokens
+        return item
+
+    def _drop_cancelled(self, queue: deque[_Item[H]]) -> None:
+        while queue and queue[0].future.done():
+            self._pop(queue)
+
+    def _purge(self, queue: deque[_Item[H]]) -> int:
+        """Drop every cancelled request of `queue` (only when a limit is reached); its length after. An emptied
+        queue stays in the round until its next visit."""
+        live = [item for item in queue if not item.future.done()]
+        for item in queue:
+            if item.future.done():
+                self.waiting -= 1
+                self.tokens -= item.tokens
+        queue.clear()
+        queue.extend(live)
+        return len(queue)
+
+    def drain(self) -> Iterator[_Item[H]]:
+        while self._ring:
+            tenant = self._ring[0]
+            yield from self._queues[tenant]
+            self._queues[tenant].clear()
+            self._leave(tenant)
+        self.waiting = self.tokens = 0
 
 
 class RerankBatcher(Generic[H]):
@@ -60,14 +219,13 @@ class RerankBatcher(Generic[H]):
         self.score_fn = score_fn
         self.config = config
         self.on_batch = on_batch  # (requests, prompt tokens) of every batch scored: the service's metrics
-        self._queue: asyncio.Queue[_Item[H]] | None = None
+        self._fair: _FairQueues[H] = _FairQueues(config.tenant_quantum_tokens or config.max_batch_tokens // 8)
+        self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
-        self._carry: _Item[H] | None = None
 
     def start(self) -> None:
         """Start the worker; call inside the running event loop."""
-        self._queue = asyncio.Queue(maxsize=self.config.max_queue)
         self._worker = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -76,24 +234,38 @@ class RerankBatcher(Generic[H]):
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        for item in self._drain():
+        for item in self._fair.drain():
             item.future.cancel()
         await asyncio.to_thread(self._executor.shutdown, True)
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
+        """Requests waiting for a batch, all tenants together."""
+        return self._fair.waiting
 
-    async def submit(self, prompt: Prompt, handle: H) -> Scored:
-        if self._queue is None:
+    def tenant_depths(self) -> dict[str, int]:
+        """Requests waiting for a batch, per tenant that has any (a labelled gauge)."""
+        return self._fair.depths()
+
+    def resolve_limits(self, limits: TenantLimits | None) -> tuple[int, int]:
+        """(max_queued, max_inflight) for a tenant's TenantLimits: its own, else the config's defaults; 0
+        in-flight: no cap."""
+        cfg, own = self.config, limits or TenantLimits()
+        max_queued = own.max_queued or cfg.tenant_max_queued or cfg.max_queue
+        return max_queued, own.max_inflight or cfg.tenant_max_inflight
+
+    async def submit(self, prompt: Prompt, handle: H, tenant: str = "", limits: TenantLimits | None = None
+                     ) -> Scored:
+        """Score `prompt` in a batch; TenantQueueFull / QueueFull at once when the tenant's or the shared queue
+        is full. `tenant` only groups requests for fair share ("" is a tenant like any other)."""
+        if self._worker is None:
             raise RuntimeError("start() the batcher first")
-        item = _Item(prompt, handle, asyncio.get_running_loop().create_future(), time.perf_counter())
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise QueueFull(f"reranker queue is full ({self.config.max_queue} waiting)") from None
-        return await item.future  # cancelled by the caller's deadline: the worker then skips it
+        max_queued, max_inflight = self.resolve_limits(limits)
+        future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        item = _Item(prompt, handle, tenant, prompt_tokens(prompt), future, time.perf_counter())
+        self._fair.push(item, max_queued, max_inflight, self.config.max_queue)
+        self._arrived.set()
+        return await future  # cancelled by the caller's deadline: the worker then skips it
 
     async def _run(self) -> None:
         while True:
@@ -121,27 +293,18 @@ class RerankBatcher(Generic[H]):
                 item.future.set_result(Scored(scores, (start - item.enqueued) * 1000, model_ms))
 
     async def _next_batch(self) -> list[_Item[H]]:
-        assert self._queue is not None
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch, tokens = [first], first.tokens
+        """Wait for a request, then up to max_wait_ms for company unless a full batch already waits."""
+        while not self._fair.waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
         deadline = time.perf_counter() + self.config.max_wait_ms / 1000
-        while True:
+        while self._fair.tokens < self.config.max_batch_tokens:
             remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
             try:
-                item = self._queue.get_nowait() if remaining <= 0 else \
-                    await asyncio.wait_for(self._queue.get(), remaining)
-            except (asyncio.QueueEmpty, TimeoutError):
-                return batch
-            if tokens + item.tokens > self.config.max_batch_tokens:
-                self._carry = item  # starts the next batch
-                return batch
-            batch.append(item)
-            tokens += item.tokens
-
-    def _drain(self) -> list[_Item[H]]:
-        items = [self._carry] if self._carry is not None else []
-        self._carry = None
-        while self._queue is not None and not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        return items
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        return self._fair.take(self.config.max_batch_tokens)

@@ -9,6 +9,10 @@ class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds (RESOURCE_EXHAUSTED)."""
 
 
+class TenantQueueFull(QueueFull):
+    """One tenant has as many requests waiting as its limit allows (RESOURCE_EXHAUSTED); others are still admitted."""
+
+
 class UnknownTenant(LookupError):
     """No adapter is loaded for this tenant (NOT_FOUND)."""
 
@@ -23,3 +27,7 @@ class AdapterInvalid(ValueError):
 
 class BudgetExceeded(RuntimeError):
     """The adapter does not fit the tenant-block memory budget (RESOURCE_EXHAUSTED)."""
+
+
+class TenantUnavailable(RuntimeError):
+    """A registered tenant's adapter cannot be loaded on this replica: missing or corrupt (FAILED_PRECONDITION)."""

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -139,15 +139,19 @@ class TenantRegistry:
             raise UnknownTenant(f"tenant {tenant!r} has no reranker loaded")
         return settings
 
-    def load(self, tenant: str, adapter: str) -> TenantUsage:
-        """Serve adapter `adapter` (a name under the adapters root) for `tenant`; replaces its old one."""
+    def load(self, tenant: str, adapter: str, layer: int | None = None,
+             fusion_weight: float | None = None) -> TenantUsage:
+        """Serve adapter `adapter` (a name under the adapters root) for `tenant`; replaces its old one. `layer` and
+        `fusion_weight` override the adapter's own scoring layer and fusion weight (None: the adapter's)."""
         if not tenant or tenant == DEFAULT_TENANT:
             raise AdapterInvalid("tenant must be a non-empty name (the default tenant is set at start-up)")
         directory = resolve_adapter_name(self.adapters_root, adapter)
         with self._lock:
-            record = self.zoo.add_tenant(tenant, directory, adapter=adapter)
-            self._settings[tenant] = settings_from_meta(record.source.meta, f"{self.zoo.base_name}+{adapter}",
-                                                        self.zoo.num_layers)
+            record = self.zoo.add_tenant(tenant, directory, layer, adapter=adapter)
+            own = settings_from_meta(record.source.meta, f"{self.zoo.base_name}+{adapter}", self.zoo.num_layers)
+            spec = own.spec if layer is None else replace(own.spec, layer=layer)
+            weight = own.fusion_weight if fusion_weight is None else fusion_weight
+            self._settings[tenant] = TenantSettings(spec, weight, own.model_name)
         self._schedule_check(tenant)
         return self.zoo.tenant_usage(tenant)
 

@@ -18,8 +18,11 @@ from reranker.errors import (
     BudgetExceeded,
     QueueFull,
     RerankInputError,
+    TenantUnavailable,
     UnknownTenant,
 )
+from reranker.limits import LimitsInvalid
+from reranker.registry.model import RegistryInvalid, RegistryUnavailable
 from retriever.types import CollectionExists, CollectionNotFound, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (RerankInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownTenant, grpc.StatusCode.NOT_FOUND),
+    (TenantUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (RegistryInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitsInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterInvalid, grpc.StatusCode.INVALID_ARGUMENT),
     (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),

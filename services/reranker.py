@@ -2,13 +2,18 @@
 AdapterService (per-tenant LoRA rerankers as shared blocks) in one process.
 
     python -m services.reranker --port 50052 [--model PATH] [--device auto] [--dtype auto] \
-        [--adapters-root DIR] [--tenant-budget-mb 512] [--admin-token TOKEN]
+        [--adapters-root DIR] [--tenants-store file:PATH|etcd://HOST:PORT] [--tenant-budget-mb 512] \
+        [--admin-token TOKEN]
+
+Tenants' bindings (tenant -> adapter and settings) live in the tenant registry that every replica reads
+(reranker.registry); this process loads a registered tenant's blocks on its first request (reranker.bindings).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,9 +22,12 @@ from prometheus_client import Counter, Histogram
 
 from common.device import set_cpu_threads
 from reranker.batcher import BatcherConfig, RerankBatcher
+from reranker.bindings import RegisteredTenants
 from reranker.engine import Reranker, RerankerConfig
 from reranker.errors import QueueFull, UnknownTenant
 from reranker.prompt import Prompt
+from reranker.registry import Binding, TenantLimits, open_store
+from reranker.registry.model import check_tenant
 from reranker.tenants import DEFAULT_TENANT, Listing, TenantHandle, TenantSettings
 from reranker.zoo import TenantUsage
 from services.admission import Overloaded
@@ -40,6 +48,7 @@ from services.metrics import (
     Families,
     counter,
     gauge,
+    labelled_gauge,
     register_engine,
 )
 from services.server import (
@@ -53,6 +62,7 @@ from services.server import (
     within_deadline,
 )
 
+log = logging.getLogger(__name__)
 QUEUE_SECONDS = Histogram("reranker_queue_wait_seconds", "Time a rerank request waited for its forward pass.",
                           buckets=LATENCY_BUCKETS)
 MODEL_SECONDS = Histogram("reranker_model_seconds", "Forward-pass time of the batch a rerank request ran in.",
@@ -71,6 +81,9 @@ class RerankerServiceConfig:
     admin_token: Secret = option(factory=Secret, help="when set, AdapterService calls need "
                                                       "'authorization: Bearer <token>'")
     retry_after_ms: int = option(100, "the retry hint (grpc-retry-pushback-ms) sent when the queue is full")
+    tenants_store: str = option("file:var/tenants.json", "the tenant registry every replica shares: file:PATH "
+                                "(one host; a shared volume) or etcd://HOST:PORT[/PREFIX]; empty: tenants live "
+                                "in this process only and a restart loses them")
 
 
 class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
@@ -78,11 +91,16 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         self.config = config
         self.prepare = Worker(config.server.worker_threads, "prepare")  # tokenising, off the event loop
         self._reranker: Reranker | None = None
+        self._registered: RegisteredTenants | None = None
         self._batcher: RerankBatcher[TenantHandle] | None = None
 
     def load(self) -> None:
         set_cpu_threads()
+        store = open_store(self.config.tenants_store) if self.config.tenants_store else None
         self._reranker = Reranker(self.config.engine).start()
+        self._registered = RegisteredTenants(self._reranker.tenants, store)
+        log.info("tenant registry: %s (%d tenants bound)", store.url if store else "off (this process only)",
+                 len(store.snapshot()) if store else 0)
 
     async def start_batcher(self) -> None:
         self._batcher = RerankBatcher(self.reranker.score_prompts, self.config.batcher, on_batch=_observe_batch)
@@ -95,6 +113,14 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         usage = self._reranker.tenants.zoo.usage()
         cache = self._reranker.prefix_cache
         yield gauge("reranker_queue_depth", "Rerank requests waiting for a forward pass.", self._batcher.depth)
+        # Only tenants with requests waiting: at most --max-queue label values at any time.
+        yield labelled_gauge("reranker_tenant_queue_depth", "Rerank requests waiting, per tenant with any.", "tenant",
+                             {t or "(default)": n for t, n in self._batcher.tenant_depths().items()})
+        if self._registered is not None:
+            yield counter("reranker_tenant_cold_loads_total", "Tenants loaded by their first request on this replica.",
+                          self._registered.cold_loads)
+            yield gauge("reranker_tenants_registered", "Tenants bound in the tenant registry.",
+                        len(self._registered.bindings()))
         yield gauge("reranker_tenants_loaded", "Tenants with an adapter loaded.", len(usage.tenants))
         yield gauge("reranker_tenant_blocks_resident", "Tenant blocks (LoRA layers) in memory.",
                     usage.resident_tenant_blocks)
@@ -108,11 +134,13 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         yield counter("reranker_prefix_cache_misses_total", "Shared-prefix K/V computed.", cache.misses)
 
     async def stop(self) -> None:
-        """After the server drained: the batcher, then the equivalence worker, then the thread pool."""
+        """After the server drained: the batcher, then the equivalence worker, the registry, the thread pool."""
         if self._batcher is not None:
             await self._batcher.stop()
         if self._reranker is not None:
             await asyncio.to_thread(self._reranker.stop)
+        if self._registered is not None and self._registered.store is not None:
+            await asyncio.to_thread(self._registered.store.close)
         self.prepare.stop()
 
     @property
@@ -120,6 +148,12 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         if self._reranker is None:
             raise NotReady("the reranker model is still loading")
         return self._reranker
+
+    @property
+    def registered(self) -> RegisteredTenants:
+        if self._registered is None:
+            raise NotReady("the reranker model is still loading")
+        return self._registered
 
     @property
     def batcher(self) -> RerankBatcher[TenantHandle]:
@@ -136,8 +170,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         # the tenant is unloaded while the request waits in the queue.
         tenant = acting_tenant(request.tenant)  # on the loop: the caller is a context variable
         handle, prompt = await self.prepare.run(context, self._prepare, tenant, authenticated(), request.query, docs)
+        limits = self.registered.limits(handle.tenant)
         try:
-            scored = await within_deadline(context, batcher.submit(prompt, handle), "waiting for the reranker")
+            scored = await within_deadline(context, batcher.submit(prompt, handle, handle.tenant, limits),
+                                           "waiting for the reranker")
         except QueueFull as full:
             raise Overloaded(str(full), self.config.retry_after_ms) from None
         QUEUE_SECONDS.observe(scored.queue_ms / 1000)
@@ -154,9 +190,10 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
 
     def _prepare(self, tenant: str, default_when_none: bool, query: str, docs: list[tuple[str, str]]
                  ) -> tuple[TenantHandle, Prompt]:
-        """With authentication, a tenant with no adapter of its own reranks with the server's default."""
+        """A registered tenant's blocks are loaded here on its first request; with authentication, a tenant with no
+        adapter of its own reranks with the server's default."""
         try:
-            handle = self.reranker.handle(tenant)
+            handle = self.registered.handle(tenant)
         except UnknownTenant:
             if not default_when_none:
                 raise
@@ -178,23 +215,26 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     async def LoadAdapter(self, request: adapter_pb2.LoadAdapterRequest, context: Context
                           ) -> adapter_pb2.LoadAdapterResponse:
         self._authorize(context)
-        tenants = self.rerank.reranker.tenants
-        usage = await self.work.run(context, tenants.load, request.tenant, request.adapter)
-        settings = tenants.settings(request.tenant)
-        return adapter_pb2.LoadAdapterResponse(adapter=adapter_info(usage, settings), load_ms=usage.load_ms)
+        binding = binding_from_request(request)
+        usage = await self.work.run(context, self.rerank.registered.bind, binding)
+        settings = self.rerank.reranker.tenants.settings(request.tenant)
+        return adapter_pb2.LoadAdapterResponse(adapter=adapter_info(usage, settings), load_ms=usage.load_ms,
+                                               binding=binding_to_pb(binding))
 
     async def UnloadAdapter(self, request: adapter_pb2.UnloadAdapterRequest, context: Context
                             ) -> adapter_pb2.UnloadAdapterResponse:
         self._authorize(context)
-        freed = await self.work.run(context, self.rerank.reranker.tenants.unload, request.tenant)
-        return adapter_pb2.UnloadAdapterResponse(freed_bytes=freed)
+        freed, was_bound = await self.work.run(context, self.rerank.registered.unbind, request.tenant)
+        return adapter_pb2.UnloadAdapterResponse(freed_bytes=freed, was_bound=was_bound)
 
     async def ListAdapters(self, request: adapter_pb2.ListAdaptersRequest, context: Context
                            ) -> adapter_pb2.ListAdaptersResponse:
         self._authorize(context)
         reranker = self.rerank.reranker
         listing = await self.work.run(context, reranker.tenants.listing)
-        return listing_to_pb(listing, reranker.prefix_cache.nbytes)
+        response = listing_to_pb(listing, reranker.prefix_cache.nbytes)
+        response.bindings.extend(binding_to_pb(b) for _, b in sorted(self.rerank.registered.bindings().items()))
+        return response
 
     def _authorize(self, context: Context) -> None:
         """With a keys file the interceptor has let only admin keys through (services.auth); else the admin
@@ -208,6 +248,22 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         expected = f"Bearer {self.admin_token.reveal()}"
         if not hmac.compare_digest(str(header).encode(), expected.encode()):
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the admin token does not match")
+
+
+def binding_from_request(request: adapter_pb2.LoadAdapterRequest) -> Binding:
+    """RegistryInvalid (INVALID_ARGUMENT) for names or settings outside their limits."""
+    limits = TenantLimits(
+        request.limits.max_queued if request.limits.HasField("max_queued") else None,
+        request.limits.max_inflight if request.limits.HasField("max_inflight") else None)
+    return Binding(check_tenant(request.tenant), request.adapter,
+                   request.scoring_layer if request.HasField("scoring_layer") else None,
+                   request.fusion_weight if request.HasField("fusion_weight") else None, limits)
+
+
+def binding_to_pb(binding: Binding) -> adapter_pb2.TenantBinding:
+    limits = adapter_pb2.TenantLimits(max_queued=binding.limits.max_queued, max_inflight=binding.limits.max_inflight)
+    return adapter_pb2.TenantBinding(tenant=binding.tenant, adapter=binding.adapter, scoring_layer=binding.layer,
+                                     fusion_weight=binding.fusion_weight, limits=limits)
 
 
 def _observe_batch(requests: int, tokens: int) -> None:

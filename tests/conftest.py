@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,11 @@ class Server:
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
         self.data_dir: Path | None = None  # where a retriever keeps its collections, when a test needs it
+        if module == "services.reranker" and "--tenants-store" not in args and "RERANKER_TENANTS_STORE" not in self.env:
+            # Each reranker its own tenant registry (the default file is var/tenants.json, shared by every run
+            # from this checkout); kept across stop() and start(), as a restarted replica keeps its registry.
+            registry = Path(tempfile.mkdtemp(prefix="tenants-")) / "tenants.json"
+            self.env["RERANKER_TENANTS_STORE"] = f"file:{registry}"
 
     def start(self, wait: bool = True, timeout: float = 300) -> Server:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

@@ -249,6 +249,12 @@ def test_compose_and_prometheus_files_are_valid() -> None:
     assert jobs["reranker"]["dns_sd_configs"] == [{"names": ["reranker"], "type": "A", "port": 9100}]  # replicas
     gateway_command = config["services"]["gateway"]["command"]
     assert "dns:///reranker:50052" in gateway_command and "dns:///retriever:50051" in gateway_command
+    # Tenants: every replica reads one registry on a shared volume; the gateway routes tenants to replicas.
+    reranker = config["services"]["reranker"]
+    assert reranker["environment"]["RERANKER_TENANTS_STORE"] == "file:/tenants/tenants.json"
+    assert any(v["type"] == "volume" and v["source"] == "tenants" and v["target"] == "/tenants"
+               for v in reranker["volumes"])
+    assert config["services"]["gateway"]["environment"]["GATEWAY_TENANT_SPREAD"] == "1"
 
 
 def test_the_milvus_override_renders_and_points_the_retriever_at_milvus() -> None:
@@ -264,6 +270,7 @@ def test_the_milvus_override_renders_and_points_the_retriever_at_milvus() -> Non
     assert retriever["command"][-4:] == ["--backend", "milvus", "--milvus-uri", "http://milvus:19530"]
     assert retriever["build"]["args"]["PROJECT_EXTRAS"] == "[milvus]" and retriever["image"] != services["gateway"]["image"]
     assert services["milvus"]["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert services["reranker"]["environment"]["RERANKER_TENANTS_STORE"] == "etcd://etcd:2379/blockrank/tenants/"
     unset = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True, check=False,
                            env={k: v for k, v in env.items() if k != "MINIO_ROOT_PASSWORD"})
     assert unset.returncode != 0 and "MINIO_ROOT_PASSWORD" in unset.stderr, "no default object-store secret"

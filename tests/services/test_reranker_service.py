@@ -209,9 +209,18 @@ def test_adapter_service_guards_and_errors(reranker_server):
         with pytest.raises(grpc.RpcError) as info:
             stub.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=tenant, adapter=name), timeout=30, metadata=ADMIN)
         assert info.value.code() == code, (tenant, name)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="never"), timeout=30, metadata=ADMIN)
-    assert info.value.code() == missing
+    never = stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(tenant="never"), timeout=30, metadata=ADMIN)
+    assert not never.was_bound and never.freed_bytes == 0, "unloading is idempotent"
+    for request in [adapter_pb2.LoadAdapterRequest(tenant="t", adapter="scifact", fusion_weight=1.5),
+                    adapter_pb2.LoadAdapterRequest(tenant="t", adapter="scifact", scoring_layer=99),
+                    adapter_pb2.LoadAdapterRequest(tenant="t", adapter="scifact",
+                                                   limits=adapter_pb2.TenantLimits(max_queued=0)),
+                    adapter_pb2.LoadAdapterRequest(tenant="Not A Name", adapter="scifact")]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LoadAdapter(request, timeout=30, metadata=ADMIN)
+        assert info.value.code() == invalid, request
+    assert not stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=ADMIN).bindings, \
+        "nothing half-registered"
     listed = stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=10, metadata=ADMIN)
     assert {"scifact", "noisy"} <= set(listed.available)
     assert listed.memory.base_bytes > 100 << 20
