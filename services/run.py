@@ -2,8 +2,9 @@
 
 Starts the retriever, the reranker and the gateway as separate processes on
 127.0.0.1, ingests SciFact once (kept under var/, so later runs start fast),
-answers a real SciFact query through SearchService, then keeps serving until
-Ctrl-C, when every process is shut down gracefully.
+shows nDCG@10 of each stage over SciFact's test queries and one typical query's
+stages side by side (deploy.demo), all through SearchService, then keeps
+serving until Ctrl-C, when every process is shut down gracefully.
 """
 
 from __future__ import annotations
@@ -18,14 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.beir import count_corpus, load_qrels, split_queries
+from common.beir import count_corpus
 from common.paths import REPO_ROOT, SCIFACT, SHARED_DATA, VAR_DIR
-from services.client import collection_size, format_search, ingest_corpus, search, wait_for_serving
-from services.gen.retrieval.v1.document_pb2 import (
-    RETRIEVAL_MODE_DENSE,
-    RETRIEVAL_MODE_HYBRID,
-    RETRIEVAL_MODE_LEXICAL,
-)
+from services.client import collection_size, ingest_corpus, wait_for_serving
 
 
 @dataclass
@@ -66,8 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--collection", default="scifact")
     parser.add_argument("--var-dir", type=Path, default=VAR_DIR)
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("RUN_BASE_PORT", 50050)))
-    parser.add_argument("--query", default="", help="default: the first SciFact test query")
+    parser.add_argument("--query", default="",
+                        help="your own query, every stage side by side (default: nDCG@10 of each stage over the "
+                             "test queries, then a typical test query side by side, judged documents marked)")
     parser.add_argument("--rerank-depth", type=int, default=20)
+    parser.add_argument("--rerank-sample", type=int, default=30, metavar="N",
+                        help="test queries the reranked stage is scored on: N, one in every len/N in the qrels "
+                             "file's order (2-9 s each on a 2-core CPU); the first stages are scored on all")
     parser.add_argument("--no-reranker", action="store_true")
     parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return capacity_table(gateway, metrics, args.data, args.collection, args.rerank_depth, args.capacity,
                                   args.var_dir, args.base_port + 20)
-        answer_query(gateway, args)
+        show_stages(gateway, args)
         if args.exit_after_query:
             return 0
         print(f"\nserving: gateway {gateway}; try\n  .venv/bin/python -m services.client search "
@@ -194,28 +195,16 @@ def run_loadtest(gateway: str, args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = [("lexical", RETRIEVAL_MODE_LEXICAL), ("dense", RETRIEVAL_MODE_DENSE), ("hybrid", RETRIEVAL_MODE_HYBRID)]
+def show_stages(gateway: str, args: argparse.Namespace) -> None:
+    """--query: the user's query through every stage; otherwise each stage's quality over the test queries and a
+    typical one of them side by side."""
+    from deploy import demo  # tooling (ir-measures): imported when the demo runs
 
-
-def answer_query(gateway: str, args: argparse.Namespace) -> None:
-    """A real test query through every first stage and the reranker, judged documents marked."""
-    queries = split_queries(args.data, "test")
-    qrels = load_qrels(args.data, "test")
-    query_id = next(iter(queries))
-    query = args.query or queries[query_id]
-    relevant = set() if args.query else set(qrels.get(query_id, {}))
     depth = 0 if args.no_reranker else args.rerank_depth
-    print(f"\nquery: {query}" + (f"\njudged relevant: {', '.join(sorted(relevant))}" if relevant else ""))
-    for name, mode in STAGES:
-        first = search(gateway, args.collection, query, top_k=10, mode=mode)
-        print(f"{name + ':':<9} " + " ".join(_mark(h.document.id, relevant) for h in first.results))
-    response = search(gateway, args.collection, query, top_k=10, rerank_depth=depth)
-    print(f"{'reranked:':<9} " + " ".join(_mark(h.document.id, relevant) for h in response.results))
-    print("\n" + format_search(response, query, relevant))
-
-
-def _mark(doc_id: str, relevant: set[str]) -> str:
-    return f"[{doc_id}]*" if doc_id in relevant else doc_id
+    if args.query:
+        demo.show_query(gateway, args.collection, args.query, depth)
+    else:
+        demo.show_quality(gateway, args.collection, args.data, depth, args.rerank_sample)
 
 
 if __name__ == "__main__":
