@@ -7,7 +7,7 @@
         --query "..." --top-k 10 --rerank-depth 20 [--tenant acme]
     python -m services.client load-adapter --target 127.0.0.1:50052 --tenant acme --adapter scifact-lora
     python -m services.client get --target 127.0.0.1:50051 --collection scifact --ids 4983 5836
-    python -m services.client adapters --target 127.0.0.1:50052
+    python -m services.client adapters --target 127.0.0.1:50052   # a gateway's: the registry and every replica
     python -m services.client unload-adapter --target 127.0.0.1:50052 --tenant acme
 Adapter commands take --admin-token (or env RERANKER_ADMIN_TOKEN) when the server requires one.
 Over TLS, before the subcommand: --ca PEM (the servers' CA), and --cert PEM --key PEM for mutual TLS
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("load-adapter", "serve an adapter (by name) for a tenant"),
                           ("unload-adapter", "stop serving a tenant")]:
         p = sub.add_parser(command, help=text)
-        p.add_argument("--target", required=True, help="the reranker server")
+        p.add_argument("--target", required=True, help="a reranker, or the gateway (the whole deployment)")
         p.add_argument("--admin-token", default=os.environ.get("RERANKER_ADMIN_TOKEN", ""))
         if command != "adapters":
             p.add_argument("--tenant", required=True)
@@ -313,8 +313,27 @@ def _adapters(args: argparse.Namespace) -> int:
     lines += [f"  decision {d.tenant} layer {d.layer}: {'use' if d.accepted else 'keep own, not'} "
               f"{d.replacement_kind} block ({d.reason})" for d in reply.decisions]
     lines.append("available: " + (", ".join(reply.available) or "none"))
+    lines += _replica_lines(reply)
     _emit(args, reply, "\n".join(lines))
     return 0
+
+
+def _replica_lines(reply: adapter_pb2.ListAdaptersResponse) -> list[str]:
+    """From a gateway: the registry's bindings and every reranker replica's resident tenants."""
+    if not reply.replicas:
+        return []
+    lines = [f"registry: {len(reply.bindings)} tenants bound"]
+    lines += [f"  {b.tenant}: {b.adapter}" for b in reply.bindings]
+    width = max(len(r.address) for r in reply.replicas)
+    lines.append(f"replicas: {len(reply.replicas)}")
+    for r in reply.replicas:
+        if r.error:
+            lines.append(f"  {r.address:<{width}}  error: {r.error}")
+            continue
+        tenants = ", ".join(t or "(default)" for t in r.resident_tenants) or "none"
+        lines.append(f"  {r.address:<{width}}  {len(r.resident_tenants)} tenants resident, "
+                     f"{r.tenant_bytes / 2**20:.1f} MiB: {tenants}")
+    return lines
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

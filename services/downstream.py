@@ -1,8 +1,9 @@
-"""Channels from the gateway to its downstreams, with replicas: several `HOST:PORT` targets (comma-separated)
-or a gRPC name that resolves to several addresses (`dns:///reranker:50052`, as compose's `--scale` gives) share
+"""Channels from the gateway to its retriever, with replicas: several `HOST:PORT` targets (comma-separated)
+or a gRPC name that resolves to several addresses (`dns:///retriever:50051`, as compose's `--scale` gives) share
 one channel that spreads calls round-robin over every address that is up (gRPC client-side load balancing),
 and retries a call that found its replica UNAVAILABLE on another one, within the call's deadline. Only
-idempotent read RPCs are retried (the gateway calls Retrieve and Rerank; nothing it calls writes).
+idempotent read RPCs are retried (the gateway calls Retrieve; nothing it calls writes). The reranker's replicas
+are reached one channel each, tenant by tenant (services.affinity).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.admission import RETRY_PUSHBACK_KEY
+from services.errors import ServiceError
 from services.server import GRPC_OPTIONS
 from services.tls import ClientTls, aio_channel
 
@@ -55,10 +58,20 @@ def replica_channel(targets: str, service: str, tls: ClientTls | None = None) ->
     return aio_channel(channel_target(targets), tls, options)
 
 
-async def serving(channel: grpc.aio.Channel, timeout: float = 2.0) -> bool:
-    """Whether a replica behind the channel answers SERVING to the standard health check."""
+async def serving(channel: grpc.aio.Channel, timeout: float = 2.0, service: str = "") -> bool:
+    """Whether a replica behind the channel answers SERVING to the standard health check (of `service`: its full
+    name; empty: the whole server)."""
     try:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                timeout=timeout)
     except grpc.aio.AioRpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
+    """Keep the downstream status code, but say which downstream produced it; a retry hint (RESOURCE_EXHAUSTED)
+    travels on to the caller."""
+    error = ServiceError(err.code(), f"{service}: {err.details()}")
+    error.trailers = tuple((str(k), str(v)) for k, v in err.trailing_metadata() or () if k == RETRY_PUSHBACK_KEY)
+    return error

@@ -1,10 +1,14 @@
 """SearchService: first-stage retrieval, then (optionally) BlockRank reranking.
 
     python -m services.gateway --port 50050 --retriever-target 127.0.0.1:50051 \
-        [--reranker-target 127.0.0.1:50052[,127.0.0.1:50053...] | dns:///reranker:50052]
+        [--reranker-target 127.0.0.1:50052[,127.0.0.1:50053...] | dns:///reranker:50052] [--tenant-spread 1]
 
-Each downstream may be several replicas (services.downstream): calls go round-robin over those up and move
-to another when one is down. The gateway's health is SERVING only while its downstreams answer SERVING.
+Each downstream may be several replicas. The retriever's calls go round-robin over those up (services.downstream);
+a tenant's reranks go to its own replicas, by rendezvous hashing of the tenant over the reranker's replicas, and to
+the next one when one is down or full (services.affinity). The gateway's health is SERVING only while the
+retriever and (unless reranking fails open) a reranker replica serve. The gateway also serves AdapterService for
+the whole deployment: loads and unloads go to a replica (each records the binding in the tenant registry every
+replica reads), listings gather every replica.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import grpc
 from prometheus_client import Histogram
 
 from services.admission import Admission, AdmissionConfig
+from services.affinity import REFRESH_S, Replica, ReplicaPool, Resolver
 from services.auth import acting_tenant, authenticated, tenant_metadata
 from services.config import ServerConfig, option, parse_config
-from services.downstream import replica_channel, serving
+from services.downstream import downstream_error, replica_channel, serving
 from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
     reranker_pb2,
-    reranker_pb2_grpc,
     retriever_pb2,
     retriever_pb2_grpc,
     search_pb2,
@@ -41,7 +47,7 @@ from services.server import (
 from services.tls import ClientTls
 
 RETRIEVER_SERVICE = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
-RERANKER_SERVICE = reranker_pb2.DESCRIPTOR.services_by_name["RerankerService"].full_name
+LIST_TIMEOUT_S = 3.0  # a replica that has not answered a gateway's ListAdapters by then is listed with an error
 STAGE_SECONDS = Histogram("gateway_stage_seconds", "Time of each stage of a Search: retrieve (first stage), "
                           "rerank.", ["stage"], buckets=LATENCY_BUCKETS)
 
@@ -51,7 +57,11 @@ class GatewayConfig:
     server: ServerConfig = option(factory=lambda: ServerConfig(port=50050))
     retriever_target: str = option("127.0.0.1:50051", "the RetrieverService: HOST:PORT, replicas as a comma-separated "
                                    "list, or a gRPC name (dns:///retriever:50051)")
-    reranker_target: str = option("", "the RerankerService, the same forms (empty: no reranking)")
+    reranker_target: str = option("", "the RerankerService, the same forms (empty: no reranking); host names are "
+                                  "resolved again every --reranker-refresh-s and each address is a replica")
+    tenant_spread: int = option(1, "reranker replicas per tenant: its reranks go to the first K replicas up in the "
+                                   "tenant's rendezvous order (1: each replica holds ~1/n of the tenants)")
+    reranker_refresh_s: float = option(REFRESH_S, "seconds between resolutions of the reranker target's names")
     rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
                                            "instead of an error")
     admission: AdmissionConfig = option(factory=AdmissionConfig)
@@ -72,34 +82,32 @@ class Caller:
 
     metadata: tuple[tuple[str, str], ...]  # the forwarded tenant header (authentication on)
     tenant_field: str  # RerankRequest.tenant (authentication off)
-
-
-def downstream_error(service: str, err: grpc.aio.AioRpcError) -> ServiceError:
-    """Keep the downstream status code, but say which downstream produced it."""
-    return ServiceError(err.code(), f"{service}: {err.details()}")
+    tenant: str  # the tenant whose reranker serves the search: the key of its replicas
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, resolver: Resolver | None = None) -> None:
         self.config = config
         tls = config.downstream_tls
-        self.channels = [replica_channel(config.retriever_target, RETRIEVER_SERVICE, tls)]
+        self.retriever_channel = replica_channel(config.retriever_target, RETRIEVER_SERVICE, tls)
         self.retriever: retriever_pb2_grpc.RetrieverServiceAsyncStub = \
-            retriever_pb2_grpc.RetrieverServiceStub(self.channels[0])
-        self.reranker: reranker_pb2_grpc.RerankerServiceAsyncStub | None = None
+            retriever_pb2_grpc.RetrieverServiceStub(self.retriever_channel)
+        self.rerankers: ReplicaPool | None = None
         if config.reranker_target:
-            self.channels.append(replica_channel(config.reranker_target, RERANKER_SERVICE, tls))
-            self.reranker = reranker_pb2_grpc.RerankerServiceStub(self.channels[1])
+            self.rerankers = ReplicaPool(config.reranker_target, tls, config.tenant_spread, config.reranker_refresh_s,
+                                         resolver).start()
         self.admission = Admission(config.admission, "gateway")
 
     async def downstreams_serving(self) -> bool:
         """The retriever, and the reranker unless reranking fails open, have a replica that serves."""
-        needed = self.channels if not self.config.rerank_fail_open else self.channels[:1]
-        return all([await serving(channel) for channel in needed])
+        if not await serving(self.retriever_channel):
+            return False
+        return self.rerankers is None or self.config.rerank_fail_open or await self.rerankers.serving()
 
     async def stop(self) -> None:
-        for channel in self.channels:
-            await channel.close()
+        await self.retriever_channel.close()
+        if self.rerankers is not None:
+            await self.rerankers.stop()
 
     async def Search(self, request: search_pb2.SearchRequest, context: Context) -> search_pb2.SearchResponse:
         async with self.admission.admit(context):
@@ -111,14 +119,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         # With authentication the caller's tenant travels as a header (the downstreams trust this gateway's
         # certificate for it); without, the request's tenant field picks the reranker's adapter, as before.
         tenant = acting_tenant(request.tenant)
-        caller = Caller(tenant_metadata(tenant), "") if authenticated() else Caller((), request.tenant)
+        caller = Caller(tenant_metadata(tenant), "", tenant) if authenticated() else \
+            Caller((), request.tenant, request.tenant)
         first_stage = await self._retrieve(request, max(request.top_k, depth), context, caller)
         retrieve_ms = elapsed_ms(start)
         STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000)
         hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=_opt(r, "dense_score"),
                                      lexical_score=_opt(r, "lexical_score")) for r in first_stage.results]
         response = search_pb2.SearchResponse(mode=first_stage.mode)
-        if depth > 0 and self.reranker is None:
+        if depth > 0 and self.rerankers is None:
             response.rerank_skipped_reason = "no reranker configured on this gateway"
         elif depth > 0 and hits:
             rerank_start = time.perf_counter()
@@ -152,15 +161,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                       weight: float | None, context: Context, caller: Caller) -> list[search_pb2.SearchHit]:
         """The head reranked (fused with the first stage by the collection's fitted weight when it has one,
         else by the reranker's own), then the rest in first-stage order."""
-        assert self.reranker is not None
+        assert self.rerankers is not None
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
                                           tenant=caller.tenant_field, fusion_weight=weight,
                                           first_stage_scores=[h.retrieval_score for h in head])
-        try:
-            response = await self.reranker.Rerank(call, timeout=time_budget(context), metadata=caller.metadata)
-        except grpc.aio.AioRpcError as err:
-            raise downstream_error("reranker", err) from None
+        response: reranker_pb2.RerankResponse = await self.rerankers.call(
+            caller.tenant, lambda replica, timeout: replica.reranker.Rerank(call, timeout=timeout,
+                                                                            metadata=caller.metadata),
+            context, "Rerank")
         reordered = []
         for ranked in response.results:
             hit = head[ranked.index]
@@ -171,6 +180,71 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return reordered + tail
 
 
+class AdapterForwarder(adapter_pb2_grpc.AdapterServiceServicer):
+    """AdapterService for the whole deployment. A load goes to the tenant's first replica up (it validates the
+    adapter, records the binding in the registry every replica reads, and is warm for the tenant's first rerank),
+    an unload to any replica up; a listing gathers every replica. The caller's `authorization` travels on: each
+    replica checks its admin token or admin key as when called directly."""
+
+    def __init__(self, rerankers: ReplicaPool | None) -> None:
+        self.rerankers = rerankers
+
+    def _pool(self) -> ReplicaPool:
+        if self.rerankers is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this gateway has no reranker "
+                               "(--reranker-target): there are no adapters to manage")
+        return self.rerankers
+
+    async def LoadAdapter(self, request: adapter_pb2.LoadAdapterRequest, context: Context
+                          ) -> adapter_pb2.LoadAdapterResponse:
+        metadata = _authorization(context)
+        response: adapter_pb2.LoadAdapterResponse = await self._pool().call(
+            request.tenant, lambda r, timeout: r.adapters.LoadAdapter(request, timeout=timeout, metadata=metadata),
+            context, "LoadAdapter", spread=1)
+        return response
+
+    async def UnloadAdapter(self, request: adapter_pb2.UnloadAdapterRequest, context: Context
+                            ) -> adapter_pb2.UnloadAdapterResponse:
+        metadata = _authorization(context)
+        response: adapter_pb2.UnloadAdapterResponse = await self._pool().call(
+            request.tenant, lambda r, timeout: r.adapters.UnloadAdapter(request, timeout=timeout, metadata=metadata),
+            context, "UnloadAdapter", spread=1)
+        return response
+
+    async def ListAdapters(self, request: adapter_pb2.ListAdaptersRequest, context: Context
+                           ) -> adapter_pb2.ListAdaptersResponse:
+        """The registry and the full listing of the first replica that answered, and every replica's row."""
+        pool, metadata = self._pool(), _authorization(context)
+        budget = time_budget(context)
+        timeout = LIST_TIMEOUT_S if budget is None else min(budget, LIST_TIMEOUT_S)
+        answers = await pool.each(lambda r, t: r.adapters.ListAdapters(request, timeout=t, metadata=metadata),
+                                  timeout, context)
+        listings = [a for _, a in answers if isinstance(a, adapter_pb2.ListAdaptersResponse)]
+        if not listings:
+            errors = [a for _, a in answers if isinstance(a, grpc.aio.AioRpcError)]
+            if not errors:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"reranker: no replica of {pool.target} is known")
+            raise downstream_error("reranker", errors[0])
+        response = adapter_pb2.ListAdaptersResponse()
+        response.CopyFrom(listings[0])
+        del response.replicas[:]
+        response.replicas.extend(replica_row(replica, answer) for replica, answer in answers)
+        return response
+
+
+def replica_row(replica: Replica, answer: adapter_pb2.ListAdaptersResponse | grpc.aio.AioRpcError
+                ) -> adapter_pb2.ReplicaAdapters:
+    if isinstance(answer, grpc.aio.AioRpcError):
+        return adapter_pb2.ReplicaAdapters(address=replica.address, error=f"{answer.code().name}: {answer.details()}")
+    return adapter_pb2.ReplicaAdapters(address=replica.address, resident_tenants=[a.tenant for a in answer.adapters],
+                                       tenant_bytes=answer.memory.tenant_bytes)
+
+
+def _authorization(context: Context) -> tuple[tuple[str, str], ...]:
+    """The caller's credential, for the replica to check."""
+    return tuple((str(k), str(v)) for k, v in context.invocation_metadata() or () if k == "authorization")
+
+
 def _opt(message: retriever_pb2.ScoredDocument, field: str) -> float | None:
     return float(getattr(message, field)) if message.HasField(field) else None
 
@@ -179,10 +253,23 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     return parse_config(GatewayConfig(), "GATEWAY", argv, __doc__ or "")
 
 
+def hosted(servicer: SearchServicer) -> Hosted:
+    """SearchService, and AdapterService for the whole deployment (admin keys only, with a keys file)."""
+    adapters = adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"]
+    specs = [ServiceSpec.of(search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server,
+                            servicer),
+             ServiceSpec.of(adapter_pb2, "AdapterService", adapter_pb2_grpc.add_AdapterServiceServicer_to_server,
+                            AdapterForwarder(servicer.rerankers))]
+    return Hosted(specs, on_stop=[servicer.stop], health_probe=servicer.downstreams_serving,
+                  admin_methods=[f"/{adapters.full_name}/{m.name}" for m in adapters.methods])
+
+
 def build(config: GatewayConfig) -> Hosted:
-    servicer = SearchServicer(config)  # aio channels must be made inside the running loop
-    return Hosted([ServiceSpec.of(search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server,
-                                  servicer)], on_stop=[servicer.stop], health_probe=servicer.downstreams_serving)
+    try:
+        servicer = SearchServicer(config)  # aio channels must be made inside the running loop
+    except ValueError as exc:  # a reranker target or spread that cannot work
+        raise SystemExit(f"gateway: {exc}") from None
+    return hosted(servicer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -354,12 +354,13 @@ def test_replica_targets_become_one_load_balanced_target() -> None:
 
 
 def test_gateway_keeps_answering_when_a_reranker_replica_dies(stack: Stack, server_factory) -> None:
-    """Two reranker replicas behind one gateway: calls go to both; one is SIGKILLed mid-traffic and not one
-    Search fails (the call that found it down is retried on the other)."""
+    """Two reranker replicas behind one gateway, the default tenant spread over both (--tenant-spread 2): calls go
+    to both; one is SIGKILLed mid-traffic and not one Search fails (the call that found it down moves on)."""
     port = free_port()
     replica = server_factory("services.reranker", ["--block-tokens", "64", "--metrics-port", str(port)]).start()
     gateway = server_factory("services.gateway", ["--retriever-target", stack.retriever.target, "--reranker-target",
-                                                  f"{stack.reranker.target},{replica.target}"]).start()
+                                                  f"{stack.reranker.target},{replica.target}",
+                                                  "--tenant-spread", "2"]).start()
     search = search_pb2_grpc.SearchServiceStub(gateway.channel()).Search
     queries = ["blood sugar", "volcanic ash", "kittens purr", "baking bread", "roman emperors"] * 4
 
@@ -375,7 +376,7 @@ def test_gateway_keeps_answering_when_a_reranker_replica_dies(stack: Stack, serv
         calls = [pool.submit(one, q) for q in queries]
         while sum(c.done() for c in calls) < 8:
             time.sleep(0.05)
-        assert count(port) > 0 and count(stack.ports["reranker"]) > before, "round robin over both"
+        assert count(port) > 0 and count(stack.ports["reranker"]) > before, "spread over both"
         replica.stop(signal.SIGKILL)
         replies = [c.result() for c in calls]  # raises if any call failed
     assert all(r.reranked for r in replies), [r.rerank_skipped_reason for r in replies]
