@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import Histogram
@@ -197,19 +198,21 @@ class AdapterForwarder(adapter_pb2_grpc.AdapterServiceServicer):
 
     async def LoadAdapter(self, request: adapter_pb2.LoadAdapterRequest, context: Context
                           ) -> adapter_pb2.LoadAdapterResponse:
-        metadata = _authorization(context)
-        response: adapter_pb2.LoadAdapterResponse = await self._pool().call(
-            request.tenant, lambda r, timeout: r.adapters.LoadAdapter(request, timeout=timeout, metadata=metadata),
-            context, "LoadAdapter", spread=1)
+        response: adapter_pb2.LoadAdapterResponse = await self._forward("LoadAdapter", request, context)
         return response
 
     async def UnloadAdapter(self, request: adapter_pb2.UnloadAdapterRequest, context: Context
                             ) -> adapter_pb2.UnloadAdapterResponse:
-        metadata = _authorization(context)
-        response: adapter_pb2.UnloadAdapterResponse = await self._pool().call(
-            request.tenant, lambda r, timeout: r.adapters.UnloadAdapter(request, timeout=timeout, metadata=metadata),
-            context, "UnloadAdapter", spread=1)
+        response: adapter_pb2.UnloadAdapterResponse = await self._forward("UnloadAdapter", request, context)
         return response
+
+    async def _forward(self, method: str, request: Any, context: Context) -> Any:
+        """A write on the tenant's first replica (the next when it is down or full: both writes are idempotent),
+        with the caller's authorization passed on for the replica to check."""
+        metadata = _authorization(context)
+        return await self._pool().call(
+            request.tenant, lambda r, timeout: getattr(r.adapters, method)(request, timeout=timeout, metadata=metadata),
+            context, method, spread=1)
 
     async def ListAdapters(self, request: adapter_pb2.ListAdaptersRequest, context: Context
                            ) -> adapter_pb2.ListAdaptersResponse:

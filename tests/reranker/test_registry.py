@@ -61,17 +61,6 @@ def url(tmp_path: Path) -> str:
     return f"file:{tmp_path / 'registry' / 'tenants.json'}"
 
 
-@pytest.fixture
-def stores():
-    opened: list[TenantStore] = []
-
-    def open_(url: str) -> TenantStore:
-        opened.append(open_store(url))
-        return opened[-1]
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 # ---- bindings ------------------------------------------------------------------------------------------------

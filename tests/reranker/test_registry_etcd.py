@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 import pytest
 from etcd3gw.client import Etcd3Client
 
-from reranker.registry import Binding, RegistryUnavailable, TenantStore, etcdstore, open_store
+from reranker.registry import Binding, RegistryUnavailable, etcdstore
 from reranker.registry.etcdstore import REQUEST_TIMEOUT_S, EtcdStore
 from tests.conftest import free_port
 from tests.etcd import Etcd, etcd_member
@@ -32,17 +32,6 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
     yield from etcd_member(tmp_path_factory)
 
 
-@pytest.fixture
-def stores() -> Iterator[Callable[[str], TenantStore]]:
-    opened: list[TenantStore] = []
-
-    def open_(url: str) -> TenantStore:
-        opened.append(open_store(url))
-        return opened[-1]
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 def test_two_stores_share_bindings_through_etcd(etcd, stores, request):
