@@ -48,7 +48,6 @@ from services.metrics import (
     Families,
     counter,
     gauge,
-    labelled_gauge,
     register_engine,
 )
 from services.server import (
@@ -113,9 +112,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         usage = self._reranker.tenants.zoo.usage()
         cache = self._reranker.prefix_cache
         yield gauge("reranker_queue_depth", "Rerank requests waiting for a forward pass.", self._batcher.depth)
-        # Only tenants with requests waiting: at most --max-queue label values at any time.
-        yield labelled_gauge("reranker_tenant_queue_depth", "Rerank requests waiting, per tenant with any.", "tenant",
-                             {t or "(default)": n for t, n in self._batcher.tenant_depths().items()})
+        # Not per tenant: metric labels never name a tenant (bounded cardinality, services/metrics.py).
+        yield gauge("reranker_tenants_queued", "Tenants with rerank requests waiting.",
+                    len(self._batcher.tenant_depths()))
         if self._registered is not None:
             yield counter("reranker_tenant_cold_loads_total", "Tenants loaded by their first request on this replica.",
                           self._registered.cold_loads)

@@ -115,7 +115,7 @@ def test_every_service_exposes_its_metrics_after_traffic(stack: Stack) -> None:
     assert value(q, "retriever_embedding_seconds_total") > 0
     # Bounded cardinality: only these labels (RPC, code, stage, collection; the client library's own process
     # and Python metrics' labels; histogram buckets), never a query, a document or a tenant.
-    allowed = {"grpc_service", "grpc_method", "grpc_code", "stage", "collection", "le",
+    allowed = {"grpc_service", "grpc_method", "grpc_code", "stage", "collection", "le", "method", "outcome", "state",
                "generation", "implementation", "major", "minor", "patchlevel", "version"}
     assert {name for samples in (g, r, q) for _, labels in samples for name, _ in labels} <= allowed
 
