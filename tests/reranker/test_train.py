@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from reranker.engine import Reranker, RerankerConfig
-from tests.conftest import ROOT, SCIFACT
+from tests.conftest import ROOT, SCIFACT, SCIFACT_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +21,7 @@ def train(out, retriever_dir, steps: int = 3):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.timeout(SCIFACT_TIMEOUT_S)
 def test_train_saves_a_loadable_reproducible_adapter(tmp_path, scifact_retriever):
     log_a = train(tmp_path / "a", scifact_retriever.data_dir)
     log_b = train(tmp_path / "b", scifact_retriever.data_dir)

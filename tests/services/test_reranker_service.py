@@ -157,14 +157,25 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
                                                   "--reranker-target", reranker_server.target]).start()
     stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
     request = search_pb2.SearchRequest(collection="c", query="insulin and blood sugar", top_k=8, rerank_depth=8)
-    timed = stub.Search(request, timeout=120)
-    assert timed.reranked
-    # Room for the first stage, then a deadline that falls while the 8 documents are being reranked.
-    timeout_s = (timed.timings.retrieve_ms + timed.timings.rerank_ms / 2) / 1000 + 0.15
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Search(request, timeout=timeout_s)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert str(info.value.details()).startswith("reranker: deadline exceeded"), info.value.details()
+    reasons = []
+    # The deadline is placed from the previous call's timings; a machine whose speed varies (a cold first
+    # call, a busy neighbour) can move a stage past it, so a few attempts are allowed.
+    for _ in range(5):
+        timed = stub.Search(request, timeout=120)
+        assert timed.reranked
+        # Room for the first stage, then a deadline that falls while the 8 documents are being reranked.
+        timeout_s = (timed.timings.retrieve_ms + timed.timings.rerank_ms / 2) / 1000 + 0.15
+        try:
+            stub.Search(request, timeout=timeout_s)
+            reasons.append("finished within the deadline")
+            continue
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+            reasons.append(str(err.details()))
+        if reasons[-1].startswith("reranker: deadline exceeded"):
+            break
+        assert reasons[-1].startswith("retriever: deadline exceeded"), reasons  # the only other server's reason
+    assert reasons[-1].startswith("reranker: deadline exceeded"), reasons
     assert stub.Search(request, timeout=120).reranked, "still serving after the deadline"
 
 

@@ -6,11 +6,12 @@ from ir_measures import nDCG
 
 from common.beir import load_qrels, split_queries
 from services.client import search
-from tests.conftest import SCIFACT
+from tests.conftest import SCIFACT, SCIFACT_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.timeout(SCIFACT_TIMEOUT_S)
 def test_scifact_ndcg_at_10(server_factory, scifact_retriever):
     gateway = server_factory("services.gateway", ["--retriever-target", scifact_retriever.target]).start()
     queries = split_queries(SCIFACT, "test")
