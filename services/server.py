@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from common.allocator import limit_malloc_arenas
 from services.auth import AuthInterceptor
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
@@ -123,6 +124,7 @@ S = TypeVar("S", bound=HasServer)
 
 def run_service(name: str, config: S, build: Callable[[S], Hosted]) -> None:
     """The whole life of a service process: log its config (secrets masked), serve until SIGTERM/SIGINT."""
+    limit_malloc_arenas(config.server.malloc_arenas)  # before the server, the engines and their threads start
     log.info("%s config: %s", name, describe(config))
 
     async def main() -> None:

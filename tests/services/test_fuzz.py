@@ -1,7 +1,15 @@
 """Property-based fuzzing of live servers (hypothesis): malformed, oversized, random-unicode and boundary requests
 to every public RPC of a retriever, a reranker and a gateway on 127.0.0.1. Every answer must be one of the codes
 the API promises for bad input (never INTERNAL, UNKNOWN, UNAVAILABLE: a crash), the servers keep serving, and
-their resident memory stays flat after a warm-up.
+their resident memory does not grow beyond what they were asked to store.
+
+Two phases. First every RPC, writes included (FUZZ_EXAMPLES requests); what the servers then hold (collections,
+documents, tenants) is reported. Then a read-only phase: 30% as many requests to the RPCs that store nothing,
+sent twice, the same requests in the same order (hypothesis, derandomized). The first pass reaches every
+allocation high-water mark those requests can set (the largest batch, the longest text); in the second, stored
+data cannot grow and no request is larger than one already served, so each server's RSS, sampled every 1% of
+the pass, must not trend upward beyond three times its own noise and a 4 MiB floor (deploy.trend: a fitted
+line, not a last/first ratio).
 
     FUZZ_EXAMPLES=10000 python -m pytest tests/services/test_fuzz.py -q -s      # make fuzz
 The suite runs FUZZ_EXAMPLES=300 (the default; its memory figures are printed, not bounded: too short a run).
@@ -11,6 +19,7 @@ The figures go to FUZZ_REPORT (a JSON file) when it is set.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import time
@@ -23,6 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deploy.procstats import ProcessStats
+from deploy.trend import fit_trend
 from services.gen.retrieval.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
@@ -40,9 +51,11 @@ from tests.conftest import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-WARMUP_FRACTION = 0.3  # RSS is measured after this share of the requests, and again at the end
-MAX_RSS_GROWTH = 0.10
+READ_ONLY_FRACTION = 0.3  # each pass of the read-only phase sends this many requests per request of the first
+RSS_FLOOR_MIB = 4.0  # a rise below this never fails: one allocator heap's growth step
 RSS_CHECK_EXAMPLES = 2000  # the memory bound is checked on runs at least this long (make fuzz)
+# RPCs that store nothing: the read-only phase sends only these.
+READ_ONLY = {"Search", "Retrieve", "ListCollections", "GetDocuments", "Rerank", "ListAdapters"}
 Code = grpc.StatusCode
 # What bad input may get: refused (INVALID_ARGUMENT), a name that is not there, already there (create), or
 # capacity (a queue full). Anything else, INTERNAL above all, is a bug.
@@ -78,18 +91,21 @@ class Target:
 class Stack:
     servers: list[Server]
     targets: list[Target]
+    retriever: retriever_pb2_grpc.RetrieverServiceStub
+    adapters: adapter_pb2_grpc.AdapterServiceStub
     codes: collections.Counter = field(default_factory=collections.Counter)
     sent: int = 0
-    rss_after_warmup: dict[str, int] = field(default_factory=dict)
-    rss_course: list[dict[str, float]] = field(default_factory=list)  # MB, every tenth of the run
 
+    def rss_mib(self) -> dict[str, float]:
+        return {s.module.split(".")[-1]: round(ProcessStats.of(s.popen.pid).rss_bytes / 2**20, 2)
+                for s in self.servers if s.popen is not None}
 
-def rss_bytes(server: Server) -> int:
-    assert server.popen is not None
-    for line in Path(f"/proc/{server.popen.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    def stored(self) -> dict[str, object]:
+        """What the servers were asked to keep: collections and their documents, bound tenants."""
+        listed = self.retriever.ListCollections(retriever_pb2.ListCollectionsRequest(), timeout=30).collections
+        tenants = self.adapters.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=30).adapters
+        return {"collections": len(listed), "documents": sum(c.document_count for c in listed),
+                "tenants": len([a for a in tenants if a.tenant])}
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +127,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         r.UpsertDocuments(retriever_pb2.UpsertDocumentsRequest(collection="fz", documents=[
             document_pb2.Document(id="d1", text="kittens purr"), document_pb2.Document(id="d2", text="lava")]),
             timeout=60)
-        yield Stack(servers, targets(r, reranker_pb2_grpc.RerankerServiceStub(channels["services.reranker"]),
-                                     adapter_pb2_grpc.AdapterServiceStub(channels["services.reranker"]),
-                                     search_pb2_grpc.SearchServiceStub(channels["services.gateway"])))
+        adapters = adapter_pb2_grpc.AdapterServiceStub(channels["services.reranker"])
+        yield Stack(servers, targets(r, reranker_pb2_grpc.RerankerServiceStub(channels["services.reranker"]), adapters,
+                                     search_pb2_grpc.SearchServiceStub(channels["services.gateway"])), r, adapters)
     finally:
         for s in servers:
             s.stop()
@@ -154,15 +170,21 @@ def targets(r: retriever_pb2_grpc.RetrieverServiceStub, rr: reranker_pb2_grpc.Re
 # ---- the test --------------------------------------------------------------------------------------------
 
 
-def test_fuzzed_requests_get_only_expected_codes(stack: Stack) -> None:
-    chosen = st.integers(0, len(stack.targets) - 1).flatmap(
-        lambda i: st.tuples(st.just(i), stack.targets[i].request))
+def fuzz(stack: Stack, chosen_targets: list[Target], examples: int,
+         on_request: Callable[[int], None] = lambda sent: None) -> list[str]:
+    """`examples` requests drawn over `chosen_targets`; each answer's code checked and counted. Returns the
+    requests sent (RPC and a hash of the message), in order: the same on every call with the same arguments (derandomized)."""
+    sent: list[str] = []
+    chosen = st.integers(0, len(chosen_targets) - 1).flatmap(
+        lambda i: st.tuples(st.just(i), chosen_targets[i].request))
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(chosen)
-    def fuzz(pick: tuple[int, object]) -> None:
-        target = stack.targets[pick[0]]
+    def one(pick: tuple[int, object]) -> None:
+        target = chosen_targets[pick[0]]
+        message = pick[1].SerializeToString(deterministic=True)  # type: ignore[attr-defined]
+        sent.append(f"{target.name} {hashlib.blake2b(message, digest_size=8).hexdigest()}")
         try:
             target.call(pick[1], timeout=30)
             code = Code.OK
@@ -171,27 +193,46 @@ def test_fuzzed_requests_get_only_expected_codes(stack: Stack) -> None:
         stack.codes[(target.name, code.name)] += 1
         stack.sent += 1
         assert code in EXPECTED, f"{target.name} answered {code.name} to {str(pick[1])[:300]!r}"
-        if stack.sent == int(EXAMPLES * WARMUP_FRACTION):
-            stack.rss_after_warmup = {s.module: rss_bytes(s) for s in stack.servers}
-        if stack.sent % max(1, EXAMPLES // 10) == 0:  # the memory's course, in the report
-            stack.rss_course.append({s.module.split(".")[-1]: round(rss_bytes(s) / 2**20, 1) for s in stack.servers})
+        on_request(stack.sent)
 
+    one()
+    return sent
+
+
+def test_fuzzed_requests_get_only_expected_codes(stack: Stack) -> None:
     start = time.perf_counter()
-    fuzz()
+    course: list[dict[str, float]] = []  # MiB, every tenth of the first phase
+    fuzz(stack, stack.targets, EXAMPLES,
+         lambda sent: course.append(stack.rss_mib()) if sent % max(1, EXAMPLES // 10) == 0 else None)
+    first_phase = stack.sent
+    stored, rss_after_writes = stack.stored(), stack.rss_mib()
+    # The read-only phase: one pass to reach the high-water marks, then the same requests again with RSS
+    # sampled every 1% of the pass (the request count as the clock).
+    read_only = [t for t in stack.targets if t.name in READ_ONLY]
+    phase_examples = int(EXAMPLES * READ_ONLY_FRACTION)
+    first_pass = fuzz(stack, read_only, phase_examples)
+    second_start, every = stack.sent, max(1, phase_examples // 100)
+    samples: list[tuple[int, dict[str, float]]] = []
+    second_pass = fuzz(stack, read_only, phase_examples, lambda sent: samples.append(
+        (sent - second_start, stack.rss_mib())) if (sent - second_start) % every == 0 else None)
+    assert second_pass == first_pass  # the same requests: nothing new for the allocator to make room for
     seconds = time.perf_counter() - start
-    rss_end = {s.module: rss_bytes(s) for s in stack.servers}
-    growth = {m: rss_end[m] / stack.rss_after_warmup[m] - 1 for m in rss_end}
-    report = {"requests": stack.sent, "seconds": round(seconds, 1),
+    assert stack.stored() == stored  # the read-only phase stored nothing
+    trends = {name: fit_trend([n for n, _ in samples], [rss[name] for _, rss in samples], RSS_FLOOR_MIB)
+              for name in rss_after_writes}
+    report = {"requests": stack.sent, "seconds": round(seconds, 1), "first_phase_requests": first_phase,
               "codes": {f"{rpc} {code}": n for (rpc, code), n in sorted(stack.codes.items())},
-              "rss_after_warmup_mb": {m: round(v / 2**20, 1) for m, v in stack.rss_after_warmup.items()},
-              "rss_end_mb": {m: round(v / 2**20, 1) for m, v in rss_end.items()},
-              "rss_growth": {m: round(g, 4) for m, g in growth.items()}, "rss_course_mb": stack.rss_course}
-    print(json.dumps(report, indent=1))
+              "stored_after_writes": stored, "rss_course_mb": course, "rss_after_writes_mb": rss_after_writes,
+              "read_only_requests_per_pass": len(second_pass),
+              "read_only_rss_mb": [{"request": n, **rss} for n, rss in samples],
+              "read_only_trend": {name: t.as_dict() for name, t in trends.items()}}
+    print(json.dumps({k: v for k, v in report.items() if k != "read_only_rss_mb"}, indent=1))
     if os.environ.get("FUZZ_REPORT"):
         Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps(report, indent=1))
-    assert stack.sent >= EXAMPLES * 0.9  # hypothesis may stop a little early when it runs out of new inputs
+    assert stack.sent >= (EXAMPLES + 2 * phase_examples) * 0.9  # hypothesis may stop a little early
     for s in stack.servers:  # every server still serves
         assert s.popen is not None and s.popen.poll() is None, s.log_tail()
         s.wait_serving(timeout=10)
     if EXAMPLES >= RSS_CHECK_EXAMPLES:  # a few hundred requests are still warm-up (allocator, first code paths)
-        assert all(g <= MAX_RSS_GROWTH for g in growth.values()), report
+        growing = {name: t.as_dict() for name, t in trends.items() if t.grows}
+        assert not growing, f"resident memory trends upward while nothing is stored: {growing}"

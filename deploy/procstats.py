@@ -1,0 +1,21 @@
+"""What a running process holds, read from /proc (Linux): resident memory, open file descriptors, threads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    rss_bytes: int
+    open_fds: int
+    threads: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessStats:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return cls(rss_bytes=int(status["VmRSS"].split()[0]) * 1024, open_fds=len(os.listdir(f"/proc/{pid}/fd")),
+                   threads=int(status["Threads"]))

@@ -1,0 +1,22 @@
+"""`make soak`, one minute of it: the three real services under the mixed workload, every request answered,
+no series trending upward after warm-up (deploy.trend), the report and plot written."""
+
+import json
+
+import pytest
+
+from deploy import soak
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_one_minute_soak(tmp_path, capsys) -> None:
+    code = soak.main(["--duration-s", "60", "--sample-s", "2", "--out", str(tmp_path), "--base-port", "51170"])
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert code == 0, (result["growing"], result["codes"], capsys.readouterr().out[-3000:])
+    assert result["failed"] == 0 and result["passed"]
+    assert set(result["codes"]) == set(soak.WEIGHTS), result["codes"]  # every kind of operation ran
+    assert len(result["samples"]) >= 25  # one every 2 s for a minute
+    for name in ("retriever", "reranker", "gateway"):
+        assert {f"{name}.{m}" for m in soak.FLOORS} <= set(result["trends"])
+    assert (tmp_path / "soak.png").stat().st_size > 0
