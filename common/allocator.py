@@ -2,10 +2,11 @@
 
 glibc gives threads their own malloc arenas, up to 8 per core. Memory freed in an arena stays resident until
 the arena's top is free, and each new thread that allocates may open one more. A retriever opens threads per
-collection (the lexical writer's, tantivy's indexing thread, the checkpointer). Measured on 2 cores: after
-five warm-up cycles of create collection, upsert, delete collection, 35 more grew the process by 128 MiB
-with glibc's default (all of it returned by `malloc_trim`: freed, not leaked) and not at all with two arenas.
-The services run with two unless MALLOC_ARENA_MAX is set, in which case glibc has already applied it.
+collection (tantivy's indexing and merge threads, the lexical writer, the checkpointer). Measured on 2 cores
+(`python -m retriever.bench.arenas`): after five warm-up cycles of create collection, upsert, delete
+collection, 35 more grew the process by 90 MiB with glibc's default (all of it returned by `malloc_trim`:
+freed, not leaked) and by 12 MiB with two arenas, level after the first ten. The services run with two
+unless MALLOC_ARENA_MAX is set, in which case glibc has already applied it.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ import grpc
 
 from common.paths import SCIFACT
 from common.plots import figure_grid
+from common.procstats import ProcessStats
 from deploy.loadtest.runner import percentile
 from deploy.loadtest.workloads import read_documents, read_queries
-from deploy.procstats import ProcessStats
 from deploy.trend import Trend, fit_trend
 from reranker.adapters import DEFAULT_ADAPTER
 from reranker.training.derive import derive_adapter
@@ -181,15 +181,17 @@ Operation = Callable[[random.Random, int], Awaitable[None]]
 
 
 async def drive(work: Workload, duration_s: float, concurrency: int, seed: int, started: float) -> list[Done]:
-    """`concurrency` workers, each a seeded random walk over WEIGHTS, until `duration_s` has passed."""
+    """`concurrency` workers, each a seeded random walk over WEIGHTS (after one of each kind, shared out among
+    them), until `duration_s` has passed."""
     operations: dict[str, Operation] = {kind: getattr(work, kind) for kind in WEIGHTS}
     done: list[Done] = []
     deadline = started + duration_s
 
     async def worker(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
+        first = list(WEIGHTS)[index::concurrency]  # every kind runs at least once, however short the run
         while time.monotonic() < deadline:
-            kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
+            kind = first.pop(0) if first else rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
             begin = time.monotonic()
             try:
                 await operations[kind](rng, index)

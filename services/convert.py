@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from common.types import Document
 from retriever.fusion import FusionMethod, FusionSettings, RetrievalMode
 from retriever.types import CollectionStats, Hit, HnswSettings, IndexKind, InvalidArgument, Retrieved
@@ -13,6 +15,11 @@ _MODE_TO_PB = {RetrievalMode.DENSE: document_pb2.RETRIEVAL_MODE_DENSE,
                RetrievalMode.HYBRID: document_pb2.RETRIEVAL_MODE_HYBRID}
 _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
 _METHOD_TO_PB = {FusionMethod.CONVEX: retriever_pb2.FUSION_METHOD_CONVEX, FusionMethod.RRF: retriever_pb2.FUSION_METHOD_RRF}
+
+
+def optional(message: Any, field: str) -> Any:
+    """A proto3 `optional` field's value, or None when the sender left it unset."""
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def document_from_pb(doc: document_pb2.Document) -> Document:
@@ -55,7 +62,7 @@ def fusion_from_pb(params: retriever_pb2.FusionParams) -> FusionSettings:
             dense_weight=params.dense_weight if params.HasField("dense_weight") else default.dense_weight,
             candidate_depth=params.candidate_depth or default.candidate_depth,
             rrf_k=params.rrf_k or default.rrf_k,
-            rerank_weight=params.rerank_weight if params.HasField("rerank_weight") else None)
+            rerank_weight=optional(params, "rerank_weight"))
     except ValueError as err:
         raise InvalidArgument(f"fusion: {err}") from None
 

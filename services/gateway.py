@@ -24,6 +24,7 @@ from services.admission import Admission, AdmissionConfig
 from services.affinity import REFRESH_S, Replica, ReplicaPool, Resolver
 from services.auth import acting_tenant, authenticated, tenant_metadata
 from services.config import ServerConfig, option, parse_config
+from services.convert import optional
 from services.downstream import downstream_error, replica_channel, serving
 from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
@@ -125,14 +126,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         first_stage = await self._retrieve(request, max(request.top_k, depth), context, caller)
         retrieve_ms = elapsed_ms(start)
         STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000)
-        hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=_opt(r, "dense_score"),
-                                     lexical_score=_opt(r, "lexical_score")) for r in first_stage.results]
+        hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=optional(r, "dense_score"),
+                                     lexical_score=optional(r, "lexical_score")) for r in first_stage.results]
         response = search_pb2.SearchResponse(mode=first_stage.mode)
         if depth > 0 and self.rerankers is None:
             response.rerank_skipped_reason = "no reranker configured on this gateway"
         elif depth > 0 and hits:
             rerank_start = time.perf_counter()
-            weight = first_stage.rerank_weight if first_stage.HasField("rerank_weight") else None
+            weight = optional(first_stage, "rerank_weight")
             try:
                 hits = await self._rerank(request, hits, depth, weight, context, caller)
                 response.reranked = True
@@ -248,8 +249,6 @@ def _authorization(context: Context) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in context.invocation_metadata() or () if k == "authorization")
 
 
-def _opt(message: retriever_pb2.ScoredDocument, field: str) -> float | None:
-    return float(getattr(message, field)) if message.HasField(field) else None
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:

@@ -33,6 +33,7 @@ from reranker.zoo import TenantUsage
 from services.admission import Overloaded
 from services.auth import acting_tenant, authenticated
 from services.config import Secret, ServerConfig, option, parse_config
+from services.convert import optional
 from services.errors import NotReady, ServiceError
 from services.gen.retrieval.v1 import (
     adapter_pb2,
@@ -163,7 +164,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
     async def Rerank(self, request: reranker_pb2.RerankRequest, context: Context) -> reranker_pb2.RerankResponse:
         start = time.perf_counter()
         reranker, batcher = self.reranker, self.batcher
-        weight = request.fusion_weight if request.HasField("fusion_weight") else None
+        weight = optional(request, "fusion_weight")
         docs = [(d.title, d.text) for d in request.documents]
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
@@ -251,12 +252,9 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
 
 def binding_from_request(request: adapter_pb2.LoadAdapterRequest) -> Binding:
     """RegistryInvalid (INVALID_ARGUMENT) for names or settings outside their limits."""
-    limits = TenantLimits(
-        request.limits.max_queued if request.limits.HasField("max_queued") else None,
-        request.limits.max_inflight if request.limits.HasField("max_inflight") else None)
-    return Binding(check_tenant(request.tenant), request.adapter,
-                   request.scoring_layer if request.HasField("scoring_layer") else None,
-                   request.fusion_weight if request.HasField("fusion_weight") else None, limits)
+    limits = TenantLimits(optional(request.limits, "max_queued"), optional(request.limits, "max_inflight"))
+    return Binding(check_tenant(request.tenant), request.adapter, optional(request, "scoring_layer"),
+                   optional(request, "fusion_weight"), limits)
 
 
 def binding_to_pb(binding: Binding) -> adapter_pb2.TenantBinding:

@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.procstats import ProcessStats
+from common.procstats import ProcessStats
 from deploy.trend import fit_trend
 from services.gen.retrieval.v1 import (
     adapter_pb2,
@@ -173,7 +173,8 @@ def targets(r: retriever_pb2_grpc.RetrieverServiceStub, rr: reranker_pb2_grpc.Re
 def fuzz(stack: Stack, chosen_targets: list[Target], examples: int,
          on_request: Callable[[int], None] = lambda sent: None) -> list[str]:
     """`examples` requests drawn over `chosen_targets`; each answer's code checked and counted. Returns the
-    requests sent (RPC and a hash of the message), in order: the same on every call with the same arguments (derandomized)."""
+    requests sent (RPC and a hash of the message), in order: derandomized, so the same on every call with the
+    same arguments."""
     sent: list[str] = []
     chosen = st.integers(0, len(chosen_targets) - 1).flatmap(
         lambda i: st.tuples(st.just(i), chosen_targets[i].request))
