@@ -19,3 +19,11 @@ class ProcessStats:
                       if ":" in line)
         return cls(rss_bytes=int(status["VmRSS"].split()[0]) * 1024, open_fds=len(os.listdir(f"/proc/{pid}/fd")),
                    threads=int(status["Threads"]))
+
+    @property
+    def rss_mib(self) -> float:
+        return round(self.rss_bytes / 2**20, 2)
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures as samples record them: RSS in MiB, descriptors, threads."""
+        return {"rss_mib": self.rss_mib, "open_fds": self.open_fds, "threads": self.threads}

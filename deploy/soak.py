@@ -212,9 +212,7 @@ async def sample_processes(processes: Sequence[Process], every_s: float, started
     while not stop.is_set():
         row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 2)}
         for proc in processes:
-            stats = ProcessStats.of(proc.popen.pid)
-            row[proc.name] = {"rss_mib": round(stats.rss_bytes / 2**20, 2), "open_fds": stats.open_fds,
-                              "threads": stats.threads}
+            row[proc.name] = ProcessStats.of(proc.popen.pid).as_dict()
         into.append(row)
         try:
             await asyncio.wait_for(stop.wait(), timeout=every_s)
@@ -272,11 +270,12 @@ def trends(samples: Sequence[dict[str, Any]], latency: dict[str, list[dict[str, 
             result[f"{name}.{metric}"] = fit_trend([s["t_s"] for s in kept], [s[name][metric] for s in kept], floor)
     for kind, windows in latency.items():
         usable = [w for w in windows if w["t_s"] >= after_s]
+        if len(usable) < MIN_WINDOWS:
+            continue
         for stat in ("p50_ms", "p99_ms"):
             values = [w[stat] for w in usable]
-            floor = LATENCY_FLOOR_FRACTION * statistics.median(values) if values else 0.0
-            if len(usable) >= MIN_WINDOWS:
-                result[f"{kind}.{stat}"] = fit_trend([w["t_s"] for w in usable], values, floor)
+            floor = LATENCY_FLOOR_FRACTION * statistics.median(values)
+            result[f"{kind}.{stat}"] = fit_trend([w["t_s"] for w in usable], values, floor)
     return result
 
 

@@ -50,14 +50,6 @@ class Trend:
     def grows(self) -> bool:
         return self.whole.rises and self.last_half.rises
 
-    @property
-    def rise(self) -> float:
-        return self.whole.rise
-
-    @property
-    def noise(self) -> float:
-        return self.whole.noise
-
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self.whole), "last_half_rise": self.last_half.rise, "last_half_noise": self.last_half.noise,
                 "grows": self.grows}

@@ -249,8 +249,6 @@ def _authorization(context: Context) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in context.invocation_metadata() or () if k == "authorization")
 
 
-
-
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     return parse_config(GatewayConfig(), "GATEWAY", argv, __doc__ or "")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,6 @@ from common.procstats import ProcessStats
 
 def run(mode: str, arenas: int, cycles: int) -> dict[str, object]:
     """One run in this process (called in a fresh child)."""
-    import os
-
     from common.allocator import limit_malloc_arenas
 
     limit_malloc_arenas(arenas)
@@ -43,11 +42,9 @@ def run(mode: str, arenas: int, cycles: int) -> dict[str, object]:
         if mode == "cycle":
             engine.delete_collection(name)
         if (i + 1) % 5 == 0:
-            stats = ProcessStats.of(os.getpid())
-            course.append({"cycles": i + 1, "rss_mib": round(stats.rss_bytes / 2**20, 1), "threads": stats.threads,
-                           "open_fds": stats.open_fds})
+            course.append({"cycles": i + 1, **ProcessStats.of(os.getpid()).as_dict()})
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    trimmed = round(ProcessStats.of(os.getpid()).rss_bytes / 2**20, 1)
+    trimmed = ProcessStats.of(os.getpid()).rss_mib
     return {"mode": mode, "malloc_arenas": arenas or "glibc default", "course": course, "rss_after_trim_mib": trimmed}
 
 

@@ -19,7 +19,7 @@ def test_a_steady_leak_grows_even_under_noise() -> None:
     values = 500 + 0.05 * T + rng.normal(0, 3, len(T))  # 30 MiB over the run, in 3 MiB of noise
     trend = fit_trend(T, values, floor=4.0)
     assert trend.grows
-    assert abs(trend.rise - 0.05 * np.ptp(T)) < 5  # the line's rise is the leak's, within the noise
+    assert abs(trend.whole.rise - 0.05 * np.ptp(T)) < 5  # the line's rise is the leak's, within the noise
 
 
 def test_a_clean_rise_below_the_floor_does_not_fail() -> None:

@@ -97,7 +97,7 @@ class Stack:
     sent: int = 0
 
     def rss_mib(self) -> dict[str, float]:
-        return {s.module.split(".")[-1]: round(ProcessStats.of(s.popen.pid).rss_bytes / 2**20, 2)
+        return {s.module.split(".")[-1]: ProcessStats.of(s.popen.pid).rss_mib
                 for s in self.servers if s.popen is not None}
 
     def stored(self) -> dict[str, object]:
