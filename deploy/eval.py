@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from common.beir import count_corpus, load_qrels, split_queries
 from common.report import text_table
+from deploy.evidence import Interval, paired_bootstrap, per_query_ndcg
 from services.gen.retrieval.v1 import document_pb2, search_pb2, search_pb2_grpc
 from services.server import GRPC_OPTIONS
 
@@ -38,12 +39,14 @@ Run = dict[str, dict[str, float]]
 FIRST_STAGES = {"lexical (BM25)": document_pb2.RETRIEVAL_MODE_LEXICAL,
                 "dense (MiniLM)": document_pb2.RETRIEVAL_MODE_DENSE,
                 "hybrid": document_pb2.RETRIEVAL_MODE_HYBRID}
+SERVED = "served (default settings)"
 
 
 @dataclass
 class Runs:
     by_system: dict[str, Run] = field(default_factory=dict)
     rerank_ms: list[float] = field(default_factory=list)
+    weights: set[tuple[float | None, str]] = field(default_factory=set)  # (weight, source) the served runs used
 
     def add(self, system: str, qid: str, run: dict[str, float]) -> None:
         self.by_system.setdefault(system, {})[qid] = run
@@ -76,11 +79,14 @@ async def rerank_one(stub: Any, collection: str, qid: str, text: str, depth: int
                      runs: Runs) -> None:
     reply = await stub.Search(search_pb2.SearchRequest(collection=collection, query=text, top_k=top_k,
                                                        rerank_depth=depth), timeout=timeout)
-    if not reply.reranked:
+    weight = reply.rerank_weight if reply.HasField("rerank_weight") else None
+    runs.weights.add((weight, document_pb2.RerankWeightSource.Name(reply.rerank_weight_source)))
+    if reply.reranked:
+        runs.add(f"reranker alone (depth {depth})", qid, ranked_run(reranker_alone(reply.results, depth)))
+        runs.rerank_ms.append(reply.timings.rerank_ms)
+    elif weight != 0.0:  # only a weight of 0 skips reranking on purpose
         raise RuntimeError(f"gateway did not rerank: {reply.rerank_skipped_reason}")
-    runs.add(f"reranker alone (depth {depth})", qid, ranked_run(reranker_alone(reply.results, depth)))
-    runs.add(f"served: reranked (depth {depth})", qid, ranked_run(reply.results))
-    runs.rerank_ms.append(reply.timings.rerank_ms)
+    runs.add(SERVED, qid, ranked_run(reply.results))
 
 
 def ranked_run(hits: Sequence[search_pb2.SearchHit]) -> dict[str, float]:
@@ -120,12 +126,32 @@ def evaluate(target: str, data: Path, collection: str, split: str = "test", dept
     start = time.perf_counter()
     runs = asyncio.run(collect_runs(target, collection, queries, depth, 100, concurrency, timeout))
     latencies = sorted(runs.rerank_ms)
-    return {
+    result = {
         "data": str(data), "collection": collection, "split": split, "queries": len(queries),
         "rerank_depth": depth, "results": {system: score(qrels, run) for system, run in runs.by_system.items()},
         "seconds": time.perf_counter() - start,
         "rerank_ms_p50": latencies[len(latencies) // 2] if latencies else None,
+        "rerank_weights": sorted([w, source] for w, source in runs.weights if w is not None),
     }
+    if SERVED in runs.by_system:
+        hybrid, served = (per_query_ndcg(qrels, runs.by_system[s]) for s in ("hybrid", SERVED))
+        result["served_minus_hybrid"] = asdict(paired_bootstrap([served[q] - hybrid[q] for q in qrels]))
+    return result
+
+
+def summary_table(results: Sequence[dict[str, Any]]) -> str:
+    """nDCG@10 of each collection's stages side by side, and served - hybrid with its bootstrap interval."""
+    stages = [*FIRST_STAGES, SERVED]
+    rows = []
+    for r in results:
+        ndcg = [r["results"].get(s, {}).get(str(nDCG @ 10)) for s in stages]
+        gain = r.get("served_minus_hybrid")
+        weights = ", ".join(f"{w:.2f} {source.removeprefix('RERANK_WEIGHT_SOURCE_').lower()}"
+                            for w, source in r.get("rerank_weights", []))
+        rows.append([f"{r['collection']} {r['split']}", r["queries"], *ndcg,
+                     str(Interval(**gain)) if gain else "-", weights or "-"])
+    return text_table([("collection", ""), ("queries", "d"), *[(s, ".4f") for s in stages],
+                       ("served - hybrid [95%]", ""), ("weight", "")], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

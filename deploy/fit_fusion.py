@@ -8,10 +8,12 @@
    the collection's candidate depth each), fused offline for each dense weight 0, 0.05, ..., 1 (convex,
    retriever.fusion) and scored (nDCG@10); the best weight wins (ties: the one nearest 0.5).
 2. The reranker weight (when the gateway has a reranker and --rerank-depth > 0): the queries are searched
-   through the gateway with the new hybrid first stage and reranked; the top --rerank-depth are re-fused
-   offline as w·minmax(reranker) + (1-w)·minmax(first stage) for w in 0..1 and scored; the best wins (ties:
-   the smaller weight, so a reranker that does not help is not used). With --held-out, only the queries
-   listed there (an adapter's `dev_query_ids`: train queries its training never saw) fit this weight.
+   through the gateway with the new hybrid first stage and reranked (deploy.evidence); the top --rerank-depth
+   are re-fused offline as w·minmax(reranker) + (1-w)·minmax(first stage) for w in 0..1 and scored; the best
+   weight (ties: the smaller) is stored only when the paired-bootstrap 95% interval of its gain over the
+   first stage lies above 0; otherwise 0 is stored (Search then skips the reranker on the collection) and the
+   summary says why. With --held-out, only the queries listed there (an adapter's `dev_query_ids`: train
+   queries its training never saw) fit this weight.
 Both go to the collection with UpdateCollection; its default mode becomes hybrid. Never on a test split.
 """
 
@@ -21,8 +23,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,16 @@ from ir_measures import nDCG
 
 from common.beir import load_qrels, split_queries
 from common.report import text_table
-from reranker.ranking import fuse as fuse_rerank
+from deploy.evidence import (
+    GRID,
+    Evidence,
+    Interval,
+    as_run,
+    collect_candidates,
+    mean_gains,
+    paired_bootstrap,
+    served_minus_first_stage,
+)
 from retriever.fusion import FusionSettings, fuse
 from services.convert import fusion_from_pb, fusion_to_pb
 from services.gen.retrieval.v1 import (
@@ -44,17 +55,12 @@ from services.gen.retrieval.v1 import (
 )
 from services.server import GRPC_OPTIONS
 
-GRID = [i / 20 for i in range(21)]
 Run = dict[str, dict[str, float]]
 Ranked = list[tuple[str, float]]
 
 
 def ndcg10(qrels: dict[str, dict[str, int]], run: Run) -> float:
     return float(ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10])
-
-
-def as_run(ranked: Sequence[str]) -> dict[str, float]:
-    return {doc_id: float(len(ranked) - rank) for rank, doc_id in enumerate(ranked)}
 
 
 def best(grid: dict[float, float], prefer: Callable[[float], float]) -> float:
@@ -99,19 +105,16 @@ def fit_hybrid(lists: dict[str, tuple[Ranked, Ranked]], qrels: dict[str, dict[st
     return grid
 
 
-def fit_rerank(replies: dict[str, search_pb2.SearchResponse], qrels: dict[str, dict[str, int]], depth: int
-               ) -> dict[float, float]:
-    """nDCG@10 of the reranked head re-fused with the first stage at each reranker weight of the grid."""
-    grid = {}
-    for weight in GRID:
-        run = {}
-        for qid, reply in replies.items():
-            head, tail = list(reply.results[:depth]), list(reply.results[depth:])
-            fused = fuse_rerank([h.rerank_model_score for h in head], [h.retrieval_score for h in head], weight)
-            order = [h for _, h in sorted(zip(fused, head, strict=True), key=lambda pair: -pair[0])]
-            run[qid] = as_run([h.document.id for h in [*order, *tail]])
-        grid[weight] = ndcg10(qrels, run)
-    return grid
+def fit_rerank(evidence: Evidence) -> tuple[float, dict[float, float], Interval | None]:
+    """The reranker weight to store, the mean gain over the first stage at each weight of the grid, and the
+    bootstrap interval of the best weight's gain: the best weight only when that interval lies above 0 (a gain
+    these queries cannot tell from noise is not worth a reranker's cost), else 0."""
+    gains = mean_gains(evidence)
+    weight = best(gains, prefer=lambda w: w)  # ties: the smaller weight
+    if weight == 0.0:
+        return 0.0, gains, None
+    interval = paired_bootstrap(served_minus_first_stage(evidence, weight))
+    return (weight if interval.low > 0.0 else 0.0), gains, interval
 
 
 def current_settings(retriever: str, collection: str) -> FusionSettings:
@@ -165,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerank_depth > 0:
         held = set(json.loads(args.held_out.read_text()).get("dev_query_ids", [])) if args.held_out else set()
         fit_queries = {q: t for q, t in queries.items() if not held or q in held}
-        replies = asyncio.run(search_all(args.gateway, args.collection, fit_queries, lambda text: search_pb2.SearchRequest(
-            collection=args.collection, query=text, top_k=100, rerank_depth=args.rerank_depth)))
-        rerank = fit_rerank(replies, {q: qrels[q] for q in fit_queries if q in qrels}, args.rerank_depth)
-        settings = replace(settings, rerank_weight=best(rerank, prefer=lambda w: w))
+        evidence = Evidence(args.collection, args.split, args.rerank_depth,
+                            {q: qrels[q] for q in fit_queries if q in qrels},
+                            asyncio.run(collect_candidates(args.gateway, args.collection, fit_queries,
+                                                           args.rerank_depth, concurrency=4)))
+        weight, gains, interval = fit_rerank(evidence)
+        settings = replace(settings, rerank_weight=weight)
         store(args.retriever, args.collection, settings)
-        result |= {"rerank_grid": rerank, "rerank_weight": settings.rerank_weight, "rerank_queries": len(fit_queries)}
+        result |= {"rerank_gain_grid": gains, "rerank_weight": weight, "rerank_queries": len(fit_queries),
+                   "rerank_gain": asdict(interval) if interval else None}
     print(summary(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,13 +185,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(result: dict[str, Any]) -> str:
-    rows = [["hybrid dense weight", result["dense_weight"], result["hybrid_grid"][result["dense_weight"]],
-             result["hybrid_grid"][0.0], result["hybrid_grid"][1.0]]]
-    if "rerank_grid" in result:
-        grid = result["rerank_grid"]
-        rows.append(["reranker weight", result["rerank_weight"], grid[result["rerank_weight"]], grid[0.0], grid[1.0]])
-    return f"{result['collection']} {result['split']} ({result['queries']} queries), nDCG@10:\n" + text_table(
-        [("fitted", ""), ("weight", ".2f"), ("at weight", ".4f"), ("at 0", ".4f"), ("at 1", ".4f")], rows)
+    hybrid = result["hybrid_grid"]
+    text = f"{result['collection']} {result['split']} ({result['queries']} queries), nDCG@10:\n" + text_table(
+        [("fitted", ""), ("weight", ".2f"), ("at weight", ".4f"), ("at 0", ".4f"), ("at 1", ".4f")],
+        [["hybrid dense weight", result["dense_weight"], hybrid[result["dense_weight"]], hybrid[0.0], hybrid[1.0]]])
+    if "rerank_gain_grid" in result:
+        gains, gain = result["rerank_gain_grid"], result["rerank_gain"]
+        top = best(gains, prefer=lambda w: w)
+        verdict = (f"reranker weight {result['rerank_weight']:.2f}: at its best weight {top:.2f} the reranker "
+                   f"gains {gains[top]:+.4f} nDCG@10 over the first stage on {result['rerank_queries']} queries")
+        if gain:
+            verdict += f", 95% interval {Interval(**gain)}"
+        if result["rerank_weight"] == 0.0:
+            verdict += ("; not above 0, so 0 is stored and Search skips the reranker on this collection "
+                        "(a request can still set rerank_weight)")
+        text += "\n" + verdict
+    return text
 
 
 if __name__ == "__main__":

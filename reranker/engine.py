@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
@@ -71,6 +72,14 @@ class RerankerConfig:
     cuda_graphs: int = 32  # on a GPU, batch shapes kept as CUDA graphs (reranker.graphs); 0: always eager
     equivalence: EquivalenceMode = EquivalenceMode.BACKGROUND  # when loaded blocks are checked for substitution
     equivalence_max_error: float = 1e-3
+
+
+class WeightSource(StrEnum):
+    """Where a request's fusion weight comes from."""
+
+    REQUEST = "request"  # the caller named one (e.g. the weight fitted for its collection)
+    ADAPTER = "adapter"  # the tenant's own adapter (its calibration or its binding)
+    DEFAULT = "default"  # the default model's, for callers without an adapter of their own
 
 
 @dataclass(frozen=True)
@@ -171,15 +180,24 @@ class Reranker:
         scores = self.score_prompts([self.build_prompt(query, documents, handle)], [handle])[0]
         return self.ranked(scores, first_stage_scores, top_n, handle, fusion_weight).results
 
+    @staticmethod
+    def fusion_weight(handle: TenantHandle, requested: float | None = None) -> tuple[float | None, WeightSource]:
+        """The weight a request ranks with and where it comes from: the request's (e.g. one fitted for the
+        documents' collection), else the tenant adapter's, else the default model's (None: the model alone)."""
+        if requested is not None:
+            if not 0.0 <= requested <= 1.0:
+                raise RerankInputError(f"fusion_weight must be in 0..1, got {requested}")
+            return requested, WeightSource.REQUEST
+        own = WeightSource.DEFAULT if handle.tenant == DEFAULT_TENANT else WeightSource.ADAPTER
+        return handle.settings.fusion_weight, own
+
     def ranked(self, model_scores: Sequence[float], first_stage_scores: Sequence[float] | None,
                top_n: int | None, handle: TenantHandle, fusion_weight: float | None = None) -> Ranking:
-        """Rank by the fused score when first-stage scores and a fusion weight exist (`fusion_weight`, e.g. one
-        fitted for the documents' collection, else the tenant's), else by the model's."""
+        """Rank by the fused score when first-stage scores and a fusion weight exist (see `fusion_weight`), else
+        by the model's."""
         if first_stage_scores is not None and len(first_stage_scores) != len(model_scores):
             raise RerankInputError(f"{len(first_stage_scores)} first-stage scores for {len(model_scores)} documents")
-        if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
-            raise RerankInputError(f"fusion_weight must be in 0..1, got {fusion_weight}")
-        weight = handle.settings.fusion_weight if fusion_weight is None else fusion_weight
+        weight, _ = self.fusion_weight(handle, fusion_weight)
         if first_stage_scores and weight is not None:
             return Ranking(rank_scores(fuse(model_scores, first_stage_scores, weight), top_n, model_scores), True)
         return Ranking(rank_scores(model_scores, top_n), False)

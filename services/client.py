@@ -129,11 +129,12 @@ def collection_size(target: str, collection: str, tls: ClientTls | None = None, 
 
 def search(target: str, collection: str, query: str, top_k: int = 10, rerank_depth: int = 0, tenant: str = "",
            timeout: float = 120.0, mode: document_pb2.RetrievalMode = document_pb2.RETRIEVAL_MODE_UNSPECIFIED,
-           tls: ClientTls | None = None, api_key: str = "") -> search_pb2.SearchResponse:
+           tls: ClientTls | None = None, api_key: str = "", rerank_weight: float | None = None
+           ) -> search_pb2.SearchResponse:
     with channel(target, tls, api_key) as ch:
         return search_pb2_grpc.SearchServiceStub(ch).Search(search_pb2.SearchRequest(
-            collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant, mode=mode),
-            timeout=timeout)
+            collection=collection, query=query, top_k=top_k, rerank_depth=rerank_depth, tenant=tenant, mode=mode,
+            rerank_weight=rerank_weight), timeout=timeout)
 
 
 def format_search(response: search_pb2.SearchResponse, query: str, relevant: Set[str] = frozenset()) -> str:
@@ -143,6 +144,10 @@ def format_search(response: search_pb2.SearchResponse, query: str, relevant: Set
              f"rerank {t.rerank_ms:.0f} ms, total {t.total_ms:.0f} ms)"]
     if response.rerank_skipped_reason:
         lines.append(f"rerank skipped: {response.rerank_skipped_reason}")
+    elif response.HasField("rerank_weight"):
+        source = document_pb2.RerankWeightSource.Name(response.rerank_weight_source)
+        lines.append(f"reranker weight {response.rerank_weight:.2f} "
+                     f"({source.removeprefix('RERANK_WEIGHT_SOURCE_').lower()})")
     for rank, hit in enumerate(response.results, 1):
         mark = " *relevant*" if hit.document.id in relevant else ""
         rerank = f" rerank={hit.rerank_score:.3f}" if response.reranked else ""
@@ -194,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query", required=True)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--rerank-depth", type=int, default=0)
+    p.add_argument("--rerank-weight", type=float, default=None,
+                   help="the reranker's weight against the first stage, 0..1 (default: the collection's, the "
+                        "adapter's or the default model's)")
     p.add_argument("--tenant", default="")
     for command, text in [("adapters", "tenants, blocks and memory of a reranker"),
                           ("load-adapter", "serve an adapter (by name) for a tenant"),
@@ -226,7 +234,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     response = search(args.target, args.collection, args.query, args.top_k, args.rerank_depth, args.tenant,
-                      tls=args.tls, api_key=args.api_key)
+                      tls=args.tls, api_key=args.api_key, rerank_weight=args.rerank_weight)
     _emit(args, response, format_search(response, args.query))
     return 0
 

@@ -30,6 +30,7 @@ from services.errors import ServiceError
 from services.gen.retrieval.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
+    document_pb2,
     reranker_pb2,
     retriever_pb2,
     retriever_pb2_grpc,
@@ -64,6 +65,9 @@ class GatewayConfig:
     tenant_spread: int = option(1, "reranker replicas per tenant: its reranks go to the first K replicas up in the "
                                    "tenant's rendezvous order (1: each replica holds ~1/n of the tenants)")
     reranker_refresh_s: float = option(REFRESH_S, "seconds between resolutions of the reranker target's names")
+    rerank_weight_ttl_s: float = option(30.0, "seconds a tenant's own reranker weight (its adapter's or the default "
+                                              "model's), as the reranker last reported it, is trusted: while it is "
+                                              "0, Search skips the reranker without calling it")
     rerank_fail_open: bool = option(False, "when the reranker fails, serve first-stage results (reranked=false) "
                                            "instead of an error")
     admission: AdmissionConfig = option(factory=AdmissionConfig)
@@ -99,6 +103,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             self.rerankers = ReplicaPool(config.reranker_target, tls, config.tenant_spread, config.reranker_refresh_s,
                                          resolver).start()
         self.admission = Admission(config.admission, "gateway")
+        self.learned_weights = LearnedWeights(config.rerank_weight_ttl_s)
 
     async def downstreams_serving(self) -> bool:
         """The retriever, and the reranker unless reranking fails open, have a replica that serves."""
@@ -132,17 +137,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if depth > 0 and self.rerankers is None:
             response.rerank_skipped_reason = "no reranker configured on this gateway"
         elif depth > 0 and hits:
-            rerank_start = time.perf_counter()
-            weight = optional(first_stage, "rerank_weight")
-            try:
-                hits = await self._rerank(request, hits, depth, weight, context, caller)
-                response.reranked = True
-            except ServiceError as err:
-                if not self.config.rerank_fail_open:
-                    raise
-                response.rerank_skipped_reason = str(err)
-            response.timings.rerank_ms = elapsed_ms(rerank_start)
-            STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000)
+            weight, source = self._rerank_weight(request, first_stage, caller.tenant)
+            if weight == 0.0:
+                response.rerank_weight, response.rerank_weight_source = weight, source
+                response.rerank_skipped_reason = skipped_at_zero(source)
+            else:
+                hits = await self._rerank_stage(request, hits, depth, weight, source, context, caller, response)
         response.results.extend(hits[: request.top_k])
         response.timings.retrieve_ms = retrieve_ms
         response.timings.total_ms = elapsed_ms(start)
@@ -159,10 +159,52 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise downstream_error("retriever", err) from None
         return response
 
+    def _rerank_weight(self, request: search_pb2.SearchRequest, first_stage: retriever_pb2.RetrieveResponse,
+                       tenant: str) -> tuple[float | None, document_pb2.RerankWeightSource]:
+        """The request's weight, else the collection's fitted one, else the tenant's own as last learned (None:
+        not known here; the reranker applies its adapter's or its default model's)."""
+        requested, fitted = optional(request, "rerank_weight"), optional(first_stage, "rerank_weight")
+        if requested is not None:
+            return requested, document_pb2.RERANK_WEIGHT_SOURCE_REQUEST
+        if fitted is not None:
+            return fitted, document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION
+        return self.learned_weights.get(tenant) or (None, document_pb2.RERANK_WEIGHT_SOURCE_UNSPECIFIED)
+
+    async def _rerank_stage(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
+                            weight: float | None, source: document_pb2.RerankWeightSource, context: Context,
+                            caller: Caller, response: search_pb2.SearchResponse) -> list[search_pb2.SearchHit]:
+        """The reranked hits, with the weight used, its source and the stage's time recorded in `response`; the
+        hits as they were when the reranker fails and reranking fails open."""
+        start = time.perf_counter()
+        sent = weight if source in SENT_WEIGHTS else None  # a learned weight is the reranker's to apply
+        try:
+            reranked, answer = await self._rerank(request, hits, depth, sent, context, caller)
+        except ServiceError as err:
+            if not self.config.rerank_fail_open:
+                raise
+            response.rerank_skipped_reason = str(err)
+        else:
+            if sent is None:
+                source = answer.fusion_weight_source
+                self.learned_weights.put(caller.tenant, answer.fusion_weight, source)
+            response.rerank_weight, response.rerank_weight_source = answer.fusion_weight, source
+            if answer.fused and answer.fusion_weight == 0.0:  # the reranker kept the first stage's order
+                response.rerank_skipped_reason = skipped_at_zero(source)
+                for hit in hits[:depth]:
+                    hit.ClearField("rerank_score")
+                    hit.ClearField("rerank_model_score")
+            else:
+                hits = reranked
+                response.reranked = True
+        response.timings.rerank_ms = elapsed_ms(start)
+        STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000)
+        return hits
+
     async def _rerank(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
-                      weight: float | None, context: Context, caller: Caller) -> list[search_pb2.SearchHit]:
-        """The head reranked (fused with the first stage by the collection's fitted weight when it has one,
-        else by the reranker's own), then the rest in first-stage order."""
+                      weight: float | None, context: Context, caller: Caller
+                      ) -> tuple[list[search_pb2.SearchHit], reranker_pb2.RerankResponse]:
+        """The head reranked (fused with the first stage by `weight`, else by the reranker's own), then the rest
+        in first-stage order; and the reranker's answer."""
         assert self.rerankers is not None
         head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
@@ -179,7 +221,41 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             hit.rerank_model_score = ranked.model_score
             reordered.append(hit)
         # Candidates beyond the rerank depth keep their first-stage order, after the reranked ones.
-        return reordered + tail
+        return reordered + tail, response
+
+
+SENT_WEIGHTS = (document_pb2.RERANK_WEIGHT_SOURCE_REQUEST, document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION)
+WEIGHT_SOURCE_NAMES = {document_pb2.RERANK_WEIGHT_SOURCE_REQUEST: "asked for in the request",
+                       document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION: "fitted for the collection",
+                       document_pb2.RERANK_WEIGHT_SOURCE_ADAPTER: "the tenant's adapter",
+                       document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT: "the default model's"}
+
+
+def skipped_at_zero(source: document_pb2.RerankWeightSource) -> str:
+    return (f"reranker weight 0 ({WEIGHT_SOURCE_NAMES.get(source, 'unknown')}): the first stage's order stands; "
+            "set rerank_weight in the request to rerank anyway")
+
+
+class LearnedWeights:
+    """Each tenant's own reranker weight as the reranker last reported it, trusted for `ttl_s` (an operator's change
+    of an adapter or binding reaches the gateway within that). Bounded: past MAX_TENANTS entries it starts over."""
+
+    MAX_TENANTS = 10_000
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[float, document_pb2.RerankWeightSource, float]] = {}
+
+    def get(self, tenant: str) -> tuple[float, document_pb2.RerankWeightSource] | None:
+        known = self._known.get(tenant)
+        if known is None or known[2] < time.monotonic():
+            return None
+        return known[0], known[1]
+
+    def put(self, tenant: str, weight: float, source: document_pb2.RerankWeightSource) -> None:
+        if len(self._known) >= self.MAX_TENANTS and tenant not in self._known:
+            self._known.clear()
+        self._known[tenant] = (weight, source, time.monotonic() + self.ttl_s)
 
 
 class AdapterForwarder(adapter_pb2_grpc.AdapterServiceServicer):

@@ -138,6 +138,13 @@ def _search(request: Any) -> None:
     check_range("top_k", request.top_k, 1, MAX_TOP_K)
     check_range("rerank_depth", request.rerank_depth, 0, MAX_RERANK_DEPTH)
     check_tenant("tenant", request.tenant)
+    check_weight(request, "rerank_weight")
+
+
+def check_weight(request: Any, field: str) -> None:
+    """An optional weight, when set, is in 0..1 (NaN is not)."""
+    if request.HasField(field) and not 0.0 <= getattr(request, field) <= 1.0:
+        raise invalid(field, f"must be in 0..1, got {getattr(request, field)}")
 
 
 def _retrieve(request: Any) -> None:
@@ -172,8 +179,7 @@ def _rerank(request: Any) -> None:
     check_range("top_n", request.top_n, 0, MAX_DOCUMENTS_PER_REQUEST)
     if request.first_stage_scores and len(request.first_stage_scores) != len(request.documents):
         raise invalid("first_stage_scores", "must be empty or one per document")
-    if request.HasField("fusion_weight") and not 0.0 <= request.fusion_weight <= 1.0:
-        raise invalid("fusion_weight", f"must be in 0..1, got {request.fusion_weight}")
+    check_weight(request, "fusion_weight")
 
 
 def _load_adapter(request: Any) -> None:

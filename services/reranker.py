@@ -21,9 +21,9 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from common.device import set_cpu_threads
-from reranker.batcher import BatcherConfig, RerankBatcher
+from reranker.batcher import BatcherConfig, RerankBatcher, Scored
 from reranker.bindings import RegisteredTenants
-from reranker.engine import Reranker, RerankerConfig
+from reranker.engine import Reranker, RerankerConfig, WeightSource
 from reranker.errors import QueueFull, UnknownTenant
 from reranker.prompt import Prompt
 from reranker.registry import Binding, TenantLimits, open_store
@@ -70,6 +70,9 @@ MODEL_SECONDS = Histogram("reranker_model_seconds", "Forward-pass time of the ba
 DOCUMENTS = Counter("reranker_documents_total", "Documents reranked.")
 REQUEST_DOCUMENTS = Histogram("reranker_request_documents", "Documents per rerank request.", buckets=COUNT_BUCKETS)
 BATCH_REQUESTS = Histogram("reranker_batch_requests", "Requests per forward pass.", buckets=COUNT_BUCKETS)
+WEIGHT_SOURCES = {WeightSource.REQUEST: document_pb2.RERANK_WEIGHT_SOURCE_REQUEST,
+                  WeightSource.ADAPTER: document_pb2.RERANK_WEIGHT_SOURCE_ADAPTER,
+                  WeightSource.DEFAULT: document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT}
 BATCH_TOKENS = Histogram("reranker_batch_tokens", "Prompt tokens per forward pass.", buckets=TOKEN_BUCKETS)
 
 
@@ -163,30 +166,42 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
 
     async def Rerank(self, request: reranker_pb2.RerankRequest, context: Context) -> reranker_pb2.RerankResponse:
         start = time.perf_counter()
-        reranker, batcher = self.reranker, self.batcher
-        weight = optional(request, "fusion_weight")
+        reranker = self.reranker
         docs = [(d.title, d.text) for d in request.documents]
         # The tenant is resolved now (NOT_FOUND if unknown): the handle keeps its chain alive even if
         # the tenant is unloaded while the request waits in the queue.
         tenant = acting_tenant(request.tenant)  # on the loop: the caller is a context variable
         handle, prompt = await self.prepare.run(context, self._prepare, tenant, authenticated(), request.query, docs)
+        weight, source = reranker.fusion_weight(handle, optional(request, "fusion_weight"))
+        first_stage = list(request.first_stage_scores) or None
+        timings = document_pb2.Timings()
+        if weight == 0.0 and first_stage:  # the model's scores could not move anything: it does not run
+            ranking = reranker.ranked([0.0] * len(docs), first_stage, request.top_n or None, handle, weight)
+        else:
+            scored = await self._score(context, prompt, handle)
+            timings.queue_ms, timings.model_ms = scored.queue_ms, scored.model_ms
+            DOCUMENTS.inc(len(docs))
+            REQUEST_DOCUMENTS.observe(len(docs))
+            ranking = reranker.ranked(scored.scores, first_stage, request.top_n or None, handle, weight)
+        results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
+                                               model_score=r.model_score) for r in ranking.results]
+        timings.total_ms = elapsed_ms(start)
+        return reranker_pb2.RerankResponse(
+            results=results, timings=timings, model=handle.settings.model_name, fused=ranking.fused,
+            fusion_weight=weight if ranking.fused and weight is not None else 1.0,
+            fusion_weight_source=WEIGHT_SOURCES[source])
+
+    async def _score(self, context: Context, prompt: Prompt, handle: TenantHandle) -> Scored:
+        """The model's scores of one prompt, through the tenant-fair batcher (RESOURCE_EXHAUSTED when full)."""
         limits = self.registered.limits(handle.tenant)
         try:
-            scored = await within_deadline(context, batcher.submit(prompt, handle, handle.tenant, limits),
+            scored = await within_deadline(context, self.batcher.submit(prompt, handle, handle.tenant, limits),
                                            "waiting for the reranker")
         except QueueFull as full:
             raise Overloaded(str(full), self.config.retry_after_ms) from None
         QUEUE_SECONDS.observe(scored.queue_ms / 1000)
         MODEL_SECONDS.observe(scored.model_ms / 1000)
-        DOCUMENTS.inc(len(docs))
-        REQUEST_DOCUMENTS.observe(len(docs))
-        ranking = reranker.ranked(scored.scores, list(request.first_stage_scores) or None, request.top_n or None,
-                                  handle, weight)
-        results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
-                                               model_score=r.model_score) for r in ranking.results]
-        timings = document_pb2.Timings(total_ms=elapsed_ms(start), queue_ms=scored.queue_ms, model_ms=scored.model_ms)
-        return reranker_pb2.RerankResponse(results=results, timings=timings, model=handle.settings.model_name,
-                                           fused=ranking.fused)
+        return scored
 
     def _prepare(self, tenant: str, default_when_none: bool, query: str, docs: list[tuple[str, str]]
                  ) -> tuple[TenantHandle, Prompt]:

@@ -169,8 +169,10 @@ def test_isolation_matrix(stack: Stack, tenant: str) -> None:
     hits = r.Retrieve(retriever_pb2.RetrieveRequest(collection="docs", query="kittens purr", top_k=10), metadata=md,
                       timeout=30).results
     assert hits and {h.document.id.split("-")[0] for h in hits} == {tenant}
+    # A weight in the request: the server's default model (--adapter none) has weight 0 and would be skipped.
     reply = stack.gateway_stub().Search(search_pb2.SearchRequest(collection="docs", query="kittens", top_k=5,
-                                                                  rerank_depth=2), metadata=md, timeout=60)
+                                                                  rerank_depth=2, rerank_weight=0.5),
+                                        metadata=md, timeout=60)
     assert reply.reranked and {h.document.id.split("-")[0] for h in reply.results} == {tenant}
     listed = r.ListCollections(retriever_pb2.ListCollectionsRequest(), metadata=md, timeout=30).collections
     assert sorted(c.name for c in listed) == sorted(["docs", f"{tenant}-only"])

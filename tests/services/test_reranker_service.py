@@ -181,23 +181,33 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
 
 def test_collection_rerank_weight_reaches_the_reranker(server_factory, fixture_retriever, reranker_server):
     """A collection's fitted reranker weight travels from the retriever through the gateway to the reranker:
-    weight 0 serves the first-stage order, with the reranker's own scores still reported."""
+    weight 1 serves the reranker's own order, and the reply says which weight ranked it and where it came from
+    (weight 0, which skips the reranker: tests/services/test_operations.py)."""
     gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
                                                   "--reranker-target", reranker_server.target]).start()
     stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
     settings = retriever_pb2_grpc.RetrieverServiceStub(fixture_retriever.channel())
     settings.UpdateCollection(retriever_pb2.UpdateCollectionRequest(
-        collection="c", fusion=retriever_pb2.FusionParams(rerank_weight=0.0)), timeout=30)
+        collection="c", fusion=retriever_pb2.FusionParams(rerank_weight=1.0)), timeout=30)
     try:
-        first = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8), timeout=60)
         reranked = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8, rerank_depth=5),
                                timeout=120)
-        assert reranked.reranked
-        assert [h.document.id for h in reranked.results] == [h.document.id for h in first.results]
-        assert len({h.rerank_model_score for h in reranked.results[:5]}) > 1
+        assert reranked.reranked and reranked.rerank_weight == 1.0
+        assert reranked.rerank_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION
+        model = [h.rerank_model_score for h in reranked.results[:5]]
+        assert model == sorted(model, reverse=True) and len(set(model)) > 1
     finally:
         settings.UpdateCollection(retriever_pb2.UpdateCollectionRequest(
             collection="c", fusion=retriever_pb2.FusionParams()), timeout=30)
+    # At weight 0 the model could not move anything: it does not run, and the first stage's order stands.
+    first_stage = [float(len(fixture_documents()) - i) for i in range(len(fixture_documents()))]
+    kept = rerank(reranker_server, fusion_weight=0.0, first_stage_scores=first_stage)
+    assert [r.index for r in kept.results] == list(range(len(first_stage)))
+    assert kept.fused and kept.fusion_weight == 0.0 and kept.timings.model_ms == 0
+    assert kept.fusion_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_REQUEST
+    assert {r.model_score for r in kept.results} == {0.0}
+    own = rerank(reranker_server, first_stage_scores=first_stage)  # the default model's calibrated weight
+    assert own.fusion_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT and own.timings.model_ms > 0
     with pytest.raises(grpc.RpcError) as info:
         rerank(reranker_server, fusion_weight=1.5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
