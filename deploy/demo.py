@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from common.beir import load_qrels, split_queries
 from common.report import text_table
-from deploy.eval import ranked_run
+from deploy.eval import ranked_run, skipped_at_zero
 from services.gen.retrieval.v1 import document_pb2, search_pb2, search_pb2_grpc
 from services.server import GRPC_OPTIONS
 
@@ -90,9 +90,11 @@ async def _search_each(target: str, requests: Mapping[tuple[str, str], search_pb
 
 
 def collect(gateway: str, collection: str, queries: Mapping[str, str], reranked: Sequence[str], depth: int,
-            timings: dict[str, float] | None = None) -> Rankings:
+            timings: dict[str, float] | None = None, notes: set[str] | None = None) -> Rankings:
     """Top 10 of every first stage for every query; reranked (hybrid top `depth` reranked) for the `reranked` query
-    ids, unless depth is 0. `timings` gets each pass's wall time in seconds."""
+    ids, unless depth is 0 or the weight that applies is 0. `timings` gets each pass's wall time in seconds,
+    `notes` why reranking was skipped."""
+    notes = set() if notes is None else notes
     def request(text: str, mode: document_pb2.RetrievalMode, rerank_depth: int = 0) -> search_pb2.SearchRequest:
         return search_pb2.SearchRequest(collection=collection, query=text, top_k=TOP, mode=mode,
                                         rerank_depth=rerank_depth)
@@ -108,10 +110,16 @@ def collect(gateway: str, collection: str, queries: Mapping[str, str], reranked:
         replies = asyncio.run(_search_each(gateway, requests, concurrency, label))
         if timings is not None:
             timings[label] = time.perf_counter() - start
-        skipped = [reply.rerank_skipped_reason for reply in replies.values() if reply.rerank_skipped_reason]
-        if skipped:  # a fail-open gateway answers with the first stage: that must not be scored as reranked
+        # A fail-open gateway answers with the first stage: that must not be scored as reranked. A weight of 0
+        # (the collection's or the default) skips the reranker on purpose: that is what is served.
+        skipped = [reply.rerank_skipped_reason for reply in replies.values()
+                   if reply.rerank_skipped_reason and not skipped_at_zero(reply)]
+        if skipped:
             raise RuntimeError(f"the gateway did not rerank {len(skipped)} of {len(replies)} queries: {skipped[0]}")
         for (stage, qid), reply in replies.items():
+            if skipped_at_zero(reply):  # served = the first stage: there is no reranked stage to show
+                notes.add(reply.rerank_skipped_reason)
+                continue
             rankings.setdefault(stage, {})[qid] = list(reply.results)
     return rankings
 
@@ -173,8 +181,11 @@ def show_quality(gateway: str, collection: str, data: Path, depth: int, sample_s
     qrels = load_qrels(data, "test")
     sample = Sample.every_kth(list(queries), sample_size)
     timings: dict[str, float] = {}
-    rankings = collect(gateway, collection, queries, sample.query_ids, depth, timings)
+    notes: set[str] = set()
+    rankings = collect(gateway, collection, queries, sample.query_ids, depth, timings, notes)
     per_query = {stage: ndcg_per_query(qrels, ranking) for stage, ranking in rankings.items()}
+    for note in sorted(notes):
+        out(f"\nnot reranked at default settings: {note} (docs/quality.md)")
     out(f"\nnDCG@10 on {data.name} test, collection {collection} (reranked: hybrid top {depth} reranked, as served)")
     out(quality_table(per_query, sample))
     if RERANKED in per_query:

@@ -84,9 +84,14 @@ async def rerank_one(stub: Any, collection: str, qid: str, text: str, depth: int
     if reply.reranked:
         runs.add(f"reranker alone (depth {depth})", qid, ranked_run(reranker_alone(reply.results, depth)))
         runs.rerank_ms.append(reply.timings.rerank_ms)
-    elif weight != 0.0:  # only a weight of 0 skips reranking on purpose
+    elif not skipped_at_zero(reply):  # only a weight of 0 skips reranking on purpose
         raise RuntimeError(f"gateway did not rerank: {reply.rerank_skipped_reason}")
     runs.add(SERVED, qid, ranked_run(reply.results))
+
+
+def skipped_at_zero(reply: search_pb2.SearchResponse) -> bool:
+    """Reranking skipped on purpose: the weight that applied was 0."""
+    return not reply.reranked and reply.HasField("rerank_weight") and reply.rerank_weight == 0.0
 
 
 def ranked_run(hits: Sequence[search_pb2.SearchHit]) -> dict[str, float]:

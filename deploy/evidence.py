@@ -12,13 +12,16 @@ The served ranking at weight w is the reranked head ordered by w·minmax(reranke
 (reranker.ranking.fuse, as the reranker serves it), then the first-stage tail; w = 0 is the first stage.
 `choose` picks the weight that maximises the worst tuning collection's nDCG@10 gain over its first stage
 (ties: the smaller weight), checks the rule by holding each tuning collection out in turn (its weight chosen
-on the others alone), and keeps the weight only if no held-out collection loses; otherwise the default is 0.
+on the others alone), and keeps the weight only if every held-out collection's gain has a paired-bootstrap 95%
+interval above 0 (the bar deploy.fit_fusion sets for a collection's own weight: a default, which applies where
+nothing was measured, needs no less); otherwise the default is 0. The reranker's --default-fusion-weight takes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -63,13 +66,18 @@ class Evidence:
 
     @staticmethod
     def load(path: Path) -> Evidence:
-        raw = json.loads(path.read_text())
+        """From JSON, gzipped when the name ends in .gz."""
+        raw = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
         return Evidence(raw["collection"], raw["split"], raw["depth"], raw["qrels"],
                         {q: Candidates(**c) for q, c in raw["queries"].items()})
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)) + "\n")
+        text = json.dumps(asdict(self)) + "\n"
+        if path.suffix == ".gz":
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
 
     @property
     def name(self) -> str:
@@ -155,12 +163,12 @@ def choose(tune: Sequence[Evidence], measure: Sequence[Evidence]) -> dict[str, A
         held_out.append({"held_out": evidence.name, "weight_from_the_others": weight, "queries":
                          len(evidence.queries), "gain": asdict(interval)})
     pooled = maximin_weight(list(gains.values()))
-    never_worse = all(row["gain"]["mean"] >= 0.0 for row in held_out)
-    default = pooled if never_worse else 0.0
+    above_noise = all(row["gain"]["low"] > 0.0 for row in held_out)
+    default = pooled if above_noise else 0.0
     measured = [{"collection": e.name, "queries": len(e.queries),
                  "gain": asdict(paired_bootstrap(served_minus_first_stage(e, default))),
                  "grid": mean_gains(e)} for e in measure]
-    return {"default_weight": default, "maximin_weight_of_all_tuning": pooled, "held_out_never_worse": never_worse,
+    return {"default_weight": default, "maximin_weight_of_all_tuning": pooled, "held_out_gains_above_noise": above_noise,
             "leave_one_out": held_out, "tuning_grids": gains, "measured_at_default": measured}
 
 
@@ -172,11 +180,13 @@ def report(result: dict[str, Any]) -> str:
                       ("gain over first stage [95%]", "")],
                      [[r["held_out"], r["queries"], r["weight_from_the_others"], gain(r)]
                       for r in result["leave_one_out"]])
+    verdict = (f"default weight {result['default_weight']:.2f} (maximin over every tuning collection "
+               f"{result['maximin_weight_of_all_tuning']:.2f}; every held-out gain's interval above 0: "
+               f"{result['held_out_gains_above_noise']})")
+    if not result["measured_at_default"]:
+        return f"{loo}\n\n{verdict}"
     measured = text_table([("measured at the default", ""), ("queries", "d"), ("gain over first stage [95%]", "")],
                           [[r["collection"], r["queries"], gain(r)] for r in result["measured_at_default"]])
-    verdict = (f"default weight {result['default_weight']:.2f} (maximin over every tuning collection "
-               f"{result['maximin_weight_of_all_tuning']:.2f}; held-out collections never worse: "
-               f"{result['held_out_never_worse']})")
     return f"{loo}\n\n{verdict}\n\n{measured}"
 
 
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     pick = commands.add_parser("choose", help="the default weight by leave-one-collection-out")
     pick.add_argument("--tune", type=Path, nargs="+", required=True, help="evidence of train/dev splits")
     pick.add_argument("--measure", type=Path, nargs="*", default=[], help="evidence to measure at the choice")
-    pick.add_argument("--out", type=Path, default=None)
+    pick.add_argument("--out", type=Path, default=None, help="JSON, with a PNG of every gain curve beside it")
     args = parser.parse_args(argv)
     if args.command == "collect":
         only = set(json.loads(args.only_queries_of.read_text())["dev_query_ids"]) if args.only_queries_of else None
@@ -251,8 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        plot(result, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Mean nDCG@10 gain over the first stage against the weight: tuning collections solid, measured ones dashed,
+    the chosen default as a vertical line."""
+    from common.plots import figure
+
+    with figure(path, (8, 4.5)) as ax:
+        curves = [(name, grid, "-") for name, grid in result["tuning_grids"].items()]
+        curves += [(row["collection"], row["grid"], "--") for row in result["measured_at_default"]]
+        for name, grid, style in curves:
+            ax.plot([float(w) for w in grid], list(grid.values()), style, marker=".", label=name)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.axvline(result["default_weight"], color="black", linestyle=":", label="default")
+        ax.set_xlabel("reranker weight (0: first stage, 1: reranker alone)")
+        ax.set_ylabel("nDCG@10 gain over the first stage")
+        ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

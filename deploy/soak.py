@@ -51,7 +51,7 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
-from services.run import Process, start, stop_all
+from services.run import RERANK_BY_DEFAULT, Process, start, stop_all
 
 COLLECTION = "soak"
 TENANTS = ("soak-a", "soak-b")  # registered for the whole run
@@ -91,7 +91,7 @@ def start_stack(args: argparse.Namespace, work: Path) -> list[Process]:
     retriever = start("retriever", "services.retriever", ["--data-dir", str(work / "data")], port + 1, logs)
     reranker = start("reranker", "services.reranker", [
         "--adapters-root", str(work / "adapters"), "--tenants-store", f"file:{work / 'tenants.json'}",
-        "--block-tokens", "64", "--equivalence", "off"], port + 2, logs)
+        "--block-tokens", "64", "--equivalence", "off", *RERANK_BY_DEFAULT], port + 2, logs)
     for proc in (retriever, reranker):
         wait_for_serving(proc.target, timeout=900, alive=proc.alive)
     gateway = start("gateway", "services.gateway", ["--retriever-target", retriever.target,

@@ -45,6 +45,10 @@ from reranker.zoo import BlockZoo
 log = logging.getLogger(__name__)
 
 DocumentInput = str | tuple[str, str]  # text, or (title, text)
+# Chosen by `python -m deploy.evidence choose` (docs/quality.md, "The reranker: never worse by default"): no weight
+# gains over the hybrid first stage beyond noise on every tuning collection held out in turn, so by default the
+# reranker does not run; a fitted collection weight, a tenant's adapter or a request's weight turns it on.
+DEFAULT_FUSION_WEIGHT = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class RerankerConfig:
     max_query_tokens: int = 128
     scoring_layer: int = -1  # -1: the adapter's (or the model's scoring file), else the middle layer
     scoring_heads: tuple[int, ...] = ()  # empty: from the adapter or scoring file, else all heads
+    # For callers without an adapter of their own on collections without a fitted weight:
+    default_fusion_weight: float = DEFAULT_FUSION_WEIGHT  # 0 skips reranking; below 0: the adapter's own weight
     max_documents: int = 500
     max_document_tokens: int = 8192  # longer documents are refused, not silently cut
     max_query_chars: int = 8192
@@ -105,7 +111,8 @@ class Reranker:
         self.tenants = self._registry()
         self.adapter = resolve_startup_adapter(config.adapter, self.lm.name)
         base = settings_from_meta(base_scoring(self.lm.name), self.lm.name, self.forward.num_layers)
-        overrides = ScoringOverrides(config.scoring_layer, config.scoring_heads, config.block_tokens)
+        overrides = ScoringOverrides(config.scoring_layer, config.scoring_heads, config.block_tokens,
+                                     config.default_fusion_weight)
         self.tenants.set_default(self.adapter, base, overrides)
         settings = self.tenants.settings(DEFAULT_TENANT)
         log.info("reranker %s: scoring layer %d/%d, heads %s, block %d tokens, fusion weight %s",

@@ -65,6 +65,7 @@ class ScoringOverrides:
     layer: int = -1
     heads: tuple[int, ...] = ()
     block_tokens: int = 0
+    fusion_weight: float = -1.0  # below 0: the adapter's (or the base model's) own
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class TenantRegistry:
             spec = ScoringSpec(layer=overrides.layer if overrides.layer >= 0 else own.spec.layer,
                                heads=overrides.heads or own.spec.heads,
                                block_tokens=overrides.block_tokens or own.spec.block_tokens)
-            self._settings[DEFAULT_TENANT] = TenantSettings(spec, own.fusion_weight, own.model_name)
+            weight = overrides.fusion_weight if overrides.fusion_weight >= 0 else own.fusion_weight
+            self._settings[DEFAULT_TENANT] = TenantSettings(spec, weight, own.model_name)
         if adapter is not None:
             self._schedule_check(DEFAULT_TENANT)
 

@@ -185,10 +185,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             response.rerank_skipped_reason = str(err)
         else:
             if sent is None:
-                source = answer.fusion_weight_source
-                self.learned_weights.put(caller.tenant, answer.fusion_weight, source)
-            response.rerank_weight, response.rerank_weight_source = answer.fusion_weight, source
-            if answer.fused and answer.fusion_weight == 0.0:  # the reranker kept the first stage's order
+                source = answer.fusion_weight_source  # UNSPECIFIED from a reranker that does not say
+                if source in LEARNED_WEIGHTS:
+                    self.learned_weights.put(caller.tenant, answer.fusion_weight, source)
+            if source != document_pb2.RERANK_WEIGHT_SOURCE_UNSPECIFIED:
+                response.rerank_weight, response.rerank_weight_source = answer.fusion_weight, source
+            if source in LEARNED_WEIGHTS and answer.fused and answer.fusion_weight == 0.0:  # first stage's order kept
                 response.rerank_skipped_reason = skipped_at_zero(source)
                 for hit in hits[:depth]:
                     hit.ClearField("rerank_score")
@@ -225,6 +227,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
 
 SENT_WEIGHTS = (document_pb2.RERANK_WEIGHT_SOURCE_REQUEST, document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION)
+LEARNED_WEIGHTS = (document_pb2.RERANK_WEIGHT_SOURCE_ADAPTER, document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT)
 WEIGHT_SOURCE_NAMES = {document_pb2.RERANK_WEIGHT_SOURCE_REQUEST: "asked for in the request",
                        document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION: "fitted for the collection",
                        document_pb2.RERANK_WEIGHT_SOURCE_ADAPTER: "the tenant's adapter",

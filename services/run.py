@@ -23,6 +23,11 @@ from common.beir import count_corpus
 from common.paths import REPO_ROOT, SCIFACT, SHARED_DATA, VAR_DIR
 from services.client import collection_size, ingest_corpus, wait_for_serving
 
+# Reranker flags for a stack that exists to measure the reranking stage (capacity, load and soak runs, the tests of
+# the pipeline): the default model serves its adapter's own weight, so default-tenant searches rerank; the
+# shipped default weight (0) would skip them.
+RERANK_BY_DEFAULT = ["--default-fusion-weight", "-1"]
+
 
 @dataclass
 class Process:
@@ -92,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]]:
     """The retriever, the reranker (unless --no-reranker) and the gateway, last; for --capacity with metrics
-    ports (base + 10..12) and the capacity run's admission limits. Returns them and the metrics ports."""
+    ports (base + 10..12) and the capacity run's admission limits, and for --capacity and --loadtest a reranker
+    that reranks by default. Returns them and the metrics ports."""
     logs = args.var_dir / "logs"
     metrics = {name: args.base_port + 10 + i for i, name in enumerate(("gateway", "retriever", "reranker"))} \
         if args.capacity else {}
@@ -104,7 +110,8 @@ def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]
                                                            *extra.get("retriever", [])], args.base_port + 1, logs)]
     gateway_args = ["--retriever-target", processes[0].target, *extra.get("gateway", [])]
     if not args.no_reranker:
-        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter,
+        measured = RERANK_BY_DEFAULT if args.capacity or args.loadtest else []  # they size the reranking stage
+        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter, *measured,
                                                                  *extra.get("reranker", [])], args.base_port + 2, logs))
         gateway_args += ["--reranker-target", processes[-1].target]
     processes.append(start("gateway", "services.gateway", gateway_args, args.base_port, logs))
@@ -160,19 +167,23 @@ def ensure_ingested(target: str, collection: str, data: Path) -> None:
 
 
 def run_eval(retriever: str, gateway: str, args: argparse.Namespace) -> int:
-    from deploy.eval import evaluate, table
+    from deploy.eval import evaluate, summary_table, table
 
     depth = 0 if args.no_reranker else args.rerank_depth
     collections = args.eval_data or sorted(p for p in SHARED_DATA.iterdir()
                                            if (p / "qrels" / f"{args.eval_split}.tsv").is_file())
     args.eval.mkdir(parents=True, exist_ok=True)
+    results = []
     for data in collections:
         ensure_ingested(retriever, data.name, data)
-        result = evaluate(gateway, data, data.name, args.eval_split, depth)
-        print(f"\n{data.name} ({args.eval_split}, {result['queries']} queries)\n{table(result['results'])}")
+        results.append(evaluate(gateway, data, data.name, args.eval_split, depth))
+        print(f"\n{data.name} ({args.eval_split}, {results[-1]['queries']} queries)\n{table(results[-1]['results'])}")
         out = args.eval / f"{data.name}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(results[-1], indent=2) + "\n")
         print(f"wrote {out}")
+    summary = summary_table(results)
+    (args.eval / "summary.txt").write_text(summary + "\n")
+    print(f"\nnDCG@10, default settings, {args.eval_split} splits\n{summary}\nwrote {args.eval / 'summary.txt'}")
     return 0
 
 

@@ -51,17 +51,18 @@ def test_a_collection_the_reranker_hurts_drives_the_default_to_0() -> None:
     good = collection("good", 20, relevant_rank=2, model_likes_relevant=True)
     bad = collection("bad", 20, relevant_rank=0, model_likes_relevant=False)
     result = choose([good, bad], [])
+    assert "default weight 0.00" in evidence.report(result)
     by_held_out = {row["held_out"]: row for row in result["leave_one_out"]}
     assert by_held_out["bad dev"]["weight_from_the_others"] == 0.2  # the smallest weight with good's full gain
     assert by_held_out["bad dev"]["gain"]["mean"] < 0  # ...which the held-out collection pays for
-    assert not result["held_out_never_worse"] and result["default_weight"] == 0.0
+    assert not result["held_out_gains_above_noise"] and result["default_weight"] == 0.0
 
 
 def test_collections_it_helps_get_the_smallest_weight_with_the_full_gain() -> None:
     tune = [collection("a", 20, 2, True), collection("b", 15, 2, True)]
     measured = collection("m", 10, 2, True, split="test")
     result = choose(tune, [measured])
-    assert result["held_out_never_worse"] and result["default_weight"] == 0.2
+    assert result["held_out_gains_above_noise"] and result["default_weight"] == 0.2
     gain = result["measured_at_default"][0]["gain"]
     assert gain["low"] == pytest.approx(1 - 1 / math.log2(4))  # rank 3 -> rank 1 for every query
     assert "default weight 0.20" in evidence.report(result)
@@ -80,8 +81,20 @@ def test_fit_stores_a_weight_only_when_its_gain_is_above_noise() -> None:
 
 
 def test_choosing_on_a_test_split_is_refused(tmp_path) -> None:
-    path = tmp_path / "t.json"
+    path = tmp_path / "t.json.gz"
     collection("t", 3, 2, True, split="test").save(path)
     assert Evidence.load(path).queries == collection("t", 3, 2, True, split="test").queries
     with pytest.raises(SystemExit):
         evidence.main(["choose", "--tune", str(path)])
+
+
+def test_a_held_out_gain_within_its_noise_is_not_enough() -> None:
+    """Both collections gain on average at 0.2, but one only as 6 queries up and 5 down: its interval spans 0."""
+    helped = collection("a", 20, 2, True)
+    up, down = collection("b", 6, 2, True), collection("b-down", 5, 0, False)
+    mixed = Evidence("b", "dev", RANKS, {**up.qrels, **{f"x{q}": r for q, r in down.qrels.items()}},
+                     {**up.queries, **{f"x{q}": c for q, c in down.queries.items()}})
+    result = choose([helped, mixed], [])
+    row = {r["held_out"]: r for r in result["leave_one_out"]}["b dev"]
+    assert row["gain"]["mean"] > 0 > row["gain"]["low"]
+    assert result["default_weight"] == 0.0

@@ -34,6 +34,7 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
+from services.run import RERANK_BY_DEFAULT
 from tests.conftest import FIXTURE_DOCS, Server, free_port, ingest_fixture
 
 pytestmark = pytest.mark.integration
@@ -74,7 +75,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     retriever = Server("services.retriever", ["--data-dir", str(tmp / "data"), "--metrics-port",
                                               str(ports["retriever"])], log_path=tmp / "retriever.log").start()
     ingest_fixture(retriever.target)
-    reranker = Server("services.reranker", ["--block-tokens", "64", "--metrics-port", str(ports["reranker"])],
+    reranker = Server("services.reranker", ["--block-tokens", "64", "--metrics-port", str(ports["reranker"]),
+                                            *RERANK_BY_DEFAULT],
                       log_path=tmp / "reranker.log").start()
     gateway = Server("services.gateway", ["--retriever-target", retriever.target, "--reranker-target",
                                           reranker.target, "--metrics-port", str(ports["gateway"])],
@@ -373,7 +375,8 @@ def test_gateway_keeps_answering_when_a_reranker_replica_dies(stack: Stack, serv
     """Two reranker replicas behind one gateway, the default tenant spread over both (--tenant-spread 2): calls go
     to both; one is SIGKILLed mid-traffic and not one Search fails (the call that found it down moves on)."""
     port = free_port()
-    replica = server_factory("services.reranker", ["--block-tokens", "64", "--metrics-port", str(port)]).start()
+    replica = server_factory("services.reranker", ["--block-tokens", "64", "--metrics-port", str(port),
+                                                   *RERANK_BY_DEFAULT]).start()
     gateway = server_factory("services.gateway", ["--retriever-target", stack.retriever.target, "--reranker-target",
                                                   f"{stack.reranker.target},{replica.target}",
                                                   "--tenant-spread", "2"]).start()
@@ -412,9 +415,9 @@ def test_a_weight_of_zero_skips_the_reranker_and_every_reply_says_which_weight(s
     search = search_pb2_grpc.SearchServiceStub(stack.gateway.channel()).Search
     reranker_port = stack.ports["reranker"]
 
-    def one(collection: str = "c", tenant: str = "", **weight: float) -> search_pb2.SearchResponse:
+    def one(collection: str = "c", tenant: str = "", rerank_weight: float | None = None) -> search_pb2.SearchResponse:
         return search(search_pb2.SearchRequest(collection=collection, query="blood sugar", top_k=4, rerank_depth=4,
-                                               tenant=tenant, **weight), timeout=60)
+                                               tenant=tenant, rerank_weight=rerank_weight), timeout=60)
 
     first_stage = [h.document.id for h in search(search_pb2.SearchRequest(
         collection="c", query="blood sugar", top_k=4), timeout=60).results]

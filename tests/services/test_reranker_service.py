@@ -124,8 +124,9 @@ def test_gateway_reranks_through_the_reranker(server_factory, fixture_retriever,
                                                   "--reranker-target", reranker_server.target]).start()
     stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
     first = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8), timeout=60)
-    reranked = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8, rerank_depth=5),
-                           timeout=120)
+    # A weight in the request (the server's default model has the shipped default, 0, and would be skipped).
+    reranked = stub.Search(search_pb2.SearchRequest(collection="c", query="insulin", top_k=8, rerank_depth=5,
+                                                    rerank_weight=0.5), timeout=120)
     assert reranked.reranked and reranked.timings.rerank_ms > 0
     head = {h.document.id for h in first.results[:5]}
     assert {h.document.id for h in reranked.results[:5]} == head, "reranking reorders the top-5 only"
@@ -156,7 +157,8 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
     gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
                                                   "--reranker-target", reranker_server.target]).start()
     stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
-    request = search_pb2.SearchRequest(collection="c", query="insulin and blood sugar", top_k=8, rerank_depth=8)
+    request = search_pb2.SearchRequest(collection="c", query="insulin and blood sugar", top_k=8, rerank_depth=8,
+                                       rerank_weight=0.5)
     reasons = []
     # The deadline is placed from the previous call's timings; a machine whose speed varies (a cold first
     # call, a busy neighbour) can move a stage past it, so a few attempts are allowed.
@@ -206,8 +208,9 @@ def test_collection_rerank_weight_reaches_the_reranker(server_factory, fixture_r
     assert kept.fused and kept.fusion_weight == 0.0 and kept.timings.model_ms == 0
     assert kept.fusion_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_REQUEST
     assert {r.model_score for r in kept.results} == {0.0}
-    own = rerank(reranker_server, first_stage_scores=first_stage)  # the default model's calibrated weight
-    assert own.fusion_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT and own.timings.model_ms > 0
+    own = rerank(reranker_server, first_stage_scores=first_stage)  # the default model's weight: 0 as shipped
+    assert own.fusion_weight_source == document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT and own.fusion_weight == 0.0
+    assert own.timings.model_ms == 0
     with pytest.raises(grpc.RpcError) as info:
         rerank(reranker_server, fusion_weight=1.5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -16,6 +16,7 @@ from deploy import demo
 from services import run
 from services.client import search
 from services.gen.retrieval.v1 import document_pb2
+from services.run import RERANK_BY_DEFAULT
 from tests.conftest import FIXTURE_DOCS
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def side_by_side_cells(lines: list[str]) -> dict[str, list[tuple[str, bool]]]:
 
 
 def test_quality_table_and_example_match_an_independent_scoring(server_factory, fixture_retriever, tmp_path):
-    reranker = server_factory("services.reranker", ["--block-tokens", "64"]).start()
+    reranker = server_factory("services.reranker", ["--block-tokens", "64", *RERANK_BY_DEFAULT]).start()
     gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
                                                   "--reranker-target", reranker.target]).start()
     lines: list[str] = []
