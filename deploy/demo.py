@@ -90,14 +90,17 @@ async def _search_each(target: str, requests: Mapping[tuple[str, str], search_pb
 
 
 def collect(gateway: str, collection: str, queries: Mapping[str, str], reranked: Sequence[str], depth: int,
-            timings: dict[str, float] | None = None, notes: set[str] | None = None) -> Rankings:
+            timings: dict[str, float] | None = None, notes: set[str] | None = None,
+            rerank_weight: float | None = None) -> Rankings:
     """Top 10 of every first stage for every query; reranked (hybrid top `depth` reranked) for the `reranked` query
     ids, unless depth is 0 or the weight that applies is 0. `timings` gets each pass's wall time in seconds,
-    `notes` why reranking was skipped."""
+    `notes` why reranking was skipped; `rerank_weight`, when given, is asked for in the reranked searches."""
     notes = set() if notes is None else notes
+
     def request(text: str, mode: document_pb2.RetrievalMode, rerank_depth: int = 0) -> search_pb2.SearchRequest:
+        weight = rerank_weight if rerank_depth else None
         return search_pb2.SearchRequest(collection=collection, query=text, top_k=TOP, mode=mode,
-                                        rerank_depth=rerank_depth)
+                                        rerank_depth=rerank_depth, rerank_weight=weight)
 
     first = {(stage, qid): request(text, mode) for stage, mode in FIRST_STAGES.items() for qid, text in queries.items()}
     passes = [("first stages", first, FIRST_STAGE_CONCURRENCY)]
@@ -175,18 +178,19 @@ def paired_difference(better: Mapping[str, float], base: Mapping[str, float], qu
 
 
 def show_quality(gateway: str, collection: str, data: Path, depth: int, sample_size: int,
-                 out: Callable[[str], None] = print) -> str:
+                 out: Callable[[str], None] = print, rerank_weight: float | None = None) -> str:
     """The quality table over the test queries, then the typical sample query side by side; returns its id."""
     queries = split_queries(data, "test")
     qrels = load_qrels(data, "test")
     sample = Sample.every_kth(list(queries), sample_size)
     timings: dict[str, float] = {}
     notes: set[str] = set()
-    rankings = collect(gateway, collection, queries, sample.query_ids, depth, timings, notes)
+    rankings = collect(gateway, collection, queries, sample.query_ids, depth, timings, notes, rerank_weight)
     per_query = {stage: ndcg_per_query(qrels, ranking) for stage, ranking in rankings.items()}
     for note in sorted(notes):
         out(f"\nnot reranked at default settings: {note} (docs/quality.md)")
-    out(f"\nnDCG@10 on {data.name} test, collection {collection} (reranked: hybrid top {depth} reranked, as served)")
+    served = f" (reranked: hybrid top {depth} reranked, as served)" if RERANKED in per_query else ""
+    out(f"\nnDCG@10 on {data.name} test, collection {collection}{served}")
     out(quality_table(per_query, sample))
     if RERANKED in per_query:
         out(f"sampled: {sample.rule()}; every stage is scored on them too, like for like")
@@ -215,8 +219,9 @@ def show_example(query_id: str, query: str, rankings: Rankings, per_query: Mappi
     out("nDCG@10  " + "  ".join(f"{stage} {scores[query_id]:.3f}" for stage, scores in per_query.items()))
 
 
-def show_query(gateway: str, collection: str, query: str, depth: int, out: Callable[[str], None] = print) -> None:
+def show_query(gateway: str, collection: str, query: str, depth: int, out: Callable[[str], None] = print,
+               rerank_weight: float | None = None) -> None:
     """A user's own query (nothing judged): every stage side by side."""
-    rankings = collect(gateway, collection, {"query": query}, ["query"], depth)
+    rankings = collect(gateway, collection, {"query": query}, ["query"], depth, rerank_weight=rerank_weight)
     out(f"\nquery: {query}")
     out(side_by_side({stage: ranking["query"] for stage, ranking in rankings.items()}, set()))

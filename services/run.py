@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="your own query, every stage side by side (default: nDCG@10 of each stage over the "
                              "test queries, then a typical test query side by side, judged documents marked)")
     parser.add_argument("--rerank-depth", type=int, default=20)
+    parser.add_argument("--rerank-weight", type=float, default=None,
+                        help="the reranker's weight the demo's reranked searches ask for (default: the served one; "
+                             "0 as shipped, which skips the reranker)")
     parser.add_argument("--rerank-sample", type=int, default=30, metavar="N",
                         help="test queries the reranked stage is scored on: N, one in every len/N in the qrels "
                              "file's order (2-9 s each on a 2-core CPU); the first stages are scored on all")
@@ -213,9 +216,10 @@ def show_stages(gateway: str, args: argparse.Namespace) -> None:
 
     depth = 0 if args.no_reranker else args.rerank_depth
     if args.query:
-        demo.show_query(gateway, args.collection, args.query, depth)
+        demo.show_query(gateway, args.collection, args.query, depth, rerank_weight=args.rerank_weight)
     else:
-        demo.show_quality(gateway, args.collection, args.data, depth, args.rerank_sample)
+        demo.show_quality(gateway, args.collection, args.data, depth, args.rerank_sample,
+                          rerank_weight=args.rerank_weight)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_bootstrap_interval_of_a_constant_is_the_constant() -> None:
 
 def test_bootstrap_interval_matches_the_normal_approximation() -> None:
     values = np.random.default_rng(3).normal(0.0, 0.2, 400)
-    interval = paired_bootstrap(values)
+    interval = paired_bootstrap(values.tolist())
     half_width = 1.96 * values.std(ddof=1) / math.sqrt(values.size)  # the mean's 95% interval, large sample
     assert interval.low < interval.mean < interval.high
     assert (interval.high - interval.low) / 2 == pytest.approx(half_width, rel=0.1)
