@@ -186,7 +186,8 @@ def run_eval(retriever: str, gateway: str, args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     summary = summary_table(results)
     (args.eval / "summary.txt").write_text(summary + "\n")
-    print(f"\nnDCG@10, default settings, {args.eval_split} splits\n{summary}\nwrote {args.eval / 'summary.txt'}")
+    (args.eval / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nnDCG@10, default settings, {args.eval_split} splits\n{summary}\nwrote {args.eval}/summary.txt, .json")
     return 0
 
 
