@@ -184,7 +184,7 @@ def test_gateway_deadline_trips_on_the_server(server_factory, fixture_retriever,
 def test_collection_rerank_weight_reaches_the_reranker(server_factory, fixture_retriever, reranker_server):
     """A collection's fitted reranker weight travels from the retriever through the gateway to the reranker:
     weight 1 serves the reranker's own order, and the reply says which weight ranked it and where it came from
-    (weight 0, which skips the reranker: tests/services/test_operations.py)."""
+    (weight 0, which skips the reranker: tests/services/test_rerank_path.py)."""
     gateway = server_factory("services.gateway", ["--retriever-target", fixture_retriever.target,
                                                   "--reranker-target", reranker_server.target]).start()
     stub = search_pb2_grpc.SearchServiceStub(gateway.channel())
