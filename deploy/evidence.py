@@ -26,6 +26,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,16 @@ class Evidence:
     def name(self) -> str:
         return f"{self.collection} {self.split}"
 
+    @cached_property
+    def judged(self) -> Qrels:
+        """The judgments of the queries collected."""
+        return {q: rel for q, rel in self.qrels.items() if q in self.queries}
+
+    @cached_property
+    def first_stage_ndcg(self) -> dict[str, float]:
+        """Per judged query, the first stage's nDCG@10: computed once, compared at every weight."""
+        return per_query_ndcg(self.judged, {q: as_run(c.ids) for q, c in self.queries.items()})
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -134,10 +145,9 @@ def paired_bootstrap(differences: Sequence[float], resamples: int = BOOTSTRAP_RE
 
 def served_minus_first_stage(evidence: Evidence, weight: float) -> list[float]:
     """Per judged query: nDCG@10 served at `weight` minus the first stage's."""
-    judged = {q: rel for q, rel in evidence.qrels.items() if q in evidence.queries}
-    first = per_query_ndcg(judged, {q: as_run(c.ids) for q, c in evidence.queries.items()})
-    served = per_query_ndcg(judged, {q: as_run(fused_order(c, weight)) for q, c in evidence.queries.items()})
-    return [served[q] - first[q] for q in judged]
+    first = evidence.first_stage_ndcg
+    served = per_query_ndcg(evidence.judged, {q: as_run(fused_order(c, weight)) for q, c in evidence.queries.items()})
+    return [served[q] - first[q] for q in evidence.judged]
 
 
 def mean_gains(evidence: Evidence, grid: Iterable[float] = GRID) -> dict[float, float]:
@@ -145,9 +155,14 @@ def mean_gains(evidence: Evidence, grid: Iterable[float] = GRID) -> dict[float, 
     return {w: float(np.mean(served_minus_first_stage(evidence, w))) for w in grid}
 
 
+def best(grid: dict[float, float], prefer: Callable[[float], float]) -> float:
+    """The weight with the best score (rounded, so float noise does not decide); ties broken by `prefer`."""
+    return max(grid, key=lambda w: (round(grid[w], 6), -prefer(w)))
+
+
 def maximin_weight(gains: Sequence[dict[float, float]]) -> float:
-    """The weight whose worst collection gains most (rounded so float noise does not decide; ties: smaller)."""
-    return max(GRID, key=lambda w: (round(min(g[w] for g in gains), 6), -w))
+    """The weight whose worst collection gains most (ties: the smaller)."""
+    return best({w: min(g[w] for g in gains) for w in GRID}, prefer=lambda w: w)
 
 
 # ---- the choice -----------------------------------------------------------------------------------------------

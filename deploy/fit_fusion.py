@@ -39,6 +39,7 @@ from deploy.evidence import (
     Evidence,
     Interval,
     as_run,
+    best,
     collect_candidates,
     mean_gains,
     paired_bootstrap,
@@ -61,11 +62,6 @@ Ranked = list[tuple[str, float]]
 
 def ndcg10(qrels: dict[str, dict[str, int]], run: Run) -> float:
     return float(ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10])
-
-
-def best(grid: dict[float, float], prefer: Callable[[float], float]) -> float:
-    """The weight with the best score (rounded, so float noise does not decide); ties broken by `prefer`."""
-    return max(grid, key=lambda w: (round(grid[w], 6), -prefer(w)))
 
 
 async def search_all(gateway: str, collection: str, queries: dict[str, str], requests: Callable[[str], Any],

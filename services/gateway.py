@@ -178,7 +178,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         start = time.perf_counter()
         sent = weight if source in SENT_WEIGHTS else None  # a learned weight is the reranker's to apply
         try:
-            reranked, answer = await self._rerank(request, hits, depth, sent, context, caller)
+            answer = await self._rerank(request, hits[:depth], sent, context, caller)
         except ServiceError as err:
             if not self.config.rerank_fail_open:
                 raise
@@ -192,23 +192,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 response.rerank_weight, response.rerank_weight_source = answer.fusion_weight, source
             if source in LEARNED_WEIGHTS and answer.fused and answer.fusion_weight == 0.0:  # first stage's order kept
                 response.rerank_skipped_reason = skipped_at_zero(source)
-                for hit in hits[:depth]:
-                    hit.ClearField("rerank_score")
-                    hit.ClearField("rerank_model_score")
             else:
-                hits = reranked
+                hits = reranked_hits(hits, depth, answer)
                 response.reranked = True
         response.timings.rerank_ms = elapsed_ms(start)
         STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000)
         return hits
 
-    async def _rerank(self, request: search_pb2.SearchRequest, hits: list[search_pb2.SearchHit], depth: int,
-                      weight: float | None, context: Context, caller: Caller
-                      ) -> tuple[list[search_pb2.SearchHit], reranker_pb2.RerankResponse]:
-        """The head reranked (fused with the first stage by `weight`, else by the reranker's own), then the rest
-        in first-stage order; and the reranker's answer."""
+    async def _rerank(self, request: search_pb2.SearchRequest, head: list[search_pb2.SearchHit], weight: float | None,
+                      context: Context, caller: Caller) -> reranker_pb2.RerankResponse:
+        """The reranker's answer for the head (fused with the first stage by `weight`, else by the reranker's
+        own), from the tenant's replicas."""
         assert self.rerankers is not None
-        head, tail = hits[:depth], hits[depth:]
         call = reranker_pb2.RerankRequest(query=request.query, documents=[h.document for h in head],
                                           tenant=caller.tenant_field, fusion_weight=weight,
                                           first_stage_scores=[h.retrieval_score for h in head])
@@ -216,14 +211,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             caller.tenant, lambda replica, timeout: replica.reranker.Rerank(call, timeout=timeout,
                                                                             metadata=caller.metadata),
             context, "Rerank")
-        reordered = []
-        for ranked in response.results:
-            hit = head[ranked.index]
-            hit.rerank_score = ranked.score
-            hit.rerank_model_score = ranked.model_score
-            reordered.append(hit)
-        # Candidates beyond the rerank depth keep their first-stage order, after the reranked ones.
-        return reordered + tail, response
+        return response
+
+
+def reranked_hits(hits: list[search_pb2.SearchHit], depth: int, answer: reranker_pb2.RerankResponse
+                  ) -> list[search_pb2.SearchHit]:
+    """The head in the reranker's order with its scores, then the candidates beyond the rerank depth in their
+    first-stage order."""
+    head, tail = hits[:depth], hits[depth:]
+    reordered = []
+    for ranked in answer.results:
+        hit = head[ranked.index]
+        hit.rerank_score = ranked.score
+        hit.rerank_model_score = ranked.model_score
+        reordered.append(hit)
+    return reordered + tail
 
 
 SENT_WEIGHTS = (document_pb2.RERANK_WEIGHT_SOURCE_REQUEST, document_pb2.RERANK_WEIGHT_SOURCE_COLLECTION)
