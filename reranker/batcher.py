@@ -62,6 +62,8 @@ class Scored:
     scores: list[float]
     queue_ms: float
     model_ms: float
+    batch_requests: int = 1  # requests in the forward pass that scored it
+    batch_tokens: int = 0  # their prompt tokens together
 
 
 @dataclass
@@ -286,11 +288,12 @@ class RerankBatcher(Generic[H]):
                     item.future.set_exception(exc)
             return
         model_ms = (time.perf_counter() - start) * 1000
+        tokens = sum(item.tokens for item in live)
         if self.on_batch is not None:
-            self.on_batch(len(live), sum(item.tokens for item in live))
+            self.on_batch(len(live), tokens)
         for item, scores in zip(live, results, strict=True):
             if not item.future.done():
-                item.future.set_result(Scored(scores, (start - item.enqueued) * 1000, model_ms))
+                item.future.set_result(Scored(scores, (start - item.enqueued) * 1000, model_ms, len(live), tokens))
 
     async def _next_batch(self) -> list[_Item[H]]:
         """Wait for a request, then up to max_wait_ms for company unless a full batch already waits."""

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.tracing import stage
 from common.types import Document
-from retriever.backend import Backend, StoredCollection
+from retriever.backend import Backend, Ranked, StoredCollection
 from retriever.collection import Collection, LocalBackend
 from retriever.embedder import Embedder
 from retriever.fusion import FusedHit, FusionSettings, RetrievalMode, fuse
@@ -167,12 +168,21 @@ class RetrieverEngine:
         mode = mode or collection.spec.default_mode
         fusion = collection.spec.fusion
         depth = max(top_k, fusion.candidate_depth) if mode is RetrievalMode.HYBRID else top_k
-        vectors = self.embedder.encode(list(queries)) if mode is not RetrievalMode.LEXICAL else None
-        dense = collection.search_dense(vectors, depth) if vectors is not None else [[] for _ in queries]
-        lexical = [collection.search_lexical(q, depth) if mode is not RetrievalMode.DENSE else [] for q in queries]
-        ranked = [self._ranked(d, lx, mode, fusion, top_k) for d, lx in zip(dense, lexical, strict=True)]
+        dense: list[Ranked] = [[] for _ in queries]
+        if mode is not RetrievalMode.LEXICAL:
+            with stage("embed", queries=len(queries)):
+                vectors = self.embedder.encode(list(queries))
+            with stage("dense_search", depth=depth, collection=name):
+                dense = collection.search_dense(vectors, depth)
+        lexical: list[Ranked] = [[] for _ in queries]
+        if mode is not RetrievalMode.DENSE:
+            with stage("lexical_search", depth=depth, collection=name):
+                lexical = [collection.search_lexical(q, depth) for q in queries]
+        with stage("fusion", mode=mode.name.lower()):
+            ranked = [self._ranked(d, lx, mode, fusion, top_k) for d, lx in zip(dense, lexical, strict=True)]
         # Text comes from the store after the search: a document deleted in between is left out.
-        held = {d.id: d for d in collection.get([h.id for hits in ranked for h in hits])}
+        with stage("fetch_texts", documents=sum(len(hits) for hits in ranked)):
+            held = {d.id: d for d in collection.get([h.id for hits in ranked for h in hits])}
         return [[Hit(held[h.id], h.score, dense_score=h.dense, lexical_score=h.lexical) for h in hits
                  if h.id in held] for hits in ranked]
 

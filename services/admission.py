@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter, Gauge
 
+from common.tracing import stage
 from services.errors import ServiceError
 from services.server import Context, within_deadline
 
@@ -54,6 +55,18 @@ class Admission:
         if self._slots is None:
             yield
             return
+        with stage("admission_wait", queued=self._slots.locked()):
+            await self._acquire(context)
+        IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            IN_FLIGHT.dec()
+            self._slots.release()
+
+    async def _acquire(self, context: Context | None) -> None:
+        """A slot: at once, after waiting in the queue, or RESOURCE_EXHAUSTED when the queue is full too."""
+        assert self._slots is not None
         if self._slots.locked():
             if self._queued >= self.config.max_queued:
                 REJECTED.inc()
@@ -69,9 +82,3 @@ class Admission:
                 QUEUED.dec()
         else:
             await self._slots.acquire()
-        IN_FLIGHT.inc()
-        try:
-            yield
-        finally:
-            IN_FLIGHT.dec()
-            self._slots.release()

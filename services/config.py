@@ -76,6 +76,12 @@ class ServerConfig:
                                 "empty: no authentication")
     trusted_forwarders: str = option("", "common names of client certificates (signed by --tls-client-ca) whose "
                                          "x-retrieval-tenant header is believed: the gateway's, comma-separated")
+    otlp_endpoint: str = option("", "OTLP/gRPC receiver of this process's traces (http://collector:4317); empty: "
+                                    "OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing off")
+    trace_sample_ratio: float = option(1.0, "share of root requests traced (parent-based: a caller's sampled "
+                                            "traceparent is always followed); OTEL_TRACES_SAMPLER, when set, wins")
+    log_format: str = option("text", "log lines as text (a terminal) or json (one object per line, with the "
+                                     "trace and span ids of the request)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,10 +44,10 @@ from services.server import (
     ServiceSpec,
     elapsed_ms,
     run_service,
-    setup_logging,
     time_budget,
 )
 from services.tls import ClientTls
+from services.tracing import exemplar
 
 RETRIEVER_SERVICE = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
 LIST_TIMEOUT_S = 3.0  # a replica that has not answered a gateway's ListAdapters by then is listed with an error
@@ -130,7 +130,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             Caller((), request.tenant, request.tenant)
         first_stage = await self._retrieve(request, max(request.top_k, depth), context, caller)
         retrieve_ms = elapsed_ms(start)
-        STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000)
+        STAGE_SECONDS.labels("retrieve").observe(retrieve_ms / 1000, exemplar())
         hits = [search_pb2.SearchHit(document=r.document, retrieval_score=r.score, dense_score=optional(r, "dense_score"),
                                      lexical_score=optional(r, "lexical_score")) for r in first_stage.results]
         response = search_pb2.SearchResponse(mode=first_stage.mode)
@@ -196,7 +196,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 hits = reranked_hits(hits, depth, answer)
                 response.reranked = True
         response.timings.rerank_ms = elapsed_ms(start)
-        STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000)
+        STAGE_SECONDS.labels("rerank").observe(response.timings.rerank_ms / 1000, exemplar())
         return hits
 
     async def _rerank(self, request: search_pb2.SearchRequest, head: list[search_pb2.SearchHit], weight: float | None,
@@ -354,7 +354,6 @@ def build(config: GatewayConfig) -> Hosted:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
     run_service("gateway", parse_args(argv), build)
 
 

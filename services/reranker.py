@@ -21,7 +21,8 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from common.device import set_cpu_threads
-from reranker.batcher import BatcherConfig, RerankBatcher, Scored
+from common.tracing import record_stage, stage
+from reranker.batcher import BatcherConfig, RerankBatcher, Scored, prompt_tokens
 from reranker.bindings import RegisteredTenants
 from reranker.engine import Reranker, RerankerConfig, WeightSource
 from reranker.errors import QueueFull, UnknownTenant
@@ -58,9 +59,9 @@ from services.server import (
     Worker,
     elapsed_ms,
     run_service,
-    setup_logging,
     within_deadline,
 )
+from services.tracing import exemplar
 
 log = logging.getLogger(__name__)
 QUEUE_SECONDS = Histogram("reranker_queue_wait_seconds", "Time a rerank request waited for its forward pass.",
@@ -175,14 +176,15 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         weight, source = reranker.fusion_weight(handle, optional(request, "fusion_weight"))
         first_stage = list(request.first_stage_scores) or None
         timings = document_pb2.Timings()
-        if weight == 0.0 and first_stage:  # the model's scores could not move anything: it does not run
-            ranking = reranker.ranked([0.0] * len(docs), first_stage, request.top_n or None, handle, weight)
-        else:
+        model_scores = [0.0] * len(docs)
+        if weight != 0.0 or not first_stage:  # at 0 the model's scores could not move anything: it does not run
             scored = await self._score(context, prompt, handle)
             timings.queue_ms, timings.model_ms = scored.queue_ms, scored.model_ms
             DOCUMENTS.inc(len(docs))
             REQUEST_DOCUMENTS.observe(len(docs))
-            ranking = reranker.ranked(scored.scores, first_stage, request.top_n or None, handle, weight)
+            model_scores = scored.scores
+        with stage("ranking", documents=len(docs), fused=first_stage is not None):
+            ranking = reranker.ranked(model_scores, first_stage, request.top_n or None, handle, weight)
         results = [reranker_pb2.RankedDocument(index=r.index, id=request.documents[r.index].id, score=r.score,
                                                model_score=r.model_score) for r in ranking.results]
         timings.total_ms = elapsed_ms(start)
@@ -194,13 +196,15 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
     async def _score(self, context: Context, prompt: Prompt, handle: TenantHandle) -> Scored:
         """The model's scores of one prompt, through the tenant-fair batcher (RESOURCE_EXHAUSTED when full)."""
         limits = self.registered.limits(handle.tenant)
+        submitted_ns = time.time_ns()
         try:
             scored = await within_deadline(context, self.batcher.submit(prompt, handle, handle.tenant, limits),
                                            "waiting for the reranker")
         except QueueFull as full:
             raise Overloaded(str(full), self.config.retry_after_ms) from None
-        QUEUE_SECONDS.observe(scored.queue_ms / 1000)
-        MODEL_SECONDS.observe(scored.model_ms / 1000)
+        QUEUE_SECONDS.observe(scored.queue_ms / 1000, exemplar())
+        MODEL_SECONDS.observe(scored.model_ms / 1000, exemplar())
+        record_batch_stages(submitted_ns, scored, prompt.n_docs, prompt_tokens(prompt))
         return scored
 
     def _prepare(self, tenant: str, default_when_none: bool, query: str, docs: list[tuple[str, str]]
@@ -213,7 +217,8 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
             if not default_when_none:
                 raise
             handle = self.reranker.handle(DEFAULT_TENANT)
-        return handle, self.reranker.build_prompt(query, docs, handle)
+        with stage("build_prompt", documents=len(docs)):
+            return handle, self.reranker.build_prompt(query, docs, handle)
 
 
 class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
@@ -278,6 +283,15 @@ def binding_to_pb(binding: Binding) -> adapter_pb2.TenantBinding:
                                      fusion_weight=binding.fusion_weight, limits=limits)
 
 
+def record_batch_stages(submitted_ns: int, scored: Scored, documents: int, tokens: int) -> None:
+    """The queue wait and the forward pass of one request as spans: the batcher measured both (the forward is shared
+    by every request in its batch, so its span in each request's trace carries the batch's size)."""
+    forward_start = submitted_ns + int(scored.queue_ms * 1e6)
+    record_stage("reranker_queue_wait", submitted_ns, forward_start)
+    record_stage("forward_pass", forward_start, forward_start + int(scored.model_ms * 1e6), documents=documents,
+                 tokens=tokens, batch_requests=scored.batch_requests, batch_tokens=scored.batch_tokens)
+
+
 def _observe_batch(requests: int, tokens: int) -> None:
     BATCH_REQUESTS.observe(requests)
     BATCH_TOKENS.observe(tokens)
@@ -326,7 +340,6 @@ def build(config: RerankerServiceConfig) -> Hosted:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
     run_service("reranker", parse_args(argv), build)
 
 

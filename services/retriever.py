@@ -33,7 +33,7 @@ from services.errors import NotReady
 from services.gen.retrieval.v1 import document_pb2, retriever_pb2, retriever_pb2_grpc
 from services.metrics import Families, counter, register_engine
 from services.namespaces import Namespace
-from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service, setup_logging
+from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service
 
 T = TypeVar("T")
 
@@ -173,7 +173,6 @@ def build(config: RetrieverServiceConfig) -> Hosted:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
     run_service("retriever", parse_args(argv), build)
 
 

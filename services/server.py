@@ -6,6 +6,7 @@ downstreams serve), deadlines honoured, and graceful shutdown on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import time
@@ -27,6 +28,7 @@ from services.keys import KeysFile
 from services.limits import MAX_MESSAGE_BYTES, ValidationInterceptor
 from services.metrics import MetricsInterceptor, start_metrics_server
 from services.tls import ServerTls, server_tls
+from services.tracing import server_interceptors, setup_logging, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,10 +39,6 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 # ran out of time) reaches the caller before the caller's own timer fires with a bare "Deadline Exceeded".
 DEADLINE_SLACK_S = 0.05
 HEALTH_PROBE_S = 2.0
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def time_budget(context: Context | None) -> float | None:
@@ -69,7 +67,8 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, context: Context | None, fn: Callable[..., T], *args: Any) -> T:
-        future = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        # In the caller's context: the engine's stage spans are children of this call's span.
+        future = asyncio.get_running_loop().run_in_executor(self.pool, contextvars.copy_context().run, fn, *args)
         return await within_deadline(context, future, "working")
 
     def stop(self) -> None:
@@ -124,8 +123,10 @@ S = TypeVar("S", bound=HasServer)
 
 def run_service(name: str, config: S, build: Callable[[S], Hosted]) -> None:
     """The whole life of a service process: log its config (secrets masked), serve until SIGTERM/SIGINT."""
+    setup_logging(name, config.server.log_format)
     limit_malloc_arenas(config.server.malloc_arenas)  # before the server, the engines and their threads start
     log.info("%s config: %s", name, describe(config))
+    setup_tracing(name, config.server.otlp_endpoint, config.server.trace_sample_ratio)
 
     async def main() -> None:
         await serve(name, config.server, build(config))
@@ -137,10 +138,11 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     """Serve until SIGTERM/SIGINT. Health says NOT_SERVING until `hosted.load` and `after_load` have
     returned (and then follows `hosted.health_probe` when there is one); on shutdown, NOT_SERVING again,
     in-flight calls get `grace_s`, then `on_stop` runs."""
-    # Metrics outermost: the status code it counts is the one the error mapping settled on; then
-    # authentication, then the input limits (services.limits), both inside the error mapping.
-    interceptors = [MetricsInterceptor(), ErrorMappingInterceptor(), *_authentication(config, hosted),
-                    ValidationInterceptor()]
+    # Tracing outermost (its server span covers the whole call and is current for the rest); then metrics: the
+    # status code it counts is the one the error mapping settled on; then authentication, then the input limits
+    # (services.limits), both inside the error mapping.
+    interceptors = [*server_interceptors(), MetricsInterceptor(), ErrorMappingInterceptor(),
+                    *_authentication(config, hosted), ValidationInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
     health = HealthServicer()
     names = _register(server, health, hosted.services)
@@ -174,6 +176,7 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     loader.cancel()
     for hook in hosted.on_stop:
         await hook()
+    await asyncio.to_thread(shutdown_tracing)  # the spans still queued, within the export timeout
     log.info("%s stopped", name)
 
 

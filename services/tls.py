@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from services.tracing import client_interceptors
+
 log = logging.getLogger(__name__)
 
 
@@ -155,8 +157,9 @@ def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any
 
 def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = (), api_key: str = ""
                 ) -> grpc.aio.Channel:
-    """An asyncio channel, over TLS when `tls` is enabled, sending `api_key` on every call."""
-    interceptors = [_AioApiKey(api_key)] if api_key else None
+    """An asyncio channel, over TLS when `tls` is enabled, sending `api_key` on every call and, with tracing on,
+    the trace context."""
+    interceptors = [*([_AioApiKey(api_key)] if api_key else []), *client_interceptors()] or None
     if tls is None or not tls.enabled:
         return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
     return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()],
