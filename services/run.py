@@ -39,11 +39,13 @@ class Process:
         return self.popen.poll() is None
 
 
-def start(name: str, module: str, args: list[str], port: int, log_dir: Path) -> Process:
+def start(name: str, module: str, args: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None
+          ) -> Process:
+    """`module` as a process on 127.0.0.1:`port`, logging to log_dir/name.log, with `env` added to this one's."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
     popen = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
-                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     print(f"started {name} on 127.0.0.1:{port} (pid {popen.pid}, log {log_dir / (name + '.log')})")
     return Process(name, f"127.0.0.1:{port}", popen)
 

@@ -29,6 +29,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import OTEL_TRACES_SAMPLER, ParentBased, Sampler, TraceIdRatioBased
 from prometheus_client import Counter
 
+from common.tracing import enable as enable_stages
+
 log = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -39,6 +41,7 @@ SPANS_DROPPED = Counter("otel_spans_dropped_total", "Spans this process did not 
 # slow or down; an export gives up after EXPORT_TIMEOUT_S (the exporter's own retries included).
 MAX_QUEUE_SPANS = 4096
 EXPORT_TIMEOUT_S = 5.0
+EXPORT_BATCH_SPANS = 512  # the SDK's default
 
 # Health checks (probes every few seconds, the gateway's of its downstreams) would bury the requests' traces.
 NOT_HEALTH = filters.negate(filters.health_check())
@@ -62,6 +65,7 @@ def setup_tracing(service: str, endpoint: str, sample_ratio: float) -> bool:
     exporter = CountingExporter(OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S))
     _provider.add_span_processor(CountingBatchProcessor(exporter))
     trace.set_tracer_provider(_provider)
+    enable_stages()
     log.info("tracing on: spans to %s (%s)", endpoint, _provider.sampler.get_description())
     return True
 
@@ -135,7 +139,8 @@ class CountingBatchProcessor(BatchSpanProcessor):
     the queue is full (the SDK drops the oldest and only logs)."""
 
     def __init__(self, exporter: SpanExporter, max_queue_size: int = MAX_QUEUE_SPANS) -> None:
-        super().__init__(exporter, max_queue_size=max_queue_size)
+        super().__init__(exporter, max_queue_size=max_queue_size,
+                         max_export_batch_size=min(max_queue_size, EXPORT_BATCH_SPANS))
         self._capacity = max_queue_size
 
     def on_end(self, span: ReadableSpan) -> None:

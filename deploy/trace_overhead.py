@@ -1,0 +1,167 @@
+"""What tracing costs a Search: two identical stacks side by side in one run, one exporting every span (sampling
+at 100%) to an OTLP receiver on 127.0.0.1, one with tracing off; SciFact test queries sent to both in turn
+(alternating which goes first), first stage only and with the top 20 reranked. Also the cost of the stage spans
+when tracing is off (the API's no-op spans), per Search. JSON, a text table and a PNG under --out.
+
+    python -m deploy.trace_overhead --out bench-results/tracing        # make bench-tracing; ~5 minutes on 2 cores
+
+The retriever's SciFact collection must exist under --var-dir (`make run` ingests it); each stack gets a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import grpc
+
+from common.beir import split_queries
+from common.paths import SCIFACT, VAR_DIR
+from common.plots import figures
+from common.report import text_table
+from common.tracing import stage
+from deploy.otlp_receiver import start as start_receiver
+from deploy.trace import by_trace, load_spans, render
+from services.client import wait_for_serving
+from services.gen.retrieval.v1 import search_pb2, search_pb2_grpc
+from services.run import RERANK_BY_DEFAULT, Process, start, stop_all
+from services.server import GRPC_OPTIONS
+
+COLLECTION = "scifact"
+SEARCH_TIMEOUT_S = 120.0
+
+
+def stack(name: str, data_dir: Path, base_port: int, logs: Path, env: dict[str, str]) -> list[Process]:
+    """Retriever, reranker, gateway; `env` (the tracing settings) for all three."""
+    retriever = start(f"{name}-retriever", "services.retriever", ["--data-dir", str(data_dir)], base_port + 1,
+                      logs, env)
+    reranker = start(f"{name}-reranker", "services.reranker", RERANK_BY_DEFAULT, base_port + 2, logs, env)
+    gateway = start(f"{name}-gateway", "services.gateway", ["--retriever-target", retriever.target,
+                                                            "--reranker-target", reranker.target], base_port, logs,
+                    env)
+    return [retriever, reranker, gateway]
+
+
+def timed_search(stub: search_pb2_grpc.SearchServiceStub, query: str, depth: int) -> float:
+    """Milliseconds for one Search as the client sees it."""
+    start_s = time.perf_counter()
+    stub.Search(search_pb2.SearchRequest(collection=COLLECTION, query=query, top_k=10, rerank_depth=depth),
+                timeout=SEARCH_TIMEOUT_S)
+    return (time.perf_counter() - start_s) * 1000
+
+
+def interleaved(stubs: dict[str, search_pb2_grpc.SearchServiceStub], queries: list[str], depth: int
+                ) -> dict[str, list[float]]:
+    """Each query to every stack, the order turning over from query to query (so drift and caches favour none)."""
+    times: dict[str, list[float]] = {name: [] for name in stubs}
+    names = list(stubs)
+    for i, query in enumerate(queries):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            times[name].append(timed_search(stubs[name], query, depth))
+        if (i + 1) % 50 == 0 or i + 1 == len(queries):
+            print(f"  depth {depth}: {i + 1}/{len(queries)} queries", flush=True)
+    return times
+
+
+def noop_span_us() -> float:
+    """Microseconds one stage span costs with tracing off (no provider in this process: the API's no-op)."""
+    def one() -> None:
+        with stage("s", documents=1):
+            pass
+    return min(timeit.repeat(one, number=20_000, repeat=5)) / 20_000 * 1e6
+
+
+def summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {name: {"p50_ms": statistics.median(t), "p90_ms": statistics.quantiles(t, n=10)[-1],
+                   "mean_ms": statistics.fmean(t), "n": len(t)} for name, t in times.items()}
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    source = args.var_dir / "retriever" / COLLECTION
+    if not source.is_dir():
+        raise SystemExit(f"{source} is missing: `make run` ingests SciFact there first")
+    receiver, receiver_port, _ = start_receiver("127.0.0.1", 0, work / "spans.jsonl")
+    settings = {"traced": {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                           "GATEWAY_TRACE_SAMPLE_RATIO": "1.0"},
+                "untraced": {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}}
+    processes: list[Process] = []
+    try:
+        for i, (name, env) in enumerate(settings.items()):
+            shutil.copytree(source, work / name / COLLECTION)
+            processes += stack(name, work / name, args.base_port + 10 * i, work / "logs", env)
+        for proc in processes:
+            wait_for_serving(proc.target, timeout=900, alive=proc.alive)
+        queries = list(split_queries(SCIFACT, "test").values())
+        channels = {name: grpc.insecure_channel(f"127.0.0.1:{args.base_port + 10 * i}", options=GRPC_OPTIONS)
+                    for i, name in enumerate(settings)}
+        stubs = {name: search_pb2_grpc.SearchServiceStub(channel) for name, channel in channels.items()}
+        interleaved(stubs, queries[:10], 20)  # warm-up: first forwards, thread pools, caches
+        first_stage = interleaved(stubs, queries[: args.queries], 0)
+        reranked = interleaved(stubs, queries[: args.reranked_queries], 20)
+        time.sleep(1.0)  # the traced stack's last batch of spans
+    finally:
+        stop_all(processes)
+        receiver.stop(1)
+    traces = by_trace(load_spans([work / "spans.jsonl"]))
+    spans_per_search = statistics.median(len(s) for s in traces.values()) if traces else 0.0
+    newest = max(traces.values(), key=lambda spans: min(s.start_ns for s in spans)) if traces else []
+    (args.out / "example-trace.txt").write_text("\n".join(render(newest)) + "\n")  # a reranked Search
+    return {"first_stage": summary(first_stage), "reranked_20": summary(reranked), "traces": len(traces),
+            "spans_per_search": spans_per_search, "noop_span_us": noop_span_us(),
+            "raw_ms": {"first_stage": first_stage, "reranked_20": reranked}}
+
+
+def report(result: dict, out: Path) -> str:
+    rows = []
+    for kind in ("first_stage", "reranked_20"):
+        traced, untraced = result[kind]["traced"], result[kind]["untraced"]
+        rows.append((kind, untraced["n"], untraced["p50_ms"], traced["p50_ms"], traced["p50_ms"] / untraced["p50_ms"],
+                     untraced["p90_ms"], traced["p90_ms"]))
+    table = text_table([("search", "s"), ("n", "d"), ("off p50 ms", ".1f"), ("on p50 ms", ".1f"),
+                        ("on/off p50", ".3f"), ("off p90 ms", ".1f"), ("on p90 ms", ".1f")], rows)
+    off_cost_ms = result["noop_span_us"] * result["spans_per_search"] / 1000
+    off_share = off_cost_ms / result["first_stage"]["untraced"]["p50_ms"]
+    notes = (f"\ntracing on: {result['traces']} traces received, {result['spans_per_search']:.0f} spans per Search"
+             f"\ntracing off: a stage span costs {result['noop_span_us']:.2f} us (no-op); at that count "
+             f"{off_cost_ms * 1000:.1f} us per Search, {off_share:.4%} of the first-stage p50")
+    text = table + notes
+    (out / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def plot(result: dict, path: Path) -> None:
+    raw: dict[str, dict[str, list[float]]] = result["raw_ms"]
+    with figures(path, len(raw), (11, 4), "Search latency, tracing off vs on (100% sampled), one run") as axes:
+        for ax, (kind, times) in zip(axes, raw.items(), strict=True):
+            ax.boxplot([times["untraced"], times["traced"]], showfliers=False)
+            ax.set_xticks([1, 2], ["tracing off", "tracing on"])
+            ax.set_title(kind.replace("_", " "))
+            ax.set_ylabel("ms (client side)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/tracing"))
+    parser.add_argument("--var-dir", type=Path, default=VAR_DIR)
+    parser.add_argument("--queries", type=int, default=300, help="first-stage Searches per stack")
+    parser.add_argument("--reranked-queries", type=int, default=30, help="Searches with the top 20 reranked")
+    parser.add_argument("--base-port", type=int, default=50150)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the stacks on SIGTERM as on Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="trace-overhead-") as work:
+        result = measure(args, Path(work))
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "overhead.png")
+    print(report(result, args.out))
+
+
+if __name__ == "__main__":
+    main()
