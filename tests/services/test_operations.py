@@ -218,6 +218,16 @@ def test_compose_and_prometheus_files_are_valid() -> None:
     assert any(v["type"] == "volume" and v["source"] == "tenants" and v["target"] == "/tenants"
                for v in reranker["volumes"])
     assert config["services"]["gateway"]["environment"]["GATEWAY_TENANT_SPREAD"] == "1"
+    # Secure by default (tests/deploy/test_compose.py checks the rest): TLS to clients, mutual TLS from the
+    # gateway to the downstreams, API keys everywhere, health checks over TLS.
+    gateway = config["services"]["gateway"]
+    assert gateway["environment"]["GATEWAY_TLS_CERT"] and gateway["environment"]["GATEWAY_KEYS_FILE"]
+    assert gateway["environment"]["GATEWAY_DOWNSTREAM_CERT"] and "--ca" in gateway["healthcheck"]["test"]
+    for name in ("retriever", "reranker"):
+        environment = config["services"][name]["environment"]
+        assert environment[f"{name.upper()}_TLS_CLIENT_CA"] and environment[f"{name.upper()}_KEYS_FILE"]
+        assert environment[f"{name.upper()}_TRUSTED_FORWARDERS"] == "gateway"
+        assert {"--ca", "--cert", "--key"} <= set(config["services"][name]["healthcheck"]["test"])
 
 
 def test_the_milvus_override_renders_and_points_the_retriever_at_milvus() -> None:
@@ -234,6 +244,8 @@ def test_the_milvus_override_renders_and_points_the_retriever_at_milvus() -> Non
     assert retriever["build"]["args"]["PROJECT_EXTRAS"] == "[milvus]" and retriever["image"] != services["gateway"]["image"]
     assert services["milvus"]["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
     assert services["reranker"]["environment"]["RERANKER_TENANTS_STORE"] == "etcd://etcd:2379/blockrank/tenants/"
+    assert retriever["environment"]["RETRIEVER_TLS_CLIENT_CA"] == "/secrets/ca.crt"  # still mutual TLS and keys
+    assert retriever["environment"]["RETRIEVER_KEYS_FILE"] == "/secrets/keys.json"
     unset = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True, check=False,
                            env={k: v for k, v in env.items() if k != "MINIO_ROOT_PASSWORD"})
     assert unset.returncode != 0 and "MINIO_ROOT_PASSWORD" in unset.stderr, "no default object-store secret"
