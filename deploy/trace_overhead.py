@@ -3,7 +3,7 @@ at 100%) to an OTLP receiver on 127.0.0.1, one with tracing off; SciFact test qu
 (alternating which goes first), first stage only and with the top 20 reranked. Also the cost of the stage spans
 when tracing is off (the API's no-op spans), per Search. JSON, a text table and a PNG under --out.
 
-    python -m deploy.trace_overhead --out bench-results/tracing        # make bench-tracing; ~5 minutes on 2 cores
+    python -m deploy.trace_overhead --out bench-results/tracing        # make bench-tracing; ~8 minutes on 2 cores
 
 The retriever's SciFact collection must exist under --var-dir (`make run` ingests it); each stack gets a copy.
 """
@@ -21,6 +21,7 @@ import timeit
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from common.beir import split_queries
 from common.paths import SCIFACT, VAR_DIR
@@ -79,8 +80,22 @@ def noop_span_us() -> float:
 
 
 def summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    return {name: {"p50_ms": statistics.median(t), "p90_ms": statistics.quantiles(t, n=10)[-1],
-                   "mean_ms": statistics.fmean(t), "n": len(t)} for name, t in times.items()}
+    stats: dict[str, dict[str, float]] = {
+        name: {"p50_ms": statistics.median(t), "p90_ms": statistics.quantiles(t, n=10)[-1],
+               "mean_ms": statistics.fmean(t), "n": len(t)} for name, t in times.items()}
+    low, high = p50_ratio_interval(times["traced"], times["untraced"])
+    stats["ratio"] = {"p50": stats["traced"]["p50_ms"] / stats["untraced"]["p50_ms"], "p50_low": low, "p50_high": high}
+    return stats
+
+
+def p50_ratio_interval(traced: list[float], untraced: list[float], rounds: int = 2000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """95% bootstrap interval of p50(on) / p50(off), resampling the queries (each was sent to both stacks)."""
+    rng = np.random.default_rng(seed)
+    on, off = np.asarray(traced), np.asarray(untraced)
+    picks = rng.integers(0, len(on), size=(rounds, len(on)))
+    ratios = np.median(on[picks], axis=1) / np.median(off[picks], axis=1)
+    return float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
@@ -98,7 +113,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
             processes += stack(name, work / name, args.base_port + 10 * i, work / "logs", env)
         for proc in processes:
             wait_for_serving(proc.target, timeout=900, alive=proc.alive)
-        queries = list(split_queries(SCIFACT, "test").values())
+        test = list(split_queries(SCIFACT, "test").values())
+        queries = [test[i % len(test)] for i in range(max(args.queries, args.reranked_queries))]  # passes over test
         channels = {name: grpc.insecure_channel(f"127.0.0.1:{args.base_port + 10 * i}", options=GRPC_OPTIONS)
                     for i, name in enumerate(settings)}
         stubs = {name: search_pb2_grpc.SearchServiceStub(channel) for name, channel in channels.items()}
@@ -121,11 +137,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
 def report(result: dict, out: Path) -> str:
     rows = []
     for kind in ("first_stage", "reranked_20"):
-        traced, untraced = result[kind]["traced"], result[kind]["untraced"]
-        rows.append((kind, untraced["n"], untraced["p50_ms"], traced["p50_ms"], traced["p50_ms"] / untraced["p50_ms"],
-                     untraced["p90_ms"], traced["p90_ms"]))
+        traced, untraced, ratio = (result[kind][k] for k in ("traced", "untraced", "ratio"))
+        rows.append((kind, untraced["n"], untraced["p50_ms"], traced["p50_ms"], ratio["p50"],
+                     f"[{ratio['p50_low']:.3f}, {ratio['p50_high']:.3f}]", untraced["p90_ms"], traced["p90_ms"]))
     table = text_table([("search", "s"), ("n", "d"), ("off p50 ms", ".1f"), ("on p50 ms", ".1f"),
-                        ("on/off p50", ".3f"), ("off p90 ms", ".1f"), ("on p90 ms", ".1f")], rows)
+                        ("on/off p50", ".3f"), ("95% interval", "s"), ("off p90 ms", ".1f"), ("on p90 ms", ".1f")],
+                       rows)
     off_cost_ms = result["noop_span_us"] * result["spans_per_search"] / 1000
     off_share = off_cost_ms / result["first_stage"]["untraced"]["p50_ms"]
     notes = (f"\ntracing on: {result['traces']} traces received, {result['spans_per_search']:.0f} spans per Search"
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-results/tracing"))
     parser.add_argument("--var-dir", type=Path, default=VAR_DIR)
-    parser.add_argument("--queries", type=int, default=300, help="first-stage Searches per stack")
+    parser.add_argument("--queries", type=int, default=900, help="first-stage Searches per stack (passes over "
+                        "SciFact's 300 test queries)")
     parser.add_argument("--reranked-queries", type=int, default=30, help="Searches with the top 20 reranked")
     parser.add_argument("--base-port", type=int, default=50150)
     args = parser.parse_args(argv)

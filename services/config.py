@@ -67,6 +67,9 @@ class ServerConfig:
     grace_s: float = option(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     worker_threads: int = option(2, "threads for blocking work (tokenising, indexing, adapter loads)")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint, on the same host; 0: off")
+    health_port: int = option(0, "plaintext port serving only the standard health service, on the same host (for "
+                                 "probes that cannot present a client certificate, such as Kubernetes' gRPC "
+                                 "probes); 0: off")
     malloc_arenas: int = option(2, "glibc malloc arenas (common.allocator: fewer keep freed memory from staying "
                                    "resident); 0: glibc's default; MALLOC_ARENA_MAX, when set, wins")
     tls_cert: str = option("", "PEM certificate chain: serve TLS only (with --tls-key; reloaded on SIGHUP)")

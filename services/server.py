@@ -39,6 +39,9 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 # ran out of time) reaches the caller before the caller's own timer fires with a bare "Deadline Exceeded".
 DEADLINE_SLACK_S = 0.05
 HEALTH_PROBE_S = 2.0
+# The health service name that says only that the process runs and its event loop answers (a liveness probe's):
+# SERVING from start-up, while the models load and while downstreams are down (which readiness, "", reflects).
+LIVENESS_SERVICE = "liveness"
 
 
 def time_budget(context: Context | None) -> float | None:
@@ -153,8 +156,10 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
         raise SystemExit(f"{name}: cannot bind {config.host}:{config.port}")
     await _set_health(health, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d (%s)", name, config.host, bound,
              "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
+    probes = await _health_only_server(name, config, health)
     start_metrics_server(config.host, config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,6 +178,8 @@ async def serve(name: str, config: ServerConfig, hosted: Hosted) -> None:
     log.info("%s shutting down (grace %.0fs)", name, config.grace_s)
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
+    if probes is not None:
+        await probes.stop(0)
     loader.cancel()
     for hook in hosted.on_stop:
         await hook()
@@ -194,6 +201,20 @@ def _reload_on_hup(name: str, tls: ServerTls) -> Callable[[], None]:
         log.info("%s: SIGHUP, TLS files are read again at the next handshake", name)
         tls.request_reload()
     return reload
+
+
+async def _health_only_server(name: str, config: ServerConfig, health: HealthServicer) -> grpc.aio.Server | None:
+    """The same health statuses on a plaintext port of their own (--health-port), nothing else: a probe without
+    a client certificate can read them while the service port demands one."""
+    if config.health_port <= 0:
+        return None
+    probes = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+    if probes.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+        raise SystemExit(f"{name}: cannot bind {config.host}:{config.health_port} (--health-port)")
+    await probes.start()
+    log.info("%s health on %s:%d (plaintext, health service only)", name, config.host, config.health_port)
+    return probes
 
 
 def _register(server: grpc.aio.Server, health: HealthServicer, services: Sequence[ServiceSpec]) -> list[str]:

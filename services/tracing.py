@@ -61,7 +61,7 @@ def setup_tracing(service: str, endpoint: str, sample_ratio: float) -> bool:
     if not endpoint or _provider is not None:
         return _provider is not None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service})
-    _provider = TracerProvider(resource=resource, sampler=_sampler(sample_ratio))
+    _provider = TracerProvider(resource=resource, sampler=trace_sampler(sample_ratio))
     exporter = CountingExporter(OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S))
     _provider.add_span_processor(CountingBatchProcessor(exporter))
     trace.set_tracer_provider(_provider)
@@ -70,7 +70,7 @@ def setup_tracing(service: str, endpoint: str, sample_ratio: float) -> bool:
     return True
 
 
-def _sampler(ratio: float) -> Sampler | None:
+def trace_sampler(ratio: float) -> Sampler | None:
     """Parent-based ratio sampling, unless OTEL_TRACES_SAMPLER names a sampler (None: the SDK reads it)."""
     if os.environ.get(OTEL_TRACES_SAMPLER):
         return None

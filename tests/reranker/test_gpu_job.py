@@ -48,6 +48,7 @@ def gpu_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "reranker.gpu", *args], cwd=ROOT, check=True, timeout=1200)
 
 
+@pytest.mark.long
 def test_prepare_run_and_report_dry_run(tmp_path):
     data = tiny_collection(tmp_path)
     assets = tmp_path / "assets"

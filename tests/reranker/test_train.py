@@ -9,7 +9,7 @@ import pytest
 from reranker.engine import Reranker, RerankerConfig
 from tests.conftest import ROOT, SCIFACT, SCIFACT_TIMEOUT_S
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # all of SciFact ingested, then trained on
 
 
 def train(out, retriever_dir, steps: int = 3):

@@ -8,7 +8,7 @@ from common.beir import load_qrels, split_queries
 from services.client import search
 from tests.conftest import SCIFACT, SCIFACT_TIMEOUT_S
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]  # all of SciFact ingested
 
 
 @pytest.mark.timeout(SCIFACT_TIMEOUT_S)

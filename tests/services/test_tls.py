@@ -16,9 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import search
+from services.gen.retrieval.v1 import retriever_pb2, retriever_pb2_grpc
 from services.server import GRPC_OPTIONS
 from services.tls import ClientTls
-from tests.conftest import Server, ingest_fixture
+from tests.conftest import Server, free_port, ingest_fixture
 from tests.services.pki import Authority, Issued
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,8 @@ def mtls_retriever(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """A retriever that serves TLS and accepts only clients with a certificate from the service CA."""
     tmp = tmp_path_factory.mktemp("mtls")
     server = Server("services.retriever", ["--data-dir", str(tmp / "data"), "--tls-cert", str(pki.server.cert),
-                                           "--tls-key", str(pki.server.key), "--tls-client-ca", str(pki.ca.pem)],
+                                           "--tls-key", str(pki.server.key), "--tls-client-ca", str(pki.ca.pem),
+                                           "--health-port", str(free_port())],
                     log_path=tmp / "retriever.log", tls=pki.client(pki.gateway)).start()
     ingest_fixture(server.target, tls=server.tls)
     yield server
@@ -75,6 +77,21 @@ def test_a_downstream_accepts_only_the_gateways_certificate(pki: Pki, mtls_retri
     assert status(target, pki.client(pki.stranger)) == "UNAVAILABLE"  # a certificate the server's CA did not sign
     assert status(target, pki.client(pki.gateway, ca=pki.other_ca)) == "UNAVAILABLE"  # the client distrusts it
     assert status(target, pki.client(pki.gateway)) == "SERVING"  # and it keeps serving
+
+
+def test_probes_read_health_on_a_plaintext_port_that_serves_nothing_else(mtls_retriever: Server) -> None:
+    """--health-port: what a probe without a client certificate (Kubernetes' gRPC probes) can read; the service's
+    own port still demands the gateway's certificate."""
+    port = mtls_retriever.args[mtls_retriever.args.index("--health-port") + 1]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("", "liveness", "retrieval.v1.RetrieverService"):
+            assert check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            retriever_pb2_grpc.RetrieverServiceStub(channel).ListCollections(
+                retriever_pb2.ListCollectionsRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_the_gateway_searches_through_mutual_tls(pki: Pki, mtls_retriever: Server, server_factory) -> None:

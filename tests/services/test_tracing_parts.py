@@ -15,9 +15,15 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased
 
 from deploy.trace import by_trace, load_spans, render
-from services.tracing import SPANS_DROPPED, SPANS_EXPORTED, CountingBatchProcessor, CountingExporter, JsonFormatter
-from services.tracing import _sampler as sampler
-from services.tracing import otlp_endpoint
+from services.tracing import (
+    SPANS_DROPPED,
+    SPANS_EXPORTED,
+    CountingBatchProcessor,
+    CountingExporter,
+    JsonFormatter,
+    otlp_endpoint,
+    trace_sampler,
+)
 
 
 class Held(SpanExporter):
@@ -72,10 +78,10 @@ def test_settings_flag_over_standard_variables(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
     assert otlp_endpoint("") == "http://collector:4317"
     assert otlp_endpoint("http://other:4317") == "http://other:4317"
-    chosen = sampler(0.25)
+    chosen = trace_sampler(0.25)
     assert isinstance(chosen, ParentBased) and "0.25" in chosen.get_description()
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    assert sampler(0.25) is None  # the SDK reads the variable
+    assert trace_sampler(0.25) is None  # the SDK reads the variable
 
 
 COLLECTOR_LINE = {"resourceSpans": [{
