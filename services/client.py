@@ -1,6 +1,6 @@
 """Command-line gRPC client for the retrieval services.
 
-    python -m services.client health --target 127.0.0.1:50050 [--alive]   # exit 0: SERVING (--alive: answering)
+    python -m services.client health --target 127.0.0.1:50050
     python -m services.client ingest --target 127.0.0.1:50051 --collection scifact \
         --corpus ../shared/data/scifact
     python -m services.client search --target 127.0.0.1:50050 --collection scifact \
@@ -174,9 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("health", help="health status of a server")
     p.add_argument("--target", required=True)
     p.add_argument("--service", default="")
-    p.add_argument("--alive", action="store_true",
-                   help="exit 0 when the server answers at all, SERVING or not: a liveness check (a server still "
-                        "loading, draining or whose downstreams are down is alive, not ready)")
     p = sub.add_parser("collections", help="list collections")
     p.add_argument("--target", required=True)
     p = sub.add_parser("get", help="documents of a collection by id")
@@ -232,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     status = health_status(args.target, args.service, tls=args.tls)
     _emit(args, {"target": args.target, "status": status}, f"{args.target}: {status}")
-    return 0 if status == "SERVING" or (args.alive and status != "UNREACHABLE") else 1
+    return 0 if status == "SERVING" else 1
 
 
 def _search(args: argparse.Namespace) -> int:

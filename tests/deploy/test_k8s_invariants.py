@@ -30,7 +30,9 @@ from tests.deploy.kustomize import (
 
 PORTS = {"gateway": 50050, "retriever": 50051, "reranker": 50052}
 DRAIN_DEFAULTS = {"gateway": 10.0, "retriever": 10.0, "reranker": 20.0}  # the servers' --grace-s defaults
-MUTUAL = ("retriever", "reranker")  # their ports require the gateway's (or a pod's own) client certificate
+MUTUAL = ("retriever", "reranker")  # their ports require the gateway's client certificate
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+PROBE_HANDLERS = {"exec", "httpGet", "tcpSocket", "grpc"}
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -65,32 +67,49 @@ def test_pods_run_unprivileged_with_a_read_only_root_filesystem(rendered: tuple[
         == "restricted"
 
 
-def health_command(probe: Obj) -> list[str]:
-    command: list[str] = probe["exec"]["command"]
-    assert command[:3] == ["python", "-m", "services.client"] and "health" in command, command
-    return command
+def setting(container: Obj, option: str, variable: str) -> str | None:
+    """What a server reads for `option`: the flag when its command line has one, else the environment variable
+    (services/config.py: the flag wins over <PREFIX>_FIELD_NAME)."""
+    argv = [*container.get("command", []), *container.get("args", [])]
+    found = flag(argv, option)
+    if found is not None:
+        return found
+    value: str | None = env(container).get(variable, {}).get("value")
+    return value
 
 
-def test_probes_check_the_standard_health_service_over_tls(rendered: tuple[Obj, ...]) -> None:
-    """Readiness: SERVING. Startup and liveness: the server answers (a gateway whose downstreams are down, or a
-    server still loading, is not ready but must not be restarted). Exec probes, since the ports serve TLS only
-    (the kubelet's gRPC probe speaks plaintext)."""
+def health_port(rendered: tuple[Obj, ...], app: str) -> int:
+    """The plaintext health-only port `app`'s server binds (--health-port); 0: none."""
+    c = main_container(workload(rendered, app))
+    return int(setting(c, "--health-port", f"{app.upper()}_HEALTH_PORT") or 0)
+
+
+def test_probes_are_native_grpc_on_the_plaintext_health_port(rendered: tuple[Obj, ...]) -> None:
+    """The kubelet's own gRPC probes, on the port each server's --health-port binds (plaintext and the health
+    service only: the kubelet's gRPC probe speaks plaintext, the service ports TLS). Readiness asks "" (loaded; for the gateway, its
+    downstreams serving), liveness "liveness" (SERVING from start: a server still loading, or a gateway whose
+    downstreams are down, is not ready but must not be restarted). No exec probes (a Python start each), and no
+    startupProbe: liveness answers from start and tolerates a minute."""
     for app in APPS:
-        c = main_container(workload(rendered, app))
-        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            command = health_command(c[kind])
-            assert flag(command, "--target") == f"127.0.0.1:{PORTS[app]}"
-            assert ("--alive" in command) == (kind != "readinessProbe"), (app, kind)
-            wanted = ["--ca", "--cert", "--key"] if app in MUTUAL else ["--ca"]
-            for option in wanted:  # files from a read-only Secret mount, before the subcommand
-                path = flag(command, option)
-                assert path and command.index(option) < command.index("health"), (app, kind, option)
-                assert mounts[path.rsplit("/", 1)[0]]["readOnly"] is True
-            assert c[kind]["timeoutSeconds"] >= 5  # a Python start and a TLS handshake
-        assert {p["containerPort"] for p in c["ports"]} == {PORTS[app], 9100}
+        w = workload(rendered, app)
+        c, prefix = main_container(w), app.upper()
+        health = health_port(rendered, app)
+        assert health > 0 and health not in (PORTS[app], 9100), (app, health)
+        # --host is shared by the service, metrics and health ports; the kubelet probes the pod's address.
+        assert setting(c, "--host", f"{prefix}_HOST") == "0.0.0.0", app
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": PORTS[app], "metrics": 9100,
+                                                                       "health": health}
+        ready, live = c["readinessProbe"], c["livenessProbe"]
+        assert set(ready) & PROBE_HANDLERS == set(live) & PROBE_HANDLERS == {"grpc"}, app
+        assert (ready["grpc"]["port"], ready["grpc"].get("service", "")) == (health, ""), app
+        assert (live["grpc"]["port"], live["grpc"]["service"]) == (health, "liveness"), app
+        tolerated = live.get("periodSeconds", 10) * live.get("failureThreshold", 3)
+        assert tolerated >= 60, "a slow start or a busy moment must not restart the server"
+        for container in containers(w):
+            assert "startupProbe" not in container, (app, container["name"])
+            assert not [k for k in PROBES if "exec" in container.get(k, {})], (app, container["name"])
     etcd = main_container(workload(rendered, "etcd"))
-    assert all("httpGet" in etcd[k] for k in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all("httpGet" in etcd[k] for k in PROBES)
 
 
 def test_termination_grace_covers_the_prestop_and_the_drain(rendered: tuple[Obj, ...]) -> None:
@@ -165,14 +184,17 @@ def test_autoscaling_and_disruption_budgets(rendered: tuple[Obj, ...]) -> None:
 
 
 def allowed_peers(rendered: tuple[Obj, ...], app: str, port: int) -> list[Obj]:
-    """The `from` entries of every NetworkPolicy rule that opens `port` on `app`'s pods ({} = anyone)."""
-    labels = pod_labels(workload(rendered, app))
+    """The `from` entries of every NetworkPolicy rule that opens `port` on `app`'s pods ({} = anyone). A rule's
+    port may be a number or the name of a container port; a rule without ports opens them all."""
+    w = workload(rendered, app)
+    named_ports = {p["name"]: p["containerPort"] for c in containers(w) for p in c.get("ports", []) if "name" in p}
     peers: list[Obj] = []
     for policy in of_kind(rendered, "NetworkPolicy"):
-        if not selects(policy["spec"]["podSelector"], labels):
+        if not selects(policy["spec"]["podSelector"], pod_labels(w)):
             continue
         for rule in policy["spec"].get("ingress", []):
-            if any(p["port"] == port for p in rule.get("ports", [])) or "ports" not in rule:
+            opened = [named_ports.get(p.get("port"), p.get("port")) for p in rule.get("ports", [{}])]
+            if port in opened or None in opened:
                 peers += rule.get("from") or [{}]
     return peers
 
@@ -187,6 +209,9 @@ def test_network_policies_let_only_gateways_in_and_only_monitoring_scrape(render
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     for app in APPS:
         assert allowed_peers(rendered, app, 9100) == [monitoring], app
+        # The plaintext health port: the kubelet reaches it from the pod's node, which NetworkPolicy does not
+        # filter; no pod may.
+        assert allowed_peers(rendered, app, health_port(rendered, app)) == [], app
     reranker_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "reranker"}}}
     assert reranker_pods in allowed_peers(rendered, "etcd", 2379)
     assert gateway_pods not in allowed_peers(rendered, "etcd", 2379)

@@ -1,6 +1,6 @@
 """`python -m services.certs create`: a private CA, server and client certificates that gRPC's TLS accepts for
-what the deployments do with them (mutual TLS to the downstreams, a probe showing a server's own certificate),
-keys mode 0600, no silent replacement of an existing CA."""
+what the deployments do with them (mutual TLS to the downstreams, a compose health check showing a server's own
+certificate), keys mode 0600, no silent replacement of an existing CA."""
 
 from __future__ import annotations
 
@@ -109,25 +109,20 @@ def mutual_tls_server(bundle: Path) -> Iterator[tuple[str, health.HealthServicer
     server.stop(None)
 
 
-def test_the_certificates_work_for_mutual_tls_and_for_a_servers_own_probe(
+def test_the_certificates_work_for_mutual_tls_and_for_a_servers_own_health_check(
         bundle: Path, mutual_tls_server: tuple[str, health.HealthServicer], tmp_path: Path) -> None:
     target, servicer = mutual_tls_server
     ca = str(bundle / "ca.crt")
     gateway = ClientTls(ca, str(bundle / "gateway-client.crt"), str(bundle / "gateway-client.key"))
-    own = ClientTls(ca, str(bundle / "retriever.crt"), str(bundle / "retriever.key"))  # the pod's probe
+    own = ClientTls(ca, str(bundle / "retriever.crt"), str(bundle / "retriever.key"))  # compose's health check
     assert health_status(target, tls=gateway) == "SERVING"
     assert health_status(target, tls=own) == "SERVING"
     assert health_status(target, tls=ClientTls(ca)) == "UNREACHABLE"  # no client certificate
     stranger = certs.create(tmp_path / "other", ["retriever"], ["gateway"]).clients["gateway"]
     assert health_status(target, tls=ClientTls(ca, str(stranger.cert), str(stranger.key))) == "UNREACHABLE"
-    # The probes' command line: readiness wants SERVING, liveness (--alive) an answer of any status.
+    # The compose health check's command line, with the server's own certificate: healthy only while SERVING.
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    probe = [sys.executable, "-m", "services.client", "--ca", ca, "--cert", str(bundle / "retriever.crt"),
+    check = [sys.executable, "-m", "services.client", "--ca", ca, "--cert", str(bundle / "retriever.crt"),
              "--key", str(bundle / "retriever.key"), "health", "--target", target]
-    ready = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    alive = subprocess.run([*probe, "--alive"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert (ready.returncode, alive.returncode) == (1, 0), (ready.stdout, alive.stdout)
-    assert "NOT_SERVING" in alive.stdout
-    gone = subprocess.run([*probe[:-1], "127.0.0.1:1", "--alive"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
-    assert gone.returncode == 1 and "UNREACHABLE" in gone.stdout
+    done = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "NOT_SERVING" in done.stdout, (done.stdout, done.stderr)
