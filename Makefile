@@ -114,7 +114,7 @@ bench-tenancy: setup
 	$(PY) -m deploy.tenancy --out bench-results/tenancy
 
 # Search latency with tracing on (every span exported to a receiver on 127.0.0.1) and off, two stacks side by side
-# in one run on the SciFact collection `make run` ingested (~8 minutes): JSON, table, PNG, an example trace.
+# in one run on the SciFact collection `make run` ingested (~12 minutes): JSON, table, PNG, an example trace.
 bench-tracing: setup
 	$(PY) -m deploy.trace_overhead --out bench-results/tracing
 

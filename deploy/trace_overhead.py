@@ -1,9 +1,10 @@
 """What tracing costs a Search: two identical stacks side by side in one run, one exporting every span (sampling
 at 100%) to an OTLP receiver on 127.0.0.1, one with tracing off; SciFact test queries sent to both in turn
-(alternating which goes first), first stage only and with the top 20 reranked. Also the cost of the stage spans
-when tracing is off (the API's no-op spans), per Search. JSON, a text table and a PNG under --out.
+(alternating which goes first), first stage only and with the top 20 reranked; two rounds, the stacks' roles
+swapped in the second. Also the cost of the stage spans when tracing is off (the API's no-op spans), per
+Search. JSON, a text table and a PNG under --out.
 
-    python -m deploy.trace_overhead --out bench-results/tracing        # make bench-tracing; ~8 minutes on 2 cores
+    python -m deploy.trace_overhead --out bench-results/tracing        # make bench-tracing; ~12 minutes on 2 cores
 
 The retriever's SciFact collection must exist under --var-dir (`make run` ingests it); each stack gets a copy.
 """
@@ -99,39 +100,63 @@ def p50_ratio_interval(traced: list[float], untraced: list[float], rounds: int =
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Two rounds with the stacks' roles swapped: each stack is traced in one round and not in the other, so what
+    differs between two stacks that should be identical (where the scheduler put them, their copies of the data;
+    measured at up to ±10% of the first-stage p50 here) cancels out of the ratio."""
     source = args.var_dir / "retriever" / COLLECTION
     if not source.is_dir():
         raise SystemExit(f"{source} is missing: `make run` ingests SciFact there first")
+    test = list(split_queries(SCIFACT, "test").values())
+    queries = [test[i % len(test)] for i in range(max(args.queries, args.reranked_queries))]  # passes over test
     receiver, receiver_port, _ = start_receiver("127.0.0.1", 0, work / "spans.jsonl")
-    settings = {"traced": {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
-                           "GATEWAY_TRACE_SAMPLE_RATIO": "1.0"},
-                "untraced": {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}}
-    processes: list[Process] = []
+    traced_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                  "GATEWAY_TRACE_SAMPLE_RATIO": "1.0"}
+    untraced_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+    first_stage: dict[str, list[float]] = {"traced": [], "untraced": []}
+    reranked: dict[str, list[float]] = {"traced": [], "untraced": []}
+    rounds = []
     try:
-        for i, (name, env) in enumerate(settings.items()):
-            shutil.copytree(source, work / name / COLLECTION)
-            processes += stack(name, work / name, args.base_port + 10 * i, work / "logs", env)
-        for proc in processes:
-            wait_for_serving(proc.target, timeout=900, alive=proc.alive)
-        test = list(split_queries(SCIFACT, "test").values())
-        queries = [test[i % len(test)] for i in range(max(args.queries, args.reranked_queries))]  # passes over test
-        channels = {name: grpc.insecure_channel(f"127.0.0.1:{args.base_port + 10 * i}", options=GRPC_OPTIONS)
-                    for i, name in enumerate(settings)}
-        stubs = {name: search_pb2_grpc.SearchServiceStub(channel) for name, channel in channels.items()}
-        interleaved(stubs, queries[:10], 20)  # warm-up: first forwards, thread pools, caches
-        first_stage = interleaved(stubs, queries[: args.queries], 0)
-        reranked = interleaved(stubs, queries[: args.reranked_queries], 20)
-        time.sleep(1.0)  # the traced stack's last batch of spans
+        for round_ in range(2):
+            roles = ("traced", "untraced") if round_ == 0 else ("untraced", "traced")  # stack a's role, stack b's
+            print(f"round {round_ + 1}: stack a {roles[0]}, stack b {roles[1]}", flush=True)
+            times = one_round(args, work / f"round-{round_}", source, {
+                role: traced_env if role == "traced" else untraced_env for role in roles}, queries)
+            for role in roles:
+                first_stage[role] += times[0][role]
+                reranked[role] += times[1][role]
+            rounds.append({"stack_a": roles[0], "first_stage": summary(times[0])["ratio"]})
     finally:
-        stop_all(processes)
         receiver.stop(1)
     traces = by_trace(load_spans([work / "spans.jsonl"]))
     spans_per_search = statistics.median(len(s) for s in traces.values()) if traces else 0.0
     newest = max(traces.values(), key=lambda spans: min(s.start_ns for s in spans)) if traces else []
     (args.out / "example-trace.txt").write_text("\n".join(render(newest)) + "\n")  # a reranked Search
-    return {"first_stage": summary(first_stage), "reranked_20": summary(reranked), "traces": len(traces),
-            "spans_per_search": spans_per_search, "noop_span_us": noop_span_us(),
+    return {"first_stage": summary(first_stage), "reranked_20": summary(reranked), "rounds": rounds,
+            "traces": len(traces), "spans_per_search": spans_per_search, "noop_span_us": noop_span_us(),
             "raw_ms": {"first_stage": first_stage, "reranked_20": reranked}}
+
+
+def one_round(args: argparse.Namespace, work: Path, source: Path, envs: dict[str, dict[str, str]],
+              queries: list[str]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Stacks a and b started with the role's settings in `envs` (first: a), then the interleaved Searches: first
+    stage only, then with the top 20 reranked. Times by role."""
+    processes: list[Process] = []
+    try:
+        for i, (name, env) in enumerate(zip(("a", "b"), envs.values(), strict=True)):
+            shutil.copytree(source, work / name / COLLECTION)
+            processes += stack(name, work / name, args.base_port + 10 * i, work / "logs", env)
+        for proc in processes:
+            wait_for_serving(proc.target, timeout=900, alive=proc.alive)
+        channels = {role: grpc.insecure_channel(f"127.0.0.1:{args.base_port + 10 * i}", options=GRPC_OPTIONS)
+                    for i, role in enumerate(envs)}
+        stubs = {role: search_pb2_grpc.SearchServiceStub(channel) for role, channel in channels.items()}
+        interleaved(stubs, queries[:10], 20)  # warm-up: first forwards, thread pools, caches
+        first_stage = interleaved(stubs, queries[: args.queries], 0)
+        reranked = interleaved(stubs, queries[: args.reranked_queries], 20)
+        time.sleep(1.0)  # the traced stack's last batch of spans
+        return first_stage, reranked
+    finally:
+        stop_all(processes)
 
 
 def report(result: dict, out: Path) -> str:
@@ -148,7 +173,10 @@ def report(result: dict, out: Path) -> str:
     notes = (f"\ntracing on: {result['traces']} traces received, {result['spans_per_search']:.0f} spans per Search"
              f"\ntracing off: a stage span costs {result['noop_span_us']:.2f} us (no-op); at that count "
              f"{off_cost_ms * 1000:.1f} us per Search, {off_share:.4%} of the first-stage p50")
-    text = table + notes
+    per_round = "".join(f"\nround {i + 1} (stack a {r['stack_a']}): first-stage p50 on/off {r['first_stage']['p50']:.3f} "
+                        f"[{r['first_stage']['p50_low']:.3f}, {r['first_stage']['p50_high']:.3f}]"
+                        for i, r in enumerate(result["rounds"]))
+    text = table + per_round + notes
     (out / "summary.txt").write_text(text + "\n")
     return text
 
@@ -167,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-results/tracing"))
     parser.add_argument("--var-dir", type=Path, default=VAR_DIR)
-    parser.add_argument("--queries", type=int, default=900, help="first-stage Searches per stack (passes over "
-                        "SciFact's 300 test queries)")
-    parser.add_argument("--reranked-queries", type=int, default=30, help="Searches with the top 20 reranked")
+    parser.add_argument("--queries", type=int, default=600, help="first-stage Searches per stack and round (passes "
+                        "over SciFact's 300 test queries)")
+    parser.add_argument("--reranked-queries", type=int, default=20, help="Searches with the top 20 reranked, per "
+                        "stack and round")
     parser.add_argument("--base-port", type=int, default=50150)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
