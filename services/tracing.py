@@ -42,6 +42,7 @@ SPANS_DROPPED = Counter("otel_spans_dropped_total", "Spans this process did not 
 MAX_QUEUE_SPANS = 4096
 EXPORT_TIMEOUT_S = 5.0
 EXPORT_BATCH_SPANS = 512  # the SDK's default
+SHUTDOWN_TIMEOUT_S = 3.0  # at exit, after the server has drained
 
 # Health checks (probes every few seconds, the gateway's of its downstreams) would bury the requests' traces.
 NOT_HEALTH = filters.negate(filters.health_check())
@@ -147,6 +148,11 @@ class CountingBatchProcessor(BatchSpanProcessor):
         if span.context is not None and span.context.trace_flags.sampled and self.queued() >= self._capacity:
             SPANS_DROPPED.labels("queue_full").inc()
         super().on_end(span)
+
+    def shutdown(self) -> None:
+        """Export what is queued within SHUTDOWN_TIMEOUT_S, then stop: a receiver that is down must not hold a
+        process's exit past its orchestrator's grace (the SDK would wait up to 30 s)."""
+        self._batch_processor.shutdown(timeout_millis=int(SHUTDOWN_TIMEOUT_S * 1000))
 
     def queued(self) -> int:
         # The SDK keeps its queue private (a bounded deque); the version is pinned and a test checks the count.
