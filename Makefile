@@ -118,15 +118,15 @@ bench-tenancy: setup
 bench-tracing: setup
 	$(PY) -m deploy.trace_overhead --out bench-results/tracing
 
-# The reranker's GPU job (docs/gpu.md). gpu-prepare: here, everything it needs into .gpu/ (model in two
-# parts for the lent GPU machine, wheels, SciFact, first-stage candidates). gpu-run: the whole job on a machine
-# with CUDA and this checkout set up; results (JSON, PNG, logs, the trained adapter) under bench-results/gpu/run.
+# The reranker's GPU job (docs/gpu.md). gpu-prepare: here, everything it needs into .gpu/ (models, wheels,
+# collections, evidence; cut into parts for the lent GPU machine). gpu-run: the whole job on a machine with CUDA
+# and this checkout set up; results (JSON, PNG, logs, the trained adapter) under bench-results/gpu/run.
 gpu-prepare: setup
 	$(PY) -m reranker.gpu prepare --out .gpu
 
 gpu-run: gpu-prepare
-	mkdir -p .gpu/data && tar xzf .gpu/b/data.tar.gz -C .gpu/data
-	$(PY) -m reranker.gpu run --assets .gpu/b --data .gpu/data/scifact --out bench-results/gpu/run
+	mkdir -p .gpu/data && tar xzf .gpu/assets/data.tar.gz -C .gpu/data
+	$(PY) -m reranker.gpu run --assets .gpu/assets --data .gpu/data/scifact --out bench-results/gpu/run
 
 # TLS material and API keys for a deployment (git-ignored), made once; existing files are kept (delete the
 # directory to start over): a private CA, server certificates for the three services, client certificates for the

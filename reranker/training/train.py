@@ -9,9 +9,11 @@ Training data: the train split's judged queries (never test), each with one
 relevant document and hard negatives from the first-stage retriever (its
 top-`--negatives-depth` minus the judged documents), shuffled into random
 slots, drawn anew at every use (so each epoch sees new lists).
-`--pseudo-queries N` adds N corpus titles as queries for their own document
-(GPL/InPars-style) with the title's first-stage neighbours as negatives,
-skipping every document judged in any test split. `--also DIR` adds another
+`--pseudo-queries N` adds, from each training collection's corpus, N titles (or
+with `--pseudo-source sentence` sentences cut out of the text: the inverse cloze
+task) as queries for their own document (GPL/InPars-style) with the query's
+first-stage neighbours as negatives, skipping every document judged in another
+split (dev, test). `--also DIR` adds another
 collection's train queries (one example per query, its relevant documents drawn
 in turn); steps take the collections in turn. `--dev-queries` train queries of
 `--data` are held out of training and used after it to pick the scoring heads
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                              "collection in --retriever-dir is named after the directory. Steps take the "
                              "collections in turn, so --data keeps its share whatever the others' sizes")
     parser.add_argument("--pseudo-queries", type=int, default=0,
-                        help="corpus documents that become pseudo-queries for themselves; they take their own "
-                             "turn among the training sources, so --data keeps its share of the steps")
+                        help="documents of each training collection's corpus (--data and every --also) that "
+                             "become pseudo-queries for themselves; together they take one turn among the "
+                             "training sources, so --data keeps its share of the steps")
     parser.add_argument("--pseudo-source", choices=["title", "sentence"], default="title",
                         help="title: the document's title is the query; sentence: one of its sentences is, and "
                              "is cut from the document (the inverse cloze task), so the match is not verbatim")
@@ -311,16 +314,26 @@ def train_loop(args: argparse.Namespace, run: Run, model: HFModule, rng: random.
 def pseudo_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
     """Corpus documents as pseudo-queries for themselves (GPL/InPars-style without a generator): the title, or
     with --pseudo-source sentence one sentence cut out of the text (ICT, Lee et al. 2019); negatives are the
-    query's first-stage neighbours. Documents judged in any other split (test) are never used."""
+    query's first-stage neighbours. --pseudo-queries of them from --data's corpus and as many from each --also
+    collection's, in one list. Documents judged in any other split (dev, test) are never used."""
+    examples: list[Example] = []
+    for data, collection in ((args.data, args.collection), *((d, d.name) for d in args.also)):
+        examples += corpus_pseudo_examples(args, data, collection, rng)
+    rng.shuffle(examples)
+    return examples
+
+
+def corpus_pseudo_examples(args: argparse.Namespace, data: Path, collection: str,
+                           rng: random.Random) -> list[Example]:
     judged_elsewhere: set[str] = set()
-    for path in (args.data / "qrels").glob("*.tsv"):
+    for path in (data / "qrels").glob("*.tsv"):
         if path.stem != args.split:
-            for rel in load_qrels(args.data, path.stem).values():
+            for rel in load_qrels(data, path.stem).values():
                 judged_elsewhere.update(rel)
-    corpus = [d for d in iter_corpus(args.data) if d.id not in judged_elsewhere]
+    corpus = [d for d in iter_corpus(data) if d.id not in judged_elsewhere]
     pairs = [pair for d in corpus if (pair := pseudo_pair(d, args.pseudo_source, rng))]
     picked = rng.sample(pairs, min(args.pseudo_queries, len(pairs)))
-    neighbours = search(args.data, args.retriever_dir, args.collection, [query for query, _ in picked],
+    neighbours = search(data, args.retriever_dir, collection, [query for query, _ in picked],
                         args.negatives_depth, negatives_mode(args))
     return [Example(query, [doc], [n for n, _ in near if n.id != doc.id and n.id not in judged_elsewhere])
             for (query, doc), near in zip(picked, neighbours, strict=True)]

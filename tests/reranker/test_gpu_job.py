@@ -1,16 +1,19 @@
 """The GPU job's dry run: `prepare` and `run --tiny` on CPU, end to end, so the GPU run is never the first."""
 
 import csv
-import gzip
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from common.beir import iter_corpus, load_qrels, load_queries
 from reranker.adapters import held_out_query_ids
+from reranker.gpu import prepare
 from reranker.gpu.job import SHIPPED_META
 from tests.conftest import ROOT, SCIFACT
 
@@ -44,51 +47,83 @@ def tiny_collection(root: Path) -> Path:
     return out
 
 
+def tiny_evidence(data: Path, split: str, out: Path) -> None:
+    """An evidence file (deploy.evidence's layout) of the tiny collection: each judged query's first stage is
+    the whole corpus in file order, nothing reranked yet."""
+    ids = [d.id for d in iter_corpus(data)]
+    qrels = load_qrels(data, split)
+    queries = {q: {"ids": ids, "first_stage": [1.0 - i / len(ids) for i in range(len(ids))], "model": []}
+               for q in qrels}
+    out.write_text(json.dumps({"collection": data.name, "split": split, "depth": 0, "qrels": qrels,
+                               "queries": queries}))
+
+
 def gpu_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "reranker.gpu", *args], cwd=ROOT, check=True, timeout=1200)
 
 
 @pytest.mark.long
-def test_prepare_run_and_report_dry_run(tmp_path):
+def test_prepare_and_the_remote_script_dry_run(tmp_path):
+    """prepare's parts, reassembled and run by remote.sh as on the GPU machine (stash, then run --tiny)."""
     data = tiny_collection(tmp_path)
-    assets = tmp_path / "assets"
-    gpu_cli("prepare", "--out", str(assets), "--data", str(data), "--retriever-dir", str(tmp_path / "retriever"),
-            "--collection", "tiny", "--depth", "8", "--no-wheels")
-    manifest = json.loads((assets / "b" / "manifest.json").read_text())
-    parts = [assets / "a" / "model.part-a", assets / "b" / "model.part-b"]
-    assert sum(p.stat().st_size for p in parts) == manifest["model_bytes"]
-    assert manifest["train_queries"] == 6 and manifest["test_queries"] == 3
-    with gzip.open(assets / "b" / "candidates-test.jsonl.gz", "rt") as f:
-        assert all(len(json.loads(line)["doc_ids"]) == 8 for line in f)
+    also = shutil.copytree(data, tmp_path / "tinyalso")
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    for split in ("train", "test"):
+        tiny_evidence(data, split, evidence / f"tiny-{split}.json")
+    assets = tmp_path / "gpu"
+    gpu_cli("prepare", "--out", str(assets), "--data", str(data), "--also", str(also), "--evidence", str(evidence),
+            "--no-wheels", "--no-embedder")
+    manifest = json.loads((assets / "part-1" / "manifest.json").read_text())
+    parts = sorted(assets.glob("part-*/assets.tar.part-*"))
+    assert len(parts) == manifest["parts"] >= 2  # the model alone outweighs one part
+    assert all(p.stat().st_size <= prepare.PART_BYTES for p in parts)
+    assert manifest["collections"] == ["tiny", "tinyalso"]
 
     out = tmp_path / "out"
-    gpu_cli("run", "--tiny", "--assets", str(assets / "b"), "--data", str(data), "--out", str(out),
-            "--archive", str(tmp_path / "results.tar.gz"))
-    summary = json.loads((out / "summary.json").read_text())
-    assert {name: s["status"] for name, s in summary["stages"].items()} == \
-        {name: "ok" for name in ("speed", "profile", "tenants", "train", "score")}
-    speed = json.loads((out / "reranker_speed.json").read_text())
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_PARTS": str(assets), "KEEP": str(tmp_path / "keep"),
+           "WORK": str(tmp_path / "work")}
+    for part in parts[:-1]:  # the calls before the last carry one part each
+        carried = tmp_path / "carried"
+        (carried / part.parent.name).mkdir(parents=True)
+        shutil.move(part, carried / part.parent.name / part.name)
+        shutil.copy2(part.parent / "manifest.json", carried / part.parent.name)
+        subprocess.run(["bash", "reranker/gpu/remote.sh", "stash"], cwd=ROOT, check=True, timeout=120,
+                       env={**env, "GPU_PARTS": str(carried)})
+        shutil.rmtree(carried)
+    # Two calls, as on the GPU machine: the second reuses what the first unpacked and produced.
+    first = ("serve", "speed", "train", "profile", "tenants")
+    for stages in (first, ("score",)):
+        subprocess.run(["bash", "reranker/gpu/remote.sh", "run", str(out)], cwd=ROOT, check=True, timeout=1200,
+                       env={**env, "JOB_ARGS": " ".join(["--tiny", "--stages", *stages])})
+        summary = json.loads((tmp_path / "work" / "out" / "summary.json").read_text())
+        assert {name: s["status"] for name, s in summary["stages"].items()} == {name: "ok" for name in stages}
+    work = tmp_path / "work" / "out"
+    capacity = json.loads((work / "capacity" / "gpu_capacity.json").read_text())
+    assert [r["config"] for r in capacity] == ["rerank 4", "search + rerank 4"]
+    assert all(r["capacity_rps"] > 0 and r["requests_per_forward"] >= 1 for r in capacity), capacity
+    speed = json.loads((work / "reranker_speed.json").read_text())
     assert [r["n_docs"] for r in speed["results"]] == [2, 4] and all(r["blockrank_s"] > 0 for r in speed["results"])
-    assert "kernel launches" in (out / "profile.txt").read_text()
-    assert [r["tenants"] for r in json.loads((out / "reranker_tenants.json").read_text())["results"]] == [1, 2]
-    meta = json.loads((out / "adapter" / "blockrank.json").read_text())
+    assert "kernel launches" in (work / "profile.txt").read_text()
+    assert [r["tenants"] for r in json.loads((work / "reranker_tenants.json").read_text())["results"]] == [1, 2]
+    meta = json.loads((work / "adapter" / "blockrank.json").read_text())
     assert meta["block_tokens"] == 32 and meta["settings"]["steps"] == 3
-    assert (tmp_path / "results.tar.gz").stat().st_size > 0
-
-    report = tmp_path / "report.json"
-    gpu_cli("report", "--scores", str(out / "scores.json.gz"), "--assets", str(assets / "b"), "--data", str(data),
-            "--out", str(report))
-    result = json.loads(report.read_text())
-    assert set(result["adapters"]) == {"shipped", "gpu"}
-    for row in result["adapters"].values():
-        for key in ("test_alone", "test_fused_fitted", "dev_alone", "dev_fused_fitted"):
-            assert 0.0 <= row[key] <= 1.0
-    assert result["first_stage"]["test"] > 0.0
+    assert meta["settings"]["also"] == [str(tmp_path / "work" / "data" / "tinyalso")]
+    for adapter in ("gpu", "shipped"):  # every query of every evidence file rescored by both adapters
+        for split in ("train", "test"):
+            rescored = json.loads((work / "evidence" / adapter / f"tiny-{split}.json").read_text())
+            kept = list(rescored["queries"].values())
+            assert len(kept) == 2 and all(len(q["model"]) == 4 for q in kept) and rescored["depth"] == 4
+    with tarfile.open(out / "gpu-results.tar.gz") as tar:  # what comes back: results and logs, not the index
+        names = tar.getnames()
+    assert "gpu/capacity/gpu_capacity.json" in names and "gpu/services/logs/reranker.log" in names
+    assert not [n for n in names if n.startswith("gpu/services/retriever")]
 
 
 # What the GPU machine lacks: the retriever's engines, the gRPC layer (its generated code is not carried), metric
 # and embedding libraries.
-GPU_MISSING = ("faiss", "tantivy", "grpc", "services", "ir_measures", "sentence_transformers")
+GPU_MISSING = ("faiss", "tantivy", "grpc", "services", "ir_measures", "sentence_transformers")  # before the wheels
 GPU_MODULES = ("reranker.gpu.__main__", "reranker.training.train", "reranker.bench.__main__", "tests.conftest",
                "tests.reranker.test_cuda", "tests.reranker.test_attention", "tests.reranker.test_blockrank")
 
