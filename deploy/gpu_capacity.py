@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="the reranker's device (the embedder takes its own default)")
     p.add_argument("--slo-ms", type=float, default=100.0, help="p99 objective of every configuration")
     p.add_argument("--probe-s", type=float, default=5.0, help="longest a probe of the capacity search lasts")
-    p.add_argument("--max-rps", type=float, default=2000.0)
+    p.add_argument("--max-rps", type=float, default=1000.0, help="highest rate tried")
     p.add_argument("--base-port", type=int, default=50350)
     p.add_argument("--tiny", action="store_true", help="toy sizes and a loose SLO: the dry run")
     return p.parse_args(argv)
@@ -91,6 +91,12 @@ def batch_counters(metrics_port: int) -> tuple[float, float]:
     return values.get(f"{BATCH_METRIC}_sum", 0.0), values.get(f"{BATCH_METRIC}_count", 0.0)
 
 
+def request_timeout_s(slo_ms: float) -> float:
+    """Each request's deadline: ten times the SLO, at least 1 s. A request that late has failed the SLO anyway,
+    and a saturated probe then drains in that time instead of the load test's default minute."""
+    return max(1.0, 10 * slo_ms / 1000)
+
+
 def measure(config: Config, args: argparse.Namespace, targets: dict[str, str], metrics_port: int,
             collection: str) -> dict:
     """One configuration's capacity search, with the requests per forward pass over all of its probes."""
@@ -98,7 +104,7 @@ def measure(config: Config, args: argparse.Namespace, targets: dict[str, str], m
     common = ["--target", targets[config.service], "--service", config.service, "--queries", str(args.data),
               "--mode", "capacity", "--slo-ms", str(args.slo_ms), "--bisections", "2", "--max-rps", str(args.max_rps),
               "--duration-s", str(args.probe_s), "--requests", str(int(args.probe_s * args.max_rps)),
-              "--min-requests", "20", "--timeout-s", "10", "--no-progress", "--out", str(args.out / f"{slug}.json")]
+              "--min-requests", "20", "--timeout-s", str(request_timeout_s(args.slo_ms)), "--no-progress", "--out", str(args.out / f"{slug}.json")]
     if config.service == "reranker":
         common += ["--docs-per-request", str(config.documents)]
     else:

@@ -72,6 +72,11 @@ async def find_capacity(probe: Callable[[float], Awaitable[dict]], slo: Slo, sta
         level = await probe(rate)
         level["meets_slo"] = slo.met_by(level)
         probes.append(level)
+        # One line per probe as it ends: a search cut short (a time limit) still shows how far it got.
+        p = level["latency_ms"].get(f"p{slo.percentile:g}")
+        print(f"probe {rate:.4g} req/s: p{slo.percentile:g} {'-' if p is None else f'{p:.1f}'} ms, "
+              f"{level['error_count']}/{level['requests']} errors: "
+              f"{'meets' if level['meets_slo'] else 'misses'} the SLO", flush=True)
         return bool(level["meets_slo"])
 
     good, bad, rate = 0.0, 0.0, start_rps

@@ -21,7 +21,10 @@ Python: at 10-50 documents that baseline is launch-bound (some 30 ms whatever th
 BlockRank. So a second baseline series, `baseline_graphed_s` and `speedup_vs_graphed`: the same full-attention
 forward recorded once per input shape in a CUDA graph and timed as replays (copy the ids in, replay), checked
 once per size against the eager forward's last-position logits (`baseline_graphed_matches`). A capture that
-fails leaves both null with its message in `baseline_graphed_error`; on CPU both are null.
+fails leaves both null with its message in `baseline_graphed_error`; on CPU both are null. The replay is not
+always the faster baseline (on an H200 it was from 25 documents on slower than the eager forward, with the same
+logits: the captured forward takes another attention kernel), so `speedup_vs_fastest_baseline` compares
+BlockRank with whichever baseline is faster at each size.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
     dense_points.append((n, dense_s))
     if device.type == "cuda":  # the same baseline without its launch overhead: see the module docstring
         row.update(graphed_baseline(merged.model, ids, args, blockrank_s))
+    row["speedup_vs_fastest_baseline"] = min(s for s in (dense_s, row["baseline_graphed_s"]) if s) / blockrank_s
     return row
 
 
