@@ -62,8 +62,9 @@ test-long: setup test-tools
 fuzz: setup
 	FUZZ_EXAMPLES=10000 FUZZ_REPORT=bench-results/fuzz.json $(PY) -m pytest tests/services/test_fuzz.py -q -s
 
-# The three services under a mixed, valid workload for 10 minutes (deploy.soak): memory, descriptors, threads
-# and latency sampled every 5 s into bench-results/soak (JSON + PNG); fails if any trends upward after warm-up.
+# The three services under a mixed, valid workload for 10 minutes after ~2 minutes of write warm-up (deploy.soak):
+# memory, descriptors, threads and latency sampled every 5 s into bench-results/soak (JSON + PNG); fails if any
+# trends upward after warm-up.
 soak: setup
 	$(PY) -m deploy.soak --duration-s $(or $(SOAK_S),600) --out bench-results/soak
 
