@@ -62,11 +62,11 @@ test-long: setup test-tools
 fuzz: setup
 	FUZZ_EXAMPLES=10000 FUZZ_REPORT=bench-results/fuzz.json $(PY) -m pytest tests/services/test_fuzz.py -q -s
 
-# The three services under a mixed, valid workload for 10 minutes after ~2 minutes of write warm-up (deploy.soak):
+# The three services under a mixed, valid workload for 25 minutes after ~2 minutes of write warm-up (deploy.soak):
 # memory, descriptors, threads and latency sampled every 5 s into bench-results/soak (JSON + PNG); fails if any
 # trends upward after warm-up.
 soak: setup
-	$(PY) -m deploy.soak --duration-s $(or $(SOAK_S),600) --out bench-results/soak
+	$(PY) -m deploy.soak --duration-s $(or $(SOAK_S),1500) --out bench-results/soak
 
 # 20 kill -9 trials of a retriever during ingest, each restarted and checked (acknowledged writes all there with
 # their latest text, the write in flight whole or absent, dense and lexical indexes agree); ~2 minutes.

@@ -1,6 +1,6 @@
 """A soak test: the three services on 127.0.0.1 under a mixed, valid workload for a bounded time (`make soak`).
 
-    python -m deploy.soak [--duration-s 600] [--sample-s 5] [--out bench-results/soak]
+    python -m deploy.soak [--duration-s 1500] [--sample-s 5] [--out bench-results/soak]
 
 The workload, `--concurrency` workers each choosing its next operation at random (seeded, weights below):
 hybrid searches and reranked searches (the default reranker and two registered tenants) through the gateway;
@@ -15,14 +15,14 @@ rises beyond both three times its own noise and its floor. Writes soak.json and 
 when a series grows or a request failed.
 
 The retriever's write path has a high-water mark of its own: each write is a commit (a tantivy segment, merged
-in the background), and its resident memory climbs over the first ~2,000 commits before it levels (measured
-in-process with glibc arenas capped at 2, as the services run: +154 MiB over the first 2,100 single-document
-updates, +11 MiB over the next 3,700, none over the last 1,300). At the workload's ~1 write/s that climb
-outlasts any soak, and a line through it reads as a leak. So `--warmup-writes` single-document updates go
-straight to the retriever before the workload starts (2,500 by default, a few minutes); with fewer than
-RETRIEVER_WRITE_HIGH_WATER the retriever's memory is reported but not judged (the report says so). A short run
-could not judge it anyway: the retriever's memory also saw-tooths (drops of 40-110 MiB about every 50 s on the
-2-core development machine), and a window shorter than two periods reads a rising edge as growth.
+in the background), and its memory climbs in steps over the first thousands of commits (retriever.bench.writes:
++45 MiB over the first 2,000 single-document updates, +46 over the next 4,000). At the workload's ~1 write/s that
+climb fills any run, and a line through it reads as a leak. So `--warmup-writes` single-document updates go
+straight to the retriever before the workload starts (2,500 by default, a few minutes), and the default run is
+long enough (1,500 s) for the retriever's memory to level under the mix (docs/operations.md). With fewer than
+RETRIEVER_WRITE_HIGH_WATER warm-up writes the retriever's memory is reported but not judged (the report says so).
+A short run could not judge it anyway: the retriever's memory also saw-tooths (drops of 40-110 MiB about every
+50 s on the 2-core development machine), and a window shorter than two periods reads a rising edge as growth.
 """
 
 from __future__ import annotations
@@ -77,12 +77,14 @@ LATENCY_FLOOR_FRACTION = 0.5  # a latency series fails only if it rises by more 
 # get several requests per window. A series needs this many windows after warm-up to be judged.
 LATENCY_WINDOWS = 20
 MIN_WINDOWS = 8
-RETRIEVER_WRITE_HIGH_WATER = 2000  # commits before the retriever's memory levels (module docstring)
+RETRIEVER_WRITE_HIGH_WATER = 2000  # warm-up writes below which the retriever's memory is not judged (docstring)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration-s", type=float, default=600.0, help="length of the workload (after start-up)")
+    parser.add_argument("--duration-s", type=float, default=1500.0,
+                        help="length of the workload (after start-up and the write warm-up); the retriever's "
+                             "memory takes about a quarter of an hour of the mix to level (docs/operations.md)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--warmup-fraction", type=float, default=0.3, help="share of the run before trends count")
     parser.add_argument("--concurrency", type=int, default=2)
