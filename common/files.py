@@ -1,9 +1,28 @@
-"""Durable small writes: a file replaced atomically, a directory entry made durable."""
+"""Durable small writes: a file replaced atomically, a directory entry made durable; JSON files, gzipped when
+their name ends in .gz."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, gunzipped first when its name ends in .gz."""
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
+def write_json(path: Path, value: Any) -> None:
+    """`value` as one line of JSON, gzipped when the name ends in .gz; the folder is made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(value) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
 
 
 def write_atomically(path: Path, content: str | bytes, durable: bool = True) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 from ir_measures import nDCG
 
 from common.beir import load_qrels, split_queries
+from common.files import read_json, write_json
 from common.report import text_table
 from reranker.ranking import fuse
 from services.gen.retrieval.v1 import document_pb2, search_pb2, search_pb2_grpc
@@ -68,17 +68,12 @@ class Evidence:
     @staticmethod
     def load(path: Path) -> Evidence:
         """From JSON, gzipped when the name ends in .gz."""
-        raw = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+        raw = read_json(path)
         return Evidence(raw["collection"], raw["split"], raw["depth"], raw["qrels"],
                         {q: Candidates(**c) for q, c in raw["queries"].items()})
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(asdict(self)) + "\n"
-        if path.suffix == ".gz":
-            path.write_bytes(gzip.compress(text.encode()))
-        else:
-            path.write_text(text)
+        write_json(path, asdict(self))
 
     @property
     def name(self) -> str:

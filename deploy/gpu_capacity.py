@@ -114,8 +114,8 @@ def measure(config: Config, args: argparse.Namespace, targets: dict[str, str], m
     started = time.perf_counter()
     code = cli.main(common)
     seconds = time.perf_counter() - started
-    requests, passes = (now - before for now, before in zip(batch_counters(metrics_port),
-                                                             (requests_before, passes_before), strict=True))
+    requests_after, passes_after = batch_counters(metrics_port)
+    requests, passes = requests_after - requests_before, passes_after - passes_before
     result = json.loads((args.out / f"{slug}.json").read_text()) if code == 0 else {}
     capacity = result.get("capacity", {}).get("capacity_rps") or 0.0
     at_capacity = [lv for lv in result.get("levels", []) if capacity and lv["rate_rps"] == capacity]

@@ -30,8 +30,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from common.files import read_json
 from common.paths import REPO_ROOT, SCIFACT, SHARED_DATA
-from reranker.gpu import score
+from reranker.gpu.score import evidence_files
 from reranker.model import default_model_file
 
 # What the GPU image lacks (faiss, tantivy, gguf, the gRPC health/reflection services, OpenTelemetry) or holds
@@ -101,10 +102,9 @@ def copy_evidence(source: Path, out: Path) -> list[str]:
     """The evidence files; returns the collections they are of."""
     out.mkdir(parents=True)
     collections = []
-    for path in sorted(source.iterdir()):
-        if path.name.endswith((".json", ".json.gz")):
-            shutil.copy2(path, out / path.name)
-            collections.append(score.read_evidence(path)["collection"])
+    for path in evidence_files(source):
+        shutil.copy2(path, out / path.name)
+        collections.append(read_json(path)["collection"])
     return collections
 
 

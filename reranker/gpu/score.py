@@ -14,13 +14,13 @@ leave-one-collection-out rule and paired-bootstrap intervals, here. No metric co
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 from pathlib import Path
 
 from common.beir import iter_corpus, load_queries
 from common.device import describe_device
+from common.files import read_json, write_json
 from common.types import Document
 from reranker.engine import Reranker, RerankerConfig
 from reranker.model import LoadedModel
@@ -29,17 +29,9 @@ from reranker.tenants import EquivalenceMode
 BATCH = 8  # prompts per forward
 
 
-def read_evidence(path: Path) -> dict:
-    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
-
-
-def write_evidence(path: Path, evidence: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(evidence) + "\n"
-    if path.suffix == ".gz":
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path.write_text(text)
+def evidence_files(folder: Path) -> list[Path]:
+    """The evidence files in `folder` (JSON, gzipped or not), in name order."""
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".json", ".json.gz")))
 
 
 def rescored(reranker: Reranker, evidence: dict, data: Path, depth: int, max_queries: int) -> dict:
@@ -63,7 +55,7 @@ def rescored(reranker: Reranker, evidence: dict, data: Path, depth: int, max_que
 
 
 def score(args: argparse.Namespace) -> dict:
-    files = sorted(p for p in args.evidence.iterdir() if p.name.endswith((".json", ".json.gz")))
+    files = evidence_files(args.evidence)
     summary: dict = {"adapters": {}, "files": [p.name for p in files]}
     loaded: LoadedModel | None = None
     for spec in args.adapter:
@@ -78,12 +70,12 @@ def score(args: argparse.Namespace) -> dict:
         entry: dict = {"path": path, "fusion_weight": reranker.handle().settings.fusion_weight, "queries_per_s": {}}
         summary["adapters"][name] = entry
         for file in files:
-            evidence = read_evidence(file)
+            evidence = read_json(file)
             start = time.perf_counter()
             result = rescored(reranker, evidence, args.data_root / evidence["collection"], args.depth,
                               args.max_queries)
             entry["queries_per_s"][file.name] = len(result["queries"]) / (time.perf_counter() - start)
-            write_evidence(args.out / name / file.name, result)
+            write_json(args.out / name / file.name, result)
             print(f"{name} {file.name}: {len(result['queries'])} queries, "
                   f"{entry['queries_per_s'][file.name]:.1f} queries/s", flush=True)
             (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # a cut run keeps it

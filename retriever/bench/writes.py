@@ -31,14 +31,6 @@ STORED = 300
 HIGH_WATER_WRITES = 2000  # deploy.soak.RETRIEVER_WRITE_HIGH_WATER: the soak's write warm-up judged by this
 
 
-def anonymous_mib(pid: int) -> float:
-    """RssAnon: heap and anonymous mappings (what a leak grows), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run(writes: int, batch: int, every: int, data: Path) -> list[dict[str, float]]:
     from common.allocator import limit_malloc_arenas
 
@@ -60,9 +52,9 @@ def run(writes: int, batch: int, every: int, data: Path) -> list[dict[str, float
             engine.upsert("writes", [Document(d.id, d.title, f"{d.text} (revision {done - i})", d.metadata)
                                      for i, d in enumerate(chosen)])
             if done % every < batch:
-                pid = os.getpid()
+                stats = ProcessStats.of(os.getpid())
                 course.append({"writes": done, "seconds": round(time.perf_counter() - start, 1),
-                               "rss_mib": ProcessStats.of(pid).rss_mib, "anon_mib": round(anonymous_mib(pid), 1)})
+                               "rss_mib": stats.rss_mib, "anon_mib": round(stats.rss_anon_mib, 1)})
     return course
 
 
