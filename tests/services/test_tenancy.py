@@ -82,9 +82,11 @@ def register_all(gateway: Server) -> None:
     for tenant in TENANTS:
         reply = admin.LoadAdapter(adapter_pb2.LoadAdapterRequest(tenant=tenant, adapter=f"{tenant}-lora"), timeout=120)
         assert reply.binding.tenant == tenant and reply.binding.adapter == f"{tenant}-lora"
-    for _ in range(30):  # every replica's view of the registry catches up within a second (bounded: 3 s)
+    # Every replica's view of the registry catches up within a second, and the gateway's channel to a replica that
+    # an earlier test restarted reconnects within its reconnect backoff (at most 2 s, +20% jitter): bounded at 6 s.
+    for _ in range(60):
         listing = admin.ListAdapters(adapter_pb2.ListAdaptersRequest(), timeout=60)
-        if {b.tenant for b in listing.bindings} >= set(TENANTS):
+        if {b.tenant for b in listing.bindings} >= set(TENANTS) and not any(r.error for r in listing.replicas):
             break
         threading.Event().wait(0.1)
     assert {b.tenant for b in listing.bindings} >= set(TENANTS)
