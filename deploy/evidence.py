@@ -7,6 +7,9 @@ weight, paired-bootstrap intervals, and the default weight chosen by leave-one-c
     # the default weight from tuning splits only; test splits are measured at it, never used to choose
     python -m deploy.evidence choose --tune var/evidence/scifact-train.json var/evidence/nfcorpus-dev.json \
         --measure var/evidence/*-test.json --out bench-results/quality/weights.json
+    # two rerankers' scores of the same candidates (two dtypes, say: reranker.gpu score), side by side
+    python -m deploy.evidence compare --base fp32/scifact-test.json.gz --other bf16/scifact-test.json.gz \
+        --weights 0.35,1 --out bench-results/quality/bf16-parity.json
 
 The served ranking at weight w is the reranked head ordered by w·minmax(reranker) + (1-w)·minmax(first stage)
 (reranker.ranking.fuse, as the reranker serves it), then the first-stage tail; w = 0 is the first stage.
@@ -200,6 +203,34 @@ def report(result: dict[str, Any]) -> str:
     return f"{loo}\n\n{verdict}\n\n{measured}"
 
 
+# ---- two rerankers on the same candidates ------------------------------------------------------------------------
+def compare(base: Evidence, other: Evidence, weights: Sequence[float]) -> dict[str, Any]:
+    """nDCG@10 served at each weight with `base`'s reranker scores and with `other`'s, on identical candidates,
+    the per-query difference (other - base) with its paired-bootstrap interval; and how alike the two rankings of
+    each head are (Kendall's tau of the two score lists, mean over queries)."""
+    if base.queries.keys() != other.queries.keys() or any(
+            base.queries[q].ids[:base.depth] != other.queries[q].ids[:other.depth] for q in base.queries):
+        raise ValueError("the two evidence files must hold the same queries and candidates")
+    rows = []
+    for weight in weights:
+        ndcg = [per_query_ndcg(e.judged, {q: as_run(fused_order(c, weight)) for q, c in e.queries.items()})
+                for e in (base, other)]
+        rows.append({"weight": weight, "base": float(np.mean(list(ndcg[0].values()))),
+                     "other": float(np.mean(list(ndcg[1].values()))),
+                     "other_minus_base": asdict(paired_bootstrap([ndcg[1][q] - ndcg[0][q] for q in base.judged]))})
+    taus = [kendall_tau(base.queries[q].model, other.queries[q].model) for q in base.queries]
+    return {"collection": base.collection, "split": base.split, "queries": len(base.judged), "depth": base.depth,
+            "first_stage": float(np.mean(list(base.first_stage_ndcg.values()))),
+            "mean_kendall_tau": float(np.mean(taus)), "min_kendall_tau": float(np.min(taus)), "rows": rows}
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-a of two score lists over the same items (1: the same order)."""
+    x, y = np.asarray(a), np.asarray(b)
+    i, j = np.triu_indices(len(x), k=1)
+    return float(np.mean(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]))) if len(i) else 1.0
+
+
 # ---- collecting -------------------------------------------------------------------------------------------------
 async def collect_candidates(gateway: str, collection: str, queries: dict[str, str], depth: int,
                              concurrency: int = 2, timeout: float = 600.0,
@@ -257,7 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--tune", type=Path, nargs="+", required=True, help="evidence of train/dev splits")
     pick.add_argument("--measure", type=Path, nargs="*", default=[], help="evidence to measure at the choice")
     pick.add_argument("--out", type=Path, default=None, help="JSON, with a PNG of every gain curve beside it")
+    side = commands.add_parser("compare", help="two rerankers' scores of the same candidates, side by side")
+    side.add_argument("--base", type=Path, required=True)
+    side.add_argument("--other", type=Path, required=True)
+    side.add_argument("--weights", default="0.35,1", help="fusion weights to serve at (1: the reranker alone)")
+    side.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        compared = compare(Evidence.load(args.base), Evidence.load(args.other),
+                           [float(w) for w in args.weights.split(",")])
+        print(json.dumps(compared, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(compared, indent=2) + "\n")
+        return 0
     if args.command == "collect":
         only = set(json.loads(args.only_queries_of.read_text())["dev_query_ids"]) if args.only_queries_of else None
         collect(args.gateway, args.data, args.collection, args.split, args.rerank_depth, only).save(args.out)

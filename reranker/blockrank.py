@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -54,6 +55,29 @@ class ScoringSpec:
     block_tokens: int = DEFAULT_BLOCK_TOKENS  # position offset of the final segment is L0 + block_tokens
 
 
+class ForwardPath(StrEnum):
+    """Which inference forward runs. Packed (reranker.packed) joins every part of every prompt into one matrix:
+    fewer, larger kernels, which is what a GPU needs and what a CPU gains from while the batch stays within its
+    caches; beyond that the chunked path's cache-sized chunks are faster on a CPU (`python -m reranker.bench
+    speed --path chunked,packed`). Training, captures and traces always run chunked."""
+
+    AUTO = "auto"  # CUDA: packed; CPU: packed while the rows fit CPU_PACKED_MAX_ROW_BYTES, chunked beyond
+    PACKED = "packed"
+    CHUNKED = "chunked"
+
+
+# The CPU crossover between the two paths, in packed rows (prefix + documents padded to one width + final) times
+# the bytes of one element: measured on 2 cores with 96- and 160-token blocks, packed is the faster up to ~4K rows
+# in fp32 and ~8K in bf16 (about even at 16K), the same bytes (docs/benchmarks.md#cpu-forward-paths).
+CPU_PACKED_MAX_ROW_BYTES = 4096 * 4
+
+
+def packed_rows(prompts: Sequence[Prompt]) -> int:
+    """Rows of the packed matrix for these prompts: documents are padded to the batch's longest."""
+    width = max((len(d) for p in prompts for d in p.docs), default=0)
+    return sum(len(p.prefix) + len(p.final) + p.n_docs * width for p in prompts)
+
+
 class BlockRankForward:
     """Runs a Hugging Face Llama-family model's layers on BlockRank's sparse layout.
 
@@ -63,7 +87,7 @@ class BlockRankForward:
     """
 
     def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None,
-                 gpu_path: bool | None = None, cuda_graphs: int = 32) -> None:
+                 path: ForwardPath | str = ForwardPath.AUTO, cuda_graphs: int = 32) -> None:
         self.model = model
         self.decoder: HFModule = model.model
         cfg = model.config
@@ -73,13 +97,16 @@ class BlockRankForward:
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale: float = self.head_dim ** -0.5
         self.num_layers: int = cfg.num_hidden_layers
-        # The GPU path (default on CUDA): inference on packed rows (reranker.packed) and SDPA kernels for the
-        # documents' attention; on CPU the chunked einsum path is the faster. Both equal the dense reference.
-        self.gpu_path = self.device.type == "cuda" if gpu_path is None else gpu_path
-        self.attend_docs = attend_docs_fused if self.gpu_path else attend_docs
+        # Inference on packed rows (reranker.packed: fused norms and projections, SDPA kernels) or in chunks of
+        # documents (below); both equal the dense reference. See ForwardPath for which runs when.
+        self.path = ForwardPath(path)
+        on_gpu = self.device.type == "cuda"
+        self.attend_docs = attend_docs_fused if on_gpu else attend_docs
         # Document tokens per chunk inside a layer (chunked path). CPU: temporaries stay cache-sized (~10 MB).
         # GPU: launches, not memory, bound the time, so whole shortlists run as one chunk.
-        self.chunk_tokens = 1 << 16 if self.gpu_path else 2048
+        self.chunk_tokens = 1 << 16 if on_gpu else 2048
+        # The packed path's row-wise work (norms, projections, MLP) in chunks of rows, for the same reason.
+        self.packed_chunk_rows = 0 if on_gpu else 2048
         self.prefix_cache = prefix_cache
         # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
         self.graphs = PackedGraphs(cuda_graphs)
@@ -89,6 +116,13 @@ class BlockRankForward:
     def device(self) -> torch.device:
         device: torch.device = self.decoder.embed_tokens.weight.device
         return device
+
+    def runs_packed(self, prompts: Sequence[Prompt]) -> bool:
+        """Whether an inference batch of these prompts takes the packed path (ForwardPath)."""
+        if self.path is not ForwardPath.AUTO:
+            return self.path is ForwardPath.PACKED
+        element = self.decoder.embed_tokens.weight.element_size()
+        return self.device.type == "cuda" or packed_rows(prompts) * element <= CPU_PACKED_MAX_ROW_BYTES
 
     # ---- public ----------------------------------------------------------------
     @torch.inference_mode()
@@ -131,7 +165,7 @@ class BlockRankForward:
             raise ValueError(f"scoring layer must be in 0..{self.num_layers - 1}, got {last_layer}")
         # At inference the documents' hidden states are updated in place; captures need every layer's.
         in_place = torch.is_inference_mode_enabled() and capture is None
-        if in_place and self.gpu_path:
+        if in_place and self.runs_packed(prompts):
             return self.graphs.run(self, prompts, routes, block_tokens, score_layers, last_layer)
         docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)

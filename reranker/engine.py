@@ -60,7 +60,7 @@ class RerankerConfig:
     # LoRA when it exists for this base model; "none": the base model; or a PEFT adapter directory.
     adapter: str = "default"
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
-    dtype: Dtype = Dtype.AUTO  # auto: fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA
+    dtype: Dtype = Dtype.AUTO  # auto: bf16 on CUDA (else fp16) and on CPUs with native bf16 (else fp32)
     block_tokens: int = 0  # tokens per document block; 0: the adapter's training length, else 160
     max_query_tokens: int = 128
     scoring_layer: int = -1  # -1: the adapter's (or the model's scoring file), else the middle layer

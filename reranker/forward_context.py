@@ -59,6 +59,7 @@ class ForwardContext(Protocol):
     head_dim: int
     scale: float
     fused: FusedWeights
+    packed_chunk_rows: int  # rows per row-wise step (norms, projections, MLP); 0: all rows at once
 
     @property
     def device(self) -> torch.device: ...

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from common.device import Dtype, resolve_device, resolve_dtype
+from common.device import Dtype, cpu_inference_dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -56,7 +56,8 @@ def load_model(path: str = "", device: str = "auto", dtype: Dtype | str = Dtype.
     converted once into a Hugging Face directory under `cache` (see `model_cache`) and loaded from there."""
     target = Path(path) if path else default_model_file()
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)  # auto: fp32 on CPU, bf16/fp16 on CUDA
+    # auto: bf16 on CUDA (fp16 without bf16 support) and on CPUs with native bf16, else fp32 (training asks fp32)
+    torch_dtype = resolve_dtype(dtype, torch_device, auto_cpu=cpu_inference_dtype())
     if target.suffix == ".gguf":
         converted = converted_gguf(target, cache_root) if (cache_root := model_cache(cache)) else None
         directory, kwargs = (converted, {}) if converted else (target.parent, {"gguf_file": target.name})

@@ -23,11 +23,11 @@ import torch
 
 from reranker import kernels
 from reranker.attention import Rope, attend_docs_fused, attend_prefix, attend_rows, attention_mass, key_bias
-from reranker.docbatch import pad_docs
+from reranker.docbatch import pad_docs, segments_in
 from reranker.forward_context import ForwardContext, SharedEntries, SharedPrefix
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import FusedLinear, Route, Segment, add_deltas, project
+from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas, project
 
 
 @dataclass
@@ -83,14 +83,14 @@ def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[i
     final_keys = [_final_keys(r, packed.valid, few) for r in rows]
     local = {} if local is None else local
     masses: list[dict[int, torch.Tensor]] = [{} for _ in rows]
-    spans = [Segment(r.prefix.start, r.final.stop, None, i) for i, r in enumerate(rows)]
+    spans = [(r.prefix.start, r.final.stop) for r in rows]  # each prompt's rows
     for index in range(last_layer + 1):
         layer = fw.decoder.layers[index]
         deltas = [route.at(index) for route in routes]
         if any(shared):
             fw.advance_shared(index, layer, shared, local, routes, deltas)
-        segments = [Segment(s.lo, s.hi, deltas[i], i) for i, s in enumerate(spans)]
-        q, k, v = _qkv(fw, layer, fw.fused[index], rms_norm(layer.input_layernorm, hidden), rope, segments)
+        chunks = _row_chunks(hidden.shape[0], fw.packed_chunk_rows, spans, deltas)
+        q, k, v = _qkv(fw, layer, fw.fused[index], hidden, rope, chunks)
         for i, layers in enumerate(score_layers):
             if index in layers:
                 r, s = rows[i], signal_tokens[i]
@@ -100,14 +100,31 @@ def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[i
         if index == last_layer:
             break
         out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i],
-                                                                              final_keys[i], few)])
-        _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", out.flatten(1), segments)
-        x = rms_norm(layer.post_attention_layernorm, hidden)
-        gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
-        up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
-        activated = _activate(fw, layer.mlp.act_fn, gate, up)
-        _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", activated, segments)
+                                                                              final_keys[i], few)]).flatten(1)
+        for rows_slice, segments in chunks:
+            _finish_rows(fw, layer, hidden[rows_slice], out[rows_slice], segments)
     return masses
+
+
+def _row_chunks(n_rows: int, chunk_rows: int, spans: Sequence[tuple[int, int]],
+                deltas: Sequence[LayerDeltas | None]) -> list[tuple[slice, list[Segment]]]:
+    """The rows in chunks of `chunk_rows` (0: one chunk), each with its prompts' segments relative to it: the
+    row-wise work runs a chunk at a time, so on a CPU its temporaries stay cache-sized whatever the batch (an
+    RMSNorm over 16K rows costs ~20x one over 2K, not 8x)."""
+    step = chunk_rows or n_rows
+    return [(slice(lo, min(n_rows, lo + step)),
+             segments_in(spans, lo, min(n_rows, lo + step), deltas))
+            for lo in range(0, n_rows, step)]
+
+
+def _finish_rows(fw: ForwardContext, layer: HFModule, hidden: torch.Tensor, attended: torch.Tensor,
+                 segments: Sequence[Segment]) -> None:
+    """Rows of one chunk after attention, in place: o_proj and residual, RMSNorm, the gated MLP and residual."""
+    _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", attended, segments)
+    x = rms_norm(layer.post_attention_layernorm, hidden)
+    gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
+    up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
+    _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", _activate(fw, layer.mlp.act_fn, gate, up), segments)
 
 
 def _rope_rows(fw: ForwardContext, positions: torch.Tensor) -> Rope:
@@ -118,14 +135,28 @@ def _rope_rows(fw: ForwardContext, positions: torch.Tensor) -> Rope:
     return cos[0][:, None], torch.cat([-sin[0][:, :half], sin[0][:, half:]], dim=-1)[:, None]
 
 
-def _qkv(fw: ForwardContext, layer: HFModule, qk: FusedLinear, x: torch.Tensor, rope: Rope,
-         segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normed rows (rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd), RoPE applied to q and k together."""
+def _qkv(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torch.Tensor, rope: Rope,
+         chunks: Sequence[tuple[slice, list[Segment]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (rows, D) -> q (rows, heads, hd), k/v (rows, kv, hd): RMSNorm, then q|k in one matmul with RoPE over
+    both, and v; chunk by chunk."""
     heads, hd = fw.n_heads + fw.n_kv, fw.head_dim
-    y = qk(x, segments).view(-1, heads, hd)
-    rotated = kernels.rope(y, *rope)
-    v = project(layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, hd)
+    if len(chunks) == 1:  # one chunk (a GPU's): no copies into preallocated outputs
+        rotated, v = _qkv_rows(fw, layer, qk, hidden, rope, chunks[0][1])
+    else:
+        rotated = hidden.new_empty(hidden.shape[0], heads, hd)
+        v = hidden.new_empty(hidden.shape[0], fw.n_kv, hd)
+        for rows, segments in chunks:
+            rotated[rows], v[rows] = _qkv_rows(fw, layer, qk, hidden[rows], (rope[0][rows], rope[1][rows]), segments)
     return rotated[:, :fw.n_heads], rotated[:, fw.n_heads:], v
+
+
+def _qkv_rows(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torch.Tensor, rope: Rope,
+              segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's q|k (rows, heads + kv, hd) with RoPE applied, and its v (rows, kv, hd)."""
+    x = rms_norm(layer.input_layernorm, hidden)
+    rotated = kernels.rope(qk(x, segments).view(-1, fw.n_heads + fw.n_kv, fw.head_dim), *rope)
+    v = project(layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
+    return rotated, v
 
 
 def _activate(fw: ForwardContext, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from common.device import Dtype, cpu_has_native_bf16, resolve_device, resolve_dtype
+from common.device import Dtype, cpu_inference_dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class Embedder:
 
 def embedder_dtype(dtype: Dtype | str, device: torch.device) -> torch.dtype:
     """"auto": fp16 on CUDA; bf16 on CPUs with native bf16 (about 2x fp32, cosine > 0.9999), else fp32."""
-    cpu = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return resolve_dtype(dtype, device, auto_cpu=cpu, auto_cuda=torch.float16)
+    return resolve_dtype(dtype, device, auto_cpu=cpu_inference_dtype(), auto_cuda=torch.float16)
 
 
 def _configured_max_length(path: Path) -> int:

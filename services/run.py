@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "file's order (2-9 s each on a 2-core CPU); the first stages are scored on all")
     parser.add_argument("--no-reranker", action="store_true")
     parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
+    parser.add_argument("--reranker-dtype", default="auto",
+                        help="the reranker's --dtype (auto: bf16 on a GPU or a CPU with native bf16, else fp32)")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
     parser.add_argument("--eval", type=Path, default=None, metavar="OUT_DIR",
                         help="instead of the demo query, run deploy.eval on every --eval-data collection and "
@@ -116,8 +118,9 @@ def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]
     gateway_args = ["--retriever-target", processes[0].target, *extra.get("gateway", [])]
     if not args.no_reranker:
         measured = RERANK_BY_DEFAULT if args.capacity or args.loadtest else []  # they size the reranking stage
-        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter, *measured,
-                                                                 *extra.get("reranker", [])], args.base_port + 2, logs))
+        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter, "--dtype", args.reranker_dtype,
+                                                                 *measured, *extra.get("reranker", [])],
+                               args.base_port + 2, logs))
         gateway_args += ["--reranker-target", processes[-1].target]
     processes.append(start("gateway", "services.gateway", gateway_args, args.base_port, logs))
     return processes, metrics

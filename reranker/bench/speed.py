@@ -44,12 +44,12 @@ import torch
 from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
-from common.device import describe_device
+from common.device import Dtype, describe_device
 from common.paths import SCIFACT
 from common.plots import figure
 from reranker import kernels
 from reranker.batcher import prompt_tokens
-from reranker.blockrank import BlockRankForward, ScoringSpec
+from reranker.blockrank import BlockRankForward, ForwardPath, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
 from reranker.model import HFModule
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
@@ -86,7 +86,28 @@ def predict_quadratic(points: list[tuple[int, float]], n: int) -> float:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    reranker = Reranker(RerankerConfig(model=args.model, device=args.device, block_tokens=args.block_tokens))
+    """One run per (dtype, path) asked for; several: side by side, each size's time as a ratio to the first's."""
+    variants = [(dtype, path) for dtype in args.dtype.split(",") for path in args.path.split(",")]
+    if len(variants) == 1:
+        return speed_of(args, *variants[0])
+    runs = [speed_of(args, dtype, path) for dtype, path in tqdm(variants, desc="variants", unit="variant")]
+    seconds = [{r["n_docs"]: r["blockrank_s"] for r in run["results"]} for run in runs]
+    side_by_side = []
+    for row in runs[0]["results"]:
+        n = row["n_docs"]
+        entry: dict = {"n_docs": n, "tokens": row["tokens"]}
+        for run, by_n in zip(runs, seconds, strict=True):
+            entry[run["variant"]] = {"blockrank_s": by_n[n], "speedup_over_first": seconds[0][n] / by_n[n]}
+        side_by_side.append(entry)
+    tqdm.write(json.dumps(side_by_side, indent=1))
+    return {"device": runs[0]["device"], "model": runs[0]["model"], "block_tokens": args.block_tokens,
+            "first": runs[0]["variant"], "side_by_side": side_by_side, "variants": runs}
+
+
+def speed_of(args: argparse.Namespace, dtype: str, path: str) -> dict:
+    reranker = Reranker(RerankerConfig(model=args.model, device=args.device, dtype=Dtype(dtype),
+                                       block_tokens=args.block_tokens))
+    reranker.forward.path = ForwardPath(path)
     handle = reranker.handle()
     merged = merged_forward(reranker)
     corpus = [(d.title, d.text) for d in itertools.islice(iter_corpus(args.data), 2000)]
@@ -105,9 +126,9 @@ def speed(args: argparse.Namespace) -> dict:
         "weights": "adapter merged into a copy of the model, both sides" if merged is not reranker.forward
         else "the base model, both sides",
         "dtype": str(reranker.lm.dtype), "block_tokens": args.block_tokens,
+        "variant": f"{str(reranker.lm.dtype).removeprefix('torch.')} {path}",
         "scoring_layer": handle.settings.spec.layer, "num_layers": reranker.forward.num_layers,
-        "threads": torch.get_num_threads(),
-        "blockrank_path": "packed rows, SDPA kernels" if merged.gpu_path else "chunked, einsum attention",
+        "threads": torch.get_num_threads(), "blockrank_path": path,  # each row: the path its size took
         "cuda_graph_captures": merged.graphs.captures + reranker.forward.graphs.captures,
         "triton_kernels": reranker.lm.device.type == "cuda" and kernels.ENABLED,
         "full_attention_implementation": merged.model.config._attn_implementation, "results": rows,
@@ -126,7 +147,7 @@ def merged_forward(reranker: Reranker) -> BlockRankForward:
 
     model = merge_adapter(copy.deepcopy(reranker.lm.model), reranker.adapter)
     return BlockRankForward(model, SharedPrefixCache(reranker.config.prefix_cache_mb << 20),
-                            cuda_graphs=reranker.config.cuda_graphs)
+                            path=reranker.forward.path, cuda_graphs=reranker.config.cuda_graphs)
 
 
 def host_scores(forward: BlockRankForward, prompt: Prompt, spec: ScoringSpec) -> list[list[float]]:
@@ -146,7 +167,8 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
 
     blockrank_s = timed(blockrank, device, args.repeats, args.budget_s, warmup)
     row: dict = {"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": blockrank_s, "full_attention_s": None,
-                 "baseline_graphed_s": None, "speedup_vs_graphed": None, "baseline_graphed_matches": None}
+                 "baseline_graphed_s": None, "speedup_vs_graphed": None, "baseline_graphed_matches": None,
+                 "path": "packed" if merged.runs_packed([prompt]) else "chunked"}
     if merged is not reranker.forward:
         row["blockrank_tenant_s"] = timed(lambda: reranker.score_prompts([prompt], [handle]), device, args.repeats,
                                           args.budget_s, warmup)
@@ -154,6 +176,9 @@ def measure_size(args: argparse.Namespace, reranker: Reranker, handle: TenantHan
         with merged.graphs.eager():
             row["blockrank_eager_s"] = timed(blockrank, device, args.repeats, args.budget_s, 1)
     predicted = predict_quadratic(dense_points, n)
+    if args.dense_budget_s <= 0:
+        row["skipped"] = "--dense-budget-s 0: no full-attention baseline"
+        return row
     if predicted > args.dense_budget_s:
         row["skipped"] = f"predicted {predicted:.0f}s > --dense-budget-s {args.dense_budget_s:.0f}"
         return row
@@ -282,6 +307,9 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def plot_speed(result: dict, path: Path) -> None:
+    if "variants" in result:
+        plot_variants(result, path)
+        return
     rows = result["results"]
     with figure(path, (7, 4.5)) as ax:
         ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o",
@@ -315,13 +343,38 @@ def plot_speed(result: dict, path: Path) -> None:
         ax.legend()
 
 
+def plot_variants(result: dict, path: Path) -> None:
+    """Seconds per rerank of each (dtype, path) against documents, each point's speedup over the first variant."""
+    with figure(path, (7, 4.5)) as ax:
+        for run in result["variants"]:
+            rows = run["results"]
+            ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o", label=run["variant"])
+            if run is result["variants"][0]:
+                continue
+            for row in result["side_by_side"]:
+                entry = row.get(run["variant"])
+                if entry:
+                    ax.annotate(f"{entry['speedup_over_first']:.2f}x", (row["n_docs"], entry["blockrank_s"]),
+                                textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
+        ax.set_ylabel("seconds per rerank (BlockRank)")
+        ax.set_title(f"{result['model']} on {result['device']}: against {result['first']}")
+        ax.legend()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-docs", default="10,25,50,100,200,500")
     p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS)
     p.add_argument("--model", default="")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="one or several of auto, fp32, bf16, fp16 (comma-separated: "
+                   "each is run, side by side)")
+    p.add_argument("--path", default="auto", help="one or several of auto, packed, chunked (reranker.blockrank."
+                   "ForwardPath); with --dtype, every combination")
     p.add_argument("--data", type=Path, default=SCIFACT)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a point after this long")
-    p.add_argument("--dense-budget-s", type=float, default=400.0)
+    p.add_argument("--dense-budget-s", type=float, default=400.0, help="0: no full-attention baseline")
     p.add_argument("--out", type=Path, required=True)

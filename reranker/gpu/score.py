@@ -1,4 +1,5 @@
-"""`python -m reranker.gpu score` (on the GPU): adapters' scores over the candidates of evidence files.
+"""`python -m reranker.gpu score` (on the GPU, or any device and dtype): adapters' scores over the candidates
+of evidence files.
 
 An evidence file (`deploy.evidence collect`, bench-results/quality/evidence/) holds, per judged query of one
 collection's split, the first stage's top 100 (ids and scores) and the reranker's scores of its head. `score`
@@ -9,6 +10,9 @@ leave-one-collection-out rule and paired-bootstrap intervals, here. No metric co
     python -m reranker.gpu score --device cuda --evidence DIR --data-root DIR \
         --adapter gpu=OUT/adapter --adapter shipped=default --out OUT/evidence
     # writes OUT/evidence/<adapter>/<evidence file>, and OUT/evidence/summary.json (queries per second)
+
+With `--device cpu --dtype fp32` and `--dtype bf16` it gives the two dtypes' scores of the same candidates, which
+`python -m deploy.evidence compare` sets side by side (docs/benchmarks.md#reranker-dtype-on-the-cpu).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 
 from common.beir import iter_corpus, load_queries
-from common.device import describe_device
+from common.device import Dtype, describe_device
 from common.files import read_json, write_json
 from common.types import Document
 from reranker.engine import Reranker, RerankerConfig
@@ -63,10 +67,10 @@ def score(args: argparse.Namespace) -> dict:
         if path != "default" and not (Path(path) / "adapter_config.json").exists():
             summary["adapters"][name] = {"missing": path}
             continue
-        reranker = Reranker(RerankerConfig(device=args.device, adapter=path, equivalence=EquivalenceMode.OFF),
-                            loaded=loaded)
+        reranker = Reranker(RerankerConfig(device=args.device, dtype=Dtype(args.dtype), adapter=path,
+                                           equivalence=EquivalenceMode.OFF), loaded=loaded)
         loaded = reranker.lm
-        summary["device"] = describe_device(reranker.lm.device)
+        summary["device"], summary["dtype"] = describe_device(reranker.lm.device), str(reranker.lm.dtype)
         entry: dict = {"path": path, "fusion_weight": reranker.handle().settings.fusion_weight, "queries_per_s": {}}
         summary["adapters"][name] = entry
         for file in files:
@@ -84,6 +88,7 @@ def score(args: argparse.Namespace) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="the reranker's (auto: bf16 on a GPU or a CPU with native bf16)")
     p.add_argument("--evidence", type=Path, required=True, help="a folder of evidence files (deploy.evidence)")
     p.add_argument("--data-root", type=Path, required=True, help="the folder holding each collection's BEIR dir")
     p.add_argument("--adapter", action="append", required=True, help="NAME=PATH (PATH 'default': the shipped one)")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from common.device import Dtype
 from reranker.attention import attend_docs, attend_docs_fused
-from reranker.blockrank import BlockRankForward, ScoringSpec
+from reranker.blockrank import BlockRankForward, ForwardPath, ScoringSpec
 from reranker.model import load_model
 from reranker.prompt import PromptBuilder, PromptLimits
 from reranker.reference import reference_scores
@@ -30,13 +31,13 @@ def test_fused_equals_einsum_with_padding_and_gqa():
     assert float((fused - einsum)[valid].abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_forward_with_either_attention_matches_dense_reference(fused):
+@pytest.mark.parametrize("path", [ForwardPath.PACKED, ForwardPath.CHUNKED])
+def test_forward_with_either_attention_matches_dense_reference(path):
     lm = load_model(device="cpu", dtype="fp32", attn_implementation="eager")  # the GPU path's arithmetic, on CPU
     builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=BLOCK))
     prompt = builder.build("blood sugar and insulin", [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
     spec = ScoringSpec(layer=6, block_tokens=BLOCK)
-    scores = BlockRankForward(lm.model, gpu_path=fused).score([prompt], spec)[0]
+    scores = BlockRankForward(lm.model, path=path).score([prompt], spec)[0]
     reference, _ = reference_scores(lm.model, prompt, spec)
     tolerance = scores_bound(spec.layer, longest_inner_product(lm.model.config), fp32_sides=2)
     assert float((scores - reference).abs().max()) <= tolerance
@@ -45,15 +46,16 @@ def test_forward_with_either_attention_matches_dense_reference(fused):
 
 def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path):
     """A mixed batch of two chains (the shipped adapter twice, a derived one), shared-prefix cache on, scored at
-    two layers: the packed rows give the chunked path's masses."""
+    two layers: the packed rows give the chunked path's masses, in one piece and with the row-wise work in chunks
+    of 37 rows (boundaries inside prompts, parts and documents)."""
     from reranker.adapters import DEFAULT_ADAPTER
     from reranker.engine import Reranker, RerankerConfig
     from reranker.tenants import EquivalenceMode
     from reranker.training.derive import derive_adapter
 
     derive_adapter(DEFAULT_ADAPTER, tmp_path / "noisy", seed=1, noise=0.5)
-    with Reranker(RerankerConfig(adapter="default", device="cpu", block_tokens=BLOCK, equivalence=EquivalenceMode.OFF,
-                                 adapters_root=str(tmp_path))) as r:
+    with Reranker(RerankerConfig(adapter="default", device="cpu", dtype=Dtype.FP32, block_tokens=BLOCK,
+                                 equivalence=EquivalenceMode.OFF, adapters_root=str(tmp_path))) as r:
         r.tenants.load("noisy", "noisy")
         handles = [r.handle(), r.handle("noisy"), r.handle()]
         docs = [(title, text) for _, title, text in FIXTURE_DOCS]
@@ -63,14 +65,16 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
         routes = [h.route for h in handles]
         forward = r.forward
         results = {}
-        for packed in (True, False):
-            forward.gpu_path = packed
+        for path, chunk_rows in ((ForwardPath.PACKED, 0), (ForwardPath.PACKED, 37), (ForwardPath.CHUNKED, 0)):
+            forward.path, forward.packed_chunk_rows = path, chunk_rows
             with torch.inference_mode():
-                results[packed] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
-        forward.gpu_path = False
+                results[path, chunk_rows] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
+        forward.path, forward.packed_chunk_rows = ForwardPath.AUTO, 2048
         assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache
         inner = longest_inner_product(forward.model.config)
-        for packed_masses, chunked_masses in zip(results[True], results[False], strict=True):
-            for layer in (3, 9):
-                bound = scores_bound(layer, inner, fp32_sides=2)
-                assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) <= bound
+        for chunk_rows in (0, 37):
+            for packed_masses, chunked_masses in zip(results[ForwardPath.PACKED, chunk_rows],
+                                                     results[ForwardPath.CHUNKED, 0], strict=True):
+                for layer in (3, 9):
+                    bound = scores_bound(layer, inner, fp32_sides=2)
+                    assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) <= bound, chunk_rows

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from reranker.blockrank import BlockRankForward, ScoringSpec
+from reranker.blockrank import BlockRankForward, ForwardPath, ScoringSpec
 from reranker.engine import Reranker, RerankerConfig
 from reranker.model import load_model
 from reranker.prompt import PromptBuilder, PromptLimits
@@ -48,9 +48,9 @@ def test_local_hf_directory_matches_reference(tmp_path, tokenizer, device, famil
         "query text", [("A", "first document text"), ("B", "second, a longer document about other things")])
     spec = ScoringSpec(layer=2, block_tokens=24)
     reference, _ = reference_scores(lm.model, prompt, spec)
-    for gpu_path in (False, True):  # chunked and packed (stacked q|k|v with Qwen2's biases) paths
-        fast = BlockRankForward(lm.model, gpu_path=gpu_path).score([prompt], spec)[0].cpu()
-        assert float((fast - reference).abs().max()) <= 1e-4, gpu_path
+    for path in (ForwardPath.CHUNKED, ForwardPath.PACKED):  # the packed one stacks q|k|v with Qwen2's biases
+        fast = BlockRankForward(lm.model, path=path).score([prompt], spec)[0].cpu()
+        assert float((fast - reference).abs().max()) <= 1e-4, path
 
     served = Reranker(RerankerConfig(model=str(tmp_path / family), adapter="default", device=device,
                                      block_tokens=24))
