@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
@@ -40,6 +39,7 @@ from reranker.docbatch import DocBatch, pad_docs, segments_in
 from reranker.forward_context import FusedWeights, SharedEntries, SharedPrefix
 from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
+from reranker.packed import CPU_PACKED_MAX_ROW_BYTES, ForwardPath, packed_rows
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
@@ -53,29 +53,6 @@ class ScoringSpec:
     layer: int  # l*, 0-indexed decoder layer whose attention scores documents
     heads: tuple[int, ...] = ()  # empty = all heads
     block_tokens: int = DEFAULT_BLOCK_TOKENS  # position offset of the final segment is L0 + block_tokens
-
-
-class ForwardPath(StrEnum):
-    """Which inference forward runs. Packed (reranker.packed) joins every part of every prompt into one matrix:
-    fewer, larger kernels, which is what a GPU needs and what a CPU gains from while the batch stays within its
-    caches; beyond that the chunked path's cache-sized chunks are faster on a CPU (`python -m reranker.bench
-    speed --path chunked,packed`). Training, captures and traces always run chunked."""
-
-    AUTO = "auto"  # CUDA: packed; CPU: packed while the rows fit CPU_PACKED_MAX_ROW_BYTES, chunked beyond
-    PACKED = "packed"
-    CHUNKED = "chunked"
-
-
-# The CPU crossover between the two paths, in packed rows (prefix + documents padded to one width + final) times
-# the bytes of one element: measured on 2 cores with 96- and 160-token blocks, packed is the faster up to ~4K rows
-# in fp32 and ~8K in bf16 (about even at 16K), the same bytes (docs/benchmarks.md#cpu-forward-paths).
-CPU_PACKED_MAX_ROW_BYTES = 4096 * 4
-
-
-def packed_rows(prompts: Sequence[Prompt]) -> int:
-    """Rows of the packed matrix for these prompts: documents are padded to the batch's longest."""
-    width = max((len(d) for p in prompts for d in p.docs), default=0)
-    return sum(len(p.prefix) + len(p.final) + p.n_docs * width for p in prompts)
 
 
 class BlockRankForward:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -28,6 +29,29 @@ from reranker.forward_context import ForwardContext, SharedEntries, SharedPrefix
 from reranker.model import HFModule
 from reranker.prompt import Prompt
 from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas, project
+
+
+class ForwardPath(StrEnum):
+    """Which inference forward runs. Packed (reranker.packed) joins every part of every prompt into one matrix:
+    fewer, larger kernels, which is what a GPU needs and what a CPU gains from while the batch stays within its
+    caches; beyond that the chunked path's cache-sized chunks are faster on a CPU (`python -m reranker.bench
+    speed --path chunked,packed`). Training, captures and traces always run chunked."""
+
+    AUTO = "auto"  # CUDA: packed; CPU: packed while the rows fit CPU_PACKED_MAX_ROW_BYTES, chunked beyond
+    PACKED = "packed"
+    CHUNKED = "chunked"
+
+
+# The CPU crossover between the two paths, in packed rows (prefix + documents padded to one width + final) times
+# the bytes of one element: measured on 2 cores with 96- and 160-token blocks, packed is the faster up to ~4K rows
+# in fp32 and ~8K in bf16 (about even at 16K), the same bytes (docs/benchmarks.md#cpu-forward-paths).
+CPU_PACKED_MAX_ROW_BYTES = 4096 * 4
+
+
+def packed_rows(prompts: Sequence[Prompt]) -> int:
+    """Rows of the packed matrix for these prompts: documents are padded to the batch's longest."""
+    width = max((len(d) for p in prompts for d in p.docs), default=0)
+    return sum(len(p.prefix) + len(p.final) + p.n_docs * width for p in prompts)
 
 
 @dataclass
