@@ -335,12 +335,7 @@ def plot_speed(result: dict, path: Path) -> None:
             for r in graphed:
                 ax.annotate(f"{r['speedup_vs_graphed']:.1f}x", (r["n_docs"], r["baseline_graphed_s"]),
                             textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
-        ax.set_ylabel("seconds per rerank")
-        ax.set_title(f"{result['model']} on {result['device']}")
-        ax.legend()
+        finish_axes(ax, result, "seconds per rerank", "")
 
 
 def plot_variants(result: dict, path: Path) -> None:
@@ -356,12 +351,17 @@ def plot_variants(result: dict, path: Path) -> None:
                 if entry:
                     ax.annotate(f"{entry['speedup_over_first']:.2f}x", (row["n_docs"], entry["blockrank_s"]),
                                 textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
-        ax.set_ylabel("seconds per rerank (BlockRank)")
-        ax.set_title(f"{result['model']} on {result['device']}: against {result['first']}")
-        ax.legend()
+        finish_axes(ax, result, "seconds per rerank (BlockRank)", f": against {result['first']}")
+
+
+def finish_axes(ax: Any, result: dict, ylabel: str, title_suffix: str) -> None:
+    """Log-log axes over documents, labels, the title (model and device) and the legend."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"documents ({result['block_tokens']}-token blocks)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{result['model']} on {result['device']}{title_suffix}")
+    ax.legend()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
