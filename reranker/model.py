@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from common.device import Dtype, cpu_inference_dtype, resolve_device, resolve_dtype
+from common.device import Dtype, bound_cpu_kernel_caches, cpu_inference_dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -58,6 +58,8 @@ def load_model(path: str = "", device: str = "auto", dtype: Dtype | str = Dtype.
     torch_device = resolve_device(device)
     # auto: bf16 on CUDA (fp16 without bf16 support) and on CPUs with native bf16, else fp32 (training asks fp32)
     torch_dtype = resolve_dtype(dtype, torch_device, auto_cpu=cpu_inference_dtype())
+    if torch_device.type == "cpu":
+        bound_cpu_kernel_caches()  # each request's shapes would otherwise grow the process (common.device)
     if target.suffix == ".gguf":
         converted = converted_gguf(target, cache_root) if (cache_root := model_cache(cache)) else None
         directory, kwargs = (converted, {}) if converted else (target.parent, {"gguf_file": target.name})

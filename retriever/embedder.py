@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from common.device import Dtype, cpu_inference_dtype, resolve_device, resolve_dtype
+from common.device import Dtype, bound_cpu_kernel_caches, cpu_inference_dtype, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class Embedder:
         path = Path(config.model) if config.model else default_model_path()
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            bound_cpu_kernel_caches()  # every batch's sequence length is a new matmul shape (common.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path).eval()
         self.max_seq_length = config.max_seq_length or _configured_max_length(path)
