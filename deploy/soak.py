@@ -23,6 +23,10 @@ long enough (1,500 s) for the retriever's memory to level under the mix (docs/op
 RETRIEVER_WRITE_HIGH_WATER warm-up writes the retriever's memory is reported but not judged (the report says so).
 A short run could not judge it anyway: the retriever's memory also saw-tooths (drops of 40-110 MiB about every
 50 s on the 2-core development machine), and a window shorter than two periods reads a rising edge as growth.
+
+The reranker has a high-water mark too where it runs bf16 on a CPU: oneDNN builds and caches a kernel for every
+new matmul shape, up to 128 per cache (common.device), ~150 MiB filled over its first ~50 reranks of varied
+sizes. `--warmup-reranks` reranked searches (100 by default) go through before the workload to fill them.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-writes", type=int, default=2500,
                         help="single-document updates sent to the retriever before the workload; below "
                              f"{RETRIEVER_WRITE_HIGH_WATER} its memory is reported, not judged")
+    parser.add_argument("--warmup-reranks", type=int, default=100,
+                        help="reranked searches before the workload: they fill the reranker's kernel caches")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR directory: documents and queries")
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak"))
     parser.add_argument("--base-port", type=int, default=51150)
@@ -223,20 +229,21 @@ async def drive(work: Workload, duration_s: float, concurrency: int, seed: int, 
     return done
 
 
-async def warm_up_writes(work: Workload, count: int, concurrency: int) -> None:
-    """`count` single-document updates, `concurrency` at a time, before anything is measured."""
+async def warm_up(operation: Callable[[random.Random], Awaitable[None]], count: int, concurrency: int,
+                  what: str) -> None:
+    """`count` calls of `operation`, `concurrency` at a time, before anything is measured."""
     if count <= 0:
         return
     from tqdm.auto import tqdm
 
     rng = random.Random(-1)
-    with tqdm(total=count, desc="write warm-up", unit="write") as bar:
-        async def writer(share: int) -> None:
+    with tqdm(total=count, desc=f"{what} warm-up", unit=what) as bar:
+        async def caller(share: int) -> None:
             for _ in range(share):
-                await work.update(rng, 0)
+                await operation(rng)
                 bar.update(1)
 
-        await asyncio.gather(*(writer(count // concurrency + (i < count % concurrency)) for i in range(concurrency)))
+        await asyncio.gather(*(caller(count // concurrency + (i < count % concurrency)) for i in range(concurrency)))
 
 
 async def sample_processes(processes: Sequence[Process], every_s: float, started: float, stop: asyncio.Event,
@@ -267,7 +274,8 @@ async def soak(args: argparse.Namespace, processes: Sequence[Process]) -> tuple[
         search: search_pb2_grpc.SearchServiceAsyncStub = search_pb2_grpc.SearchServiceStub(front)
         work = Workload(search, admin, stub, read_queries(args.data, limit=200),
                         documents[:args.documents], documents[args.documents:], args)
-        await warm_up_writes(work, args.warmup_writes, args.concurrency)
+        await warm_up(lambda rng: work.update(rng, 0), args.warmup_writes, args.concurrency, "write")
+        await warm_up(lambda rng: work.reranked(rng, 0), args.warmup_reranks, args.concurrency, "rerank")
         samples: list[dict[str, Any]] = []
         stop, started = asyncio.Event(), time.monotonic()
         sampler = asyncio.create_task(sample_processes(processes, args.sample_s, started, stop, samples))

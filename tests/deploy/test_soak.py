@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_one_minute_soak(tmp_path, capsys) -> None:
     # Half the minute is warm-up: the first reranks of each batch size and tenant set the allocator's marks. No
     # full write warm-up (minutes): 20 writes, so the retriever's memory is reported, not judged (deploy.soak).
+    # 60 reranks first fill a bf16 reranker's kernel caches (~50 reranks of varied sizes, deploy.soak).
     code = soak.main(["--duration-s", "60", "--sample-s", "2", "--warmup-fraction", "0.5", "--out", str(tmp_path),
-                      "--base-port", "51170", "--warmup-writes", "20"])
+                      "--base-port", "51170", "--warmup-writes", "20", "--warmup-reranks", "60"])
     result = json.loads((tmp_path / "soak.json").read_text())
     assert code == 0, (result["growing"], result["codes"], capsys.readouterr().out[-3000:])
     assert result["failed"] == 0 and result["passed"]
