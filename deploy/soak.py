@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rerank-depth", type=int, default=10)
     parser.add_argument("--warmup-writes", type=int, default=2500,
                         help="single-document updates sent to the retriever before the workload; below "
-                             f"{RETRIEVER_WRITE_HIGH_WATER} its memory is reported, not judged")
+                             f"{RETRIEVER_WRITE_HIGH_WATER} its memory and the writes' latencies are reported, "
+                             "not judged")
     parser.add_argument("--warmup-reranks", type=int, default=100,
                         help="reranked searches before the workload: they fill the reranker's kernel caches")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR directory: documents and queries")
