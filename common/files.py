@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ def write_json(path: Path, value: Any) -> None:
         path.write_bytes(gzip.compress(text.encode()))
     else:
         path.write_text(text)
+
+
+def write_result(path: Path, result: Any, plot: Callable[[Any, Path], None]) -> None:
+    """A command's `result` as indented JSON at `path` and its plot as a PNG beside it (the folder made if
+    missing); says where both went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    png = path.with_suffix(".png")
+    plot(result, png)
+    print(f"wrote {path} and {png}")
 
 
 def write_atomically(path: Path, content: str | bytes, durable: bool = True) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from ir_measures import nDCG
 
 from common.beir import load_qrels, split_queries
-from common.files import read_json, write_json
+from common.files import read_json, write_json, write_result
 from common.report import text_table
 from reranker.ranking import fuse
 from services.gen.retrieval.v1 import document_pb2, search_pb2, search_pb2_grpc
@@ -313,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     result = choose(tune, [Evidence.load(p) for p in args.measure])
     print(report(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        write_result(args.out, result, plot)
     return 0
 
 

@@ -20,7 +20,6 @@ choice, at the current default and with RRF, so the table shows what each would 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from common.beir import load_qrels, split_queries
-from common.files import read_json, write_json
+from common.files import read_json, write_json, write_result
 from common.report import text_table
 from deploy.evidence import GRID, Interval, as_run, best, paired_bootstrap, per_query_ndcg
+from retriever.fusion import DEFAULT_CANDIDATE_DEPTH as DEPTH
 from retriever.fusion import FusionMethod, FusionSettings, fuse
 
-DEPTH = 100  # the retriever's candidate depth per side (retriever.fusion.DEFAULT_CANDIDATE_DEPTH)
 RRF = "rrf"
 EQUAL_WEIGHT = 0.5  # the tie-break: among equally good weights, the one nearest equal weight
 Qrels = dict[str, dict[str, int]]
@@ -68,23 +67,25 @@ class FirstStage:
     def ndcg(self, rank: dict[str, list[str]]) -> dict[str, float]:
         return per_query_ndcg(self.qrels, {q: as_run(ids) for q, ids in rank.items()})
 
-    def single_stage(self, side: dict[str, list[tuple[str, float]]]) -> dict[str, float]:
-        return self.ndcg({q: [i for i, _ in rows] for q, rows in side.items()})
+    @cached_property
+    def single_stages(self) -> dict[str, dict[str, float]]:
+        """Per side ("dense", "lexical"): every judged query's nDCG@10 with that side alone."""
+        return {side: self.ndcg({q: [i for i, _ in rows] for q, rows in lists.items()})
+                for side, lists in (("dense", self.dense), ("lexical", self.lexical))}
 
     @cached_property
-    def better_single_stage(self) -> tuple[str, dict[str, float]]:
-        """The stronger of the two sides on these queries (mean nDCG@10), and its per-query nDCG@10."""
-        dense, lexical = self.single_stage(self.dense), self.single_stage(self.lexical)
-        return ("dense", dense) if np.mean(list(dense.values())) >= np.mean(list(lexical.values())) \
-            else ("lexical", lexical)
+    def better_single_stage(self) -> str:
+        """The stronger of the two sides on these queries (mean nDCG@10)."""
+        return max(self.single_stages, key=lambda side: np.mean(list(self.single_stages[side].values())))
 
     def hybrid(self, settings: FusionSettings) -> dict[str, float]:
         return self.ndcg({q: [h.id for h in fuse(self.dense[q], self.lexical[q], settings, DEPTH)]
                           for q in self.qrels})
 
-    def margin(self, settings: FusionSettings) -> list[float]:
-        """Per judged query: hybrid minus the better single stage (the collection's, not the query's)."""
-        hybrid, (_, single) = self.hybrid(settings), self.better_single_stage
+    def margin(self, hybrid: dict[str, float]) -> list[float]:
+        """Per judged query: the hybrid's nDCG@10 minus the better single stage's (the collection's, not the
+        query's)."""
+        single = self.single_stages[self.better_single_stage]
         return [hybrid[q] - single[q] for q in self.qrels]
 
 
@@ -93,7 +94,7 @@ def convex(weight: float) -> FusionSettings:
 
 
 def margins_by_weight(stage: FirstStage) -> dict[float, float]:
-    return {w: float(np.mean(stage.margin(convex(w)))) for w in GRID}
+    return {w: float(np.mean(stage.margin(stage.hybrid(convex(w))))) for w in GRID}
 
 
 def maximin_dense_weight(grids: Sequence[dict[float, float]]) -> float:
@@ -103,13 +104,13 @@ def maximin_dense_weight(grids: Sequence[dict[float, float]]) -> float:
 
 def scored(stage: FirstStage, settings: FusionSettings) -> dict[str, Any]:
     hybrid = stage.hybrid(settings)
-    return {"ndcg": float(np.mean(list(hybrid.values()))), "margin": asdict(paired_bootstrap(stage.margin(settings)))}
+    return {"ndcg": float(np.mean(list(hybrid.values()))), "margin": asdict(paired_bootstrap(stage.margin(hybrid)))}
 
 
 def summary_of(stage: FirstStage) -> dict[str, Any]:
-    dense, lexical = stage.single_stage(stage.dense), stage.single_stage(stage.lexical)
-    return {"collection": stage.name, "queries": len(stage.qrels), "dense": float(np.mean(list(dense.values()))),
-            "lexical": float(np.mean(list(lexical.values()))), "better_single_stage": stage.better_single_stage[0]}
+    means = {side: float(np.mean(list(ndcg.values()))) for side, ndcg in stage.single_stages.items()}
+    return {"collection": stage.name, "queries": len(stage.qrels), **means,
+            "better_single_stage": stage.better_single_stage}
 
 
 def choose(tune: Sequence[FirstStage], measure: Sequence[FirstStage]) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def choose(tune: Sequence[FirstStage], measure: Sequence[FirstStage]) -> dict[st
                 f"convex {EQUAL_WEIGHT:.2f} (equal)": convex(EQUAL_WEIGHT),
                 RRF: FusionSettings(method=FusionMethod.RRF)}
     measured = [{**summary_of(s), "variants": {name: scored(s, v) for name, v in variants.items()},
-                 "grid": margins_by_weight(s)} for s in [*tune, *measure]]
+                 "grid": grids[s.name] if s.name in grids else margins_by_weight(s)} for s in [*tune, *measure]]
     return {"chosen_dense_weight": chosen, "leave_one_out": held_out, "tuning_grids": grids, "measured": measured}
 
 
@@ -200,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     result = choose(tune, [FirstStage.load(p) for p in args.measure])
     print(report(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        write_result(args.out, result, plot)
     return 0
 
 

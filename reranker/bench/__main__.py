@@ -12,9 +12,9 @@ against one model copy per tenant (tenants.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from common.files import write_result
 from reranker.bench import speed, tenants
 
 
@@ -26,11 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     tenants.add_arguments(sub.add_parser("tenants", help="multi-tenant memory, throughput and load time"))
     args = parser.parse_args(argv)
     run, plot = (speed.speed, speed.plot_speed) if args.command == "speed" else (tenants.run, tenants.plot)
-    result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_result(args.out, run(args), plot)
     return 0
 
 
