@@ -226,15 +226,6 @@ class Deployment:
         await asyncio.gather(*(r.stop() for r in self.replicas))
 
 
-def first_tenants_on_two_replicas(d: Deployment, count: int) -> list[str]:
-    """The first `count` of t1, t2, ... whose owners are not all one replica."""
-    names = [f"t{i}" for i in range(1, 200)]
-    first = d.owner(names[0])
-    other = next(name for name in names if d.owner(name) is not first)
-    chosen = names[:count - 1]
-    return chosen + [names[count - 1] if any(d.owner(n) is not first for n in chosen) else other]
-
-
 def deployed(body: Callable[[Deployment], Awaitable[None]], deployment: Deployment | None = None,
              **start: Any) -> None:
     async def go(d: Deployment) -> None:
@@ -364,14 +355,11 @@ def test_gateway_admin_reaches_the_affine_replica_with_the_callers_credential(ca
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the replica's answer, code kept
         unload = adapter_pb2.UnloadAdapterRequest(tenant="acme")
         assert (await d.adapters.UnloadAdapter(unload, metadata=token, timeout=5)).was_bound
-
-        # Four tenants, not all owned by one replica (the ports, hence the owners, differ per run), and the replica
-        # to stop owns the first: the table then shows both an error row and a live row with resident tenants.
-        tenants = first_tenants_on_two_replicas(d, 4)
-        for tenant in tenants:
-            await d.search(tenant)
-        dead = d.owner(tenants[0])
-        await dead.stop()
+        # Owners follow the ports, so pick four tenants not all on one replica and stop the first one's owner.
+        tenants = ["t1", "t2", "t3", next(t for t in (f"t{i}" for i in range(4, 200))
+                                          if len({d.owner(n).name for n in ("t1", "t2", "t3", t)}) > 1)]
+        await asyncio.gather(*map(d.search, tenants))
+        await (dead := d.owner(tenants[0])).stop()
         listing = await d.adapters.ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=token, timeout=5)
         assert [b.tenant for b in listing.bindings] == ["acme"]
         rows = {row.address: row for row in listing.replicas}
