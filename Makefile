@@ -116,12 +116,14 @@ bench-reranker: setup
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
 
 # The reranker's CPU dtypes and forward paths side by side (~10 minutes on 2 cores): fp32 and bf16, chunked and
-# the automatic path, 20 x 96-token and 100 x 160-token reranks; JSON and PNG each.
+# the automatic path, 20 x 96-token and 100 x 160-token reranks; then one layer's projections in fp32, bf16 and
+# dynamic int8 on real inputs (time and error); JSON and PNG each.
 bench-reranker-cpu: setup
 	$(PY) -m reranker.bench speed --device cpu --n-docs 20 --block-tokens 96 --dtype fp32,bf16 --path chunked,auto \
 		--dense-budget-s 0 --out bench-results/cpu/reranker_dtypes_20x96.json
 	$(PY) -m reranker.bench speed --device cpu --n-docs 100 --block-tokens 160 --dtype fp32,bf16 --path chunked,auto \
 		--dense-budget-s 0 --repeats 2 --out bench-results/cpu/reranker_dtypes_100x160.json
+	$(PY) -m reranker.bench int8 --out bench-results/cpu/reranker_int8.json
 
 # Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
 # over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.
