@@ -124,6 +124,7 @@ bench-reranker-cpu: setup
 	$(PY) -m reranker.bench speed --device cpu --n-docs 100 --block-tokens 160 --dtype fp32,bf16 --path chunked,auto \
 		--dense-budget-s 0 --repeats 2 --out bench-results/cpu/reranker_dtypes_100x160.json
 	$(PY) -m reranker.bench int8 --out bench-results/cpu/reranker_int8.json
+	$(PY) -m reranker.bench batch --out bench-results/cpu/reranker_batches.json
 
 # Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
 # over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.

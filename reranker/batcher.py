@@ -20,7 +20,7 @@ retry hint) while other tenants are still admitted; `max_inflight` of its reques
 so a flood cannot fill, and stretch, every pass the others run in. The global `max_queue` still bounds all
 that waits (QueueFull), so overload shows up as an error the caller can act on, not as unbounded latency.
 
-Batches hold at most `max_batch_tokens`; a request is never split: the one DRR picks next that does not fit
+Batches hold at most `max_batch_tokens` (by default the scorer's own best size); a request is never split: the one DRR picks next that does not fit
 starts the next batch (one larger than the cap runs alone). The worker waits up to `max_wait_ms` for company
 unless a full batch is already waiting. Requests cancelled while queued (deadlines) are skipped."""
 
@@ -47,7 +47,9 @@ H = TypeVar("H")  # whatever the score function needs per request (reranker.tena
 @dataclass(frozen=True)
 class BatcherConfig:
     max_queue: int = 64  # waiting requests; more are refused with RESOURCE_EXHAUSTED
-    max_batch_tokens: int = 65_536  # prompt tokens per forward pass
+    # Prompt tokens per forward pass; 0: the reranker's own (Reranker.batch_tokens: 65,536 on a GPU, the packed
+    # limit on a CPU: 8,192 in bf16, 4,096 in fp32).
+    max_batch_tokens: int = 0
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     # Defaults for tenants whose TenantLimits leave a field None. Both change nothing for a lone tenant (one
     # tenant may fill the queue and every batch, as before fair share); set them, or per-tenant limits in the
@@ -217,11 +219,12 @@ class _FairQueues(Generic[H]):
 class RerankBatcher(Generic[H]):
     def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[H]], list[list[float]]],
                  config: BatcherConfig = BatcherConfig(),
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None, batch_tokens: int = 65_536) -> None:
         self.score_fn = score_fn
         self.config = config
         self.on_batch = on_batch  # (requests, prompt tokens) of every batch scored: the service's metrics
-        self._fair: _FairQueues[H] = _FairQueues(config.tenant_quantum_tokens or config.max_batch_tokens // 8)
+        self.max_batch_tokens = config.max_batch_tokens or batch_tokens  # `batch_tokens`: the scorer's own best
+        self._fair: _FairQueues[H] = _FairQueues(config.tenant_quantum_tokens or self.max_batch_tokens // 8)
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
@@ -301,7 +304,7 @@ class RerankBatcher(Generic[H]):
             self._arrived.clear()
             await self._arrived.wait()
         deadline = time.perf_counter() + self.config.max_wait_ms / 1000
-        while self._fair.tokens < self.config.max_batch_tokens:
+        while self._fair.tokens < self.max_batch_tokens:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -310,4 +313,4 @@ class RerankBatcher(Generic[H]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
-        return self._fair.take(self.config.max_batch_tokens)
+        return self._fair.take(self.max_batch_tokens)

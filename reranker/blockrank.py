@@ -39,7 +39,7 @@ from reranker.docbatch import DocBatch, pad_docs, segments_in
 from reranker.forward_context import FusedWeights, SharedEntries, SharedPrefix
 from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
-from reranker.packed import CPU_PACKED_MAX_ROW_BYTES, ForwardPath, packed_rows
+from reranker.packed import ForwardPath, cpu_packed_groups, fits_cpu_packed
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 
@@ -98,8 +98,11 @@ class BlockRankForward:
         """Whether an inference batch of these prompts takes the packed path (ForwardPath)."""
         if self.path is not ForwardPath.AUTO:
             return self.path is ForwardPath.PACKED
-        element = self.decoder.embed_tokens.weight.element_size()
-        return self.device.type == "cuda" or packed_rows(prompts) * element <= CPU_PACKED_MAX_ROW_BYTES
+        return self.device.type == "cuda" or fits_cpu_packed(prompts, self.element_size)
+
+    @property
+    def element_size(self) -> int:
+        return int(self.decoder.embed_tokens.weight.element_size())
 
     # ---- public ----------------------------------------------------------------
     @torch.inference_mode()
@@ -144,6 +147,9 @@ class BlockRankForward:
         in_place = torch.is_inference_mode_enabled() and capture is None
         if in_place and self.runs_packed(prompts):
             return self.graphs.run(self, prompts, routes, block_tokens, score_layers, last_layer)
+        if in_place and self.path is ForwardPath.AUTO and len(prompts) > 1:  # a CPU batch past the packed limit
+            return [mass for g in cpu_packed_groups(prompts, self.element_size)
+                    for mass in self._run(prompts[g], routes[g], block_tokens[g], score_layers[g], last_layer)]
         docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)
         masses: list[dict[int, torch.Tensor]] = [{} for _ in prompts]

@@ -29,6 +29,7 @@ from reranker.calibration import CALIBRATION, CALIBRATION_BLOCK_TOKENS
 from reranker.equivalence import EquivalenceChecker
 from reranker.errors import RerankInputError
 from reranker.model import LoadedModel, load_model
+from reranker.packed import CPU_PACKED_MAX_ROW_BYTES, ForwardPath
 from reranker.prompt import Prompt, PromptBuilders
 from reranker.ranking import RankedResult, fuse, rank_scores
 from reranker.routing import SharedPrefixCache
@@ -142,6 +143,18 @@ class Reranker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    @property
+    def batch_tokens(self) -> int:
+        """Prompt tokens per forward pass this reranker runs best at: the batcher's default cap. On a CPU (automatic
+        path) the packed limit: a larger batch would run as several packed forwards anyway
+        (reranker.packed.cpu_packed_groups), a query costs the same in a batch of one as of four, and a smaller
+        batch returns its requests as soon as their own forward is done. Elsewhere 65,536: a GPU gains from the
+        largest batches."""
+        forward = self.forward
+        if forward.device.type == "cpu" and forward.path is ForwardPath.AUTO:
+            return CPU_PACKED_MAX_ROW_BYTES // forward.element_size
+        return 65_536
 
     # ---- ranking -------------------------------------------------------------
     def handle(self, tenant: str = DEFAULT_TENANT) -> TenantHandle:

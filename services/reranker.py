@@ -107,7 +107,9 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
                  len(store.snapshot()) if store else 0)
 
     async def start_batcher(self) -> None:
-        self._batcher = RerankBatcher(self.reranker.score_prompts, self.config.batcher, on_batch=_observe_batch)
+        self._batcher = RerankBatcher(self.reranker.score_prompts, self.config.batcher, on_batch=_observe_batch,
+                                      batch_tokens=self.reranker.batch_tokens)
+        log.info("rerank batches: up to %d prompt tokens per forward pass", self._batcher.max_batch_tokens)
         self._batcher.start()
 
     def metrics(self) -> Families:

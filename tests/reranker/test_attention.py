@@ -44,10 +44,12 @@ def test_forward_with_either_attention_matches_dense_reference(path):
     assert same_order_where_separated(scores, reference, tolerance)
 
 
-def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path):
+def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path, monkeypatch):
     """A mixed batch of two chains (the shipped adapter twice, a derived one), shared-prefix cache on, scored at
-    two layers: the packed rows give the chunked path's masses, in one piece and with the row-wise work in chunks
-    of 37 rows (boundaries inside prompts, parts and documents)."""
+    two layers: the packed rows give the chunked path's masses, in one piece, with the row-wise work in chunks
+    of 37 rows (boundaries inside prompts, parts and documents), and as the automatic path's packed groups when
+    the batch is past the CPU's packed limit."""
+    from reranker import packed
     from reranker.adapters import DEFAULT_ADAPTER
     from reranker.engine import Reranker, RerankerConfig
     from reranker.tenants import EquivalenceMode
@@ -70,10 +72,16 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
             with torch.inference_mode():
                 results[path, chunk_rows] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
         forward.path, forward.packed_chunk_rows = ForwardPath.AUTO, 2048
+        assert r.batch_tokens == packed.CPU_PACKED_MAX_ROW_BYTES // 4  # the batcher's default cap: one fp32 group
+        # A limit that the last two prompts fit together and the first two do not: groups [0] and [1, 2].
+        monkeypatch.setattr(packed, "CPU_PACKED_MAX_ROW_BYTES", packed.packed_rows(prompts[1:]) * 4)
+        assert packed.cpu_packed_groups(prompts, 4) == [slice(0, 1), slice(1, 3)]
+        with torch.inference_mode():
+            results[ForwardPath.AUTO, 2048] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
         assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache
         inner = longest_inner_product(forward.model.config)
-        for chunk_rows in (0, 37):
-            for packed_masses, chunked_masses in zip(results[ForwardPath.PACKED, chunk_rows],
+        for path, chunk_rows in ((ForwardPath.PACKED, 0), (ForwardPath.PACKED, 37), (ForwardPath.AUTO, 2048)):
+            for packed_masses, chunked_masses in zip(results[path, chunk_rows],
                                                      results[ForwardPath.CHUNKED, 0], strict=True):
                 for layer in (3, 9):
                     bound = scores_bound(layer, inner, fp32_sides=2)

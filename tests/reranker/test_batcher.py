@@ -44,12 +44,15 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=60))
 
 
-def test_token_cap_splits_batches_and_carries_the_overflow_in_order():
+@pytest.mark.parametrize(("configured", "scorers_own"), [(100, 65_536), (0, 100)])
+def test_token_cap_splits_batches_and_carries_the_overflow_in_order(configured, scorers_own):
+    """The cap is the configured one, else (0) the one the scorer runs best at."""
     assert prompt_tokens(prompt(0)) == 40
 
     async def scenario() -> tuple[list[list[int]], list[float]]:
         recorder = Recorder()
-        batcher = RerankBatcher(recorder, BatcherConfig(max_queue=16, max_batch_tokens=100, max_wait_ms=50))
+        batcher = RerankBatcher(recorder, BatcherConfig(max_queue=16, max_batch_tokens=configured, max_wait_ms=50),
+                                batch_tokens=scorers_own)
         batcher.start()
         scored = await asyncio.gather(*(batcher.submit(prompt(i), "t") for i in range(5)))
         await batcher.stop()
