@@ -37,15 +37,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/cpu/reranker_int8.json"))
 
 
+def sample_ids(tokenizer: Any, data: Path, rows: int) -> torch.Tensor:
+    """(1, rows) token ids of the collection's first documents' text, one after another."""
+    text = " ".join(doc.title + " " + doc.text for doc, _ in zip(iter_corpus(data), range(400), strict=False))
+    ids: torch.Tensor = tokenizer(text, return_tensors="pt").input_ids[:, :rows]
+    if ids.shape[1] < rows:
+        raise ValueError(f"the first 400 documents of {data} give {ids.shape[1]} tokens, fewer than {rows}")
+    return ids
+
+
 def captured_inputs(args: argparse.Namespace) -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor], int, str]:
     """Each linear layer of the chosen layer and the input it saw in one fp32 forward over real text."""
     loaded = load_model(args.model, device="cpu", dtype="fp32")
     layers = loaded.model.model.layers
     index = len(layers) // 2 if args.layer < 0 else args.layer
-    text = " ".join(doc.title + " " + doc.text for doc, _ in zip(iter_corpus(args.data), range(200), strict=False))
-    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :args.rows]
-    if ids.shape[1] < args.rows:
-        raise ValueError(f"the first 200 documents of {args.data} give {ids.shape[1]} tokens, fewer than --rows")
+    ids = sample_ids(loaded.tokenizer, args.data, args.rows)
     linears = {name: m for name, m in layers[index].named_modules() if isinstance(m, nn.Linear)}
     inputs: dict[str, torch.Tensor] = {}
 
