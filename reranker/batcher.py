@@ -20,8 +20,8 @@ retry hint) while other tenants are still admitted; `max_inflight` of its reques
 so a flood cannot fill, and stretch, every pass the others run in. The global `max_queue` still bounds all
 that waits (QueueFull), so overload shows up as an error the caller can act on, not as unbounded latency.
 
-Batches hold at most `max_batch_tokens` (by default the scorer's own best size); a request is never split: the one DRR picks next that does not fit
-starts the next batch (one larger than the cap runs alone). The worker waits up to `max_wait_ms` for company
+Batches hold at most `max_batch_tokens` (by default the scorer's own best size); a request is never split: the
+one DRR picks next that does not fit starts the next batch (one larger than the cap runs alone). The worker waits up to `max_wait_ms` for company
 unless a full batch is already waiting. Requests cancelled while queued (deadlines) are skipped."""
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from reranker.prompt import Prompt
 
 log = logging.getLogger(__name__)
 H = TypeVar("H")  # whatever the score function needs per request (reranker.tenants.TenantHandle)
+# The batch cap for a scorer with no better size of its own: on a GPU, the larger the batch the better.
+LARGE_BATCH_TOKENS = 65_536
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,8 @@ class _FairQueues(Generic[H]):
 class RerankBatcher(Generic[H]):
     def __init__(self, score_fn: Callable[[Sequence[Prompt], Sequence[H]], list[list[float]]],
                  config: BatcherConfig = BatcherConfig(),
-                 on_batch: Callable[[int, int], None] | None = None, batch_tokens: int = 65_536) -> None:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 batch_tokens: int = LARGE_BATCH_TOKENS) -> None:
         self.score_fn = score_fn
         self.config = config
         self.on_batch = on_batch  # (requests, prompt tokens) of every batch scored: the service's metrics

@@ -24,6 +24,7 @@ from types import TracebackType
 
 from common.device import Dtype
 from reranker.adapters import base_scoring, resolve_startup_adapter
+from reranker.batcher import LARGE_BATCH_TOKENS
 from reranker.blockrank import BlockRankForward
 from reranker.calibration import CALIBRATION, CALIBRATION_BLOCK_TOKENS
 from reranker.equivalence import EquivalenceChecker
@@ -154,7 +155,7 @@ class Reranker:
         forward = self.forward
         if forward.device.type == "cpu" and forward.path is ForwardPath.AUTO:
             return CPU_PACKED_MAX_ROW_BYTES // forward.element_size
-        return 65_536
+        return LARGE_BATCH_TOKENS
 
     # ---- ranking -------------------------------------------------------------
     def handle(self, tenant: str = DEFAULT_TENANT) -> TenantHandle:

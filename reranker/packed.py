@@ -63,9 +63,9 @@ def fits_cpu_packed(prompts: Sequence[Prompt], element_size: int) -> bool:
 def cpu_packed_groups(prompts: Sequence[Prompt], element_size: int) -> list[slice]:
     """Consecutive prompts in groups that each fit the CPU's packed limit (a prompt past it alone): a CPU batch
     larger than the limit runs as several packed forwards, which beat one chunked forward over all of it (eight
-    queries of 20 SciFact documents in bf16: 0.64 s a query as two packed forwards of four, 0.76 s as one chunked
-    forward; `python -m reranker.bench speed --batch 8`). The batch's cost per query is the same at one query as
-    at four, so nothing is lost by splitting."""
+    queries of 20 SciFact documents in bf16: 0.72 s a query as two packed forwards of four, 0.93 s as one chunked
+    forward; `python -m reranker.bench batch`). A query costs the same in a packed batch of one as of four, so
+    nothing is lost by splitting."""
     groups: list[slice] = []
     start = 0
     for end in range(2, len(prompts) + 1):
