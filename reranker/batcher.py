@@ -21,8 +21,9 @@ so a flood cannot fill, and stretch, every pass the others run in. The global `m
 that waits (QueueFull), so overload shows up as an error the caller can act on, not as unbounded latency.
 
 Batches hold at most `max_batch_tokens` (by default the scorer's own best size); a request is never split: the
-one DRR picks next that does not fit starts the next batch (one larger than the cap runs alone). The worker waits up to `max_wait_ms` for company
-unless a full batch is already waiting. Requests cancelled while queued (deadlines) are skipped."""
+one DRR picks next that does not fit starts the next batch (one larger than the cap runs alone). The worker
+waits up to `max_wait_ms` for company unless a full batch is already waiting. Requests cancelled while queued
+(deadlines) are skipped."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ eager.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from common.device import Dtype, describe_device
 from common.paths import SCIFACT
 from common.plots import figure
 from reranker import packed
-from reranker.bench.int8 import relative_error, sample_ids
+from reranker.bench.int8 import milliseconds, relative_error, sample_ids
 from reranker.blockrank import BlockRankForward
 from reranker.model import load_model
 
@@ -78,7 +79,7 @@ def served_block(forward: BlockRankForward, index: int) -> Block:
     return block
 
 
-def compiled(block: Block, freezing: bool, inputs: tuple[torch.Tensor, ...]) -> tuple[Block, float]:
+def compile_block(block: Block, freezing: bool, inputs: tuple[torch.Tensor, ...]) -> tuple[Block, float]:
     """`block` under torch.compile for these inputs' shapes, and the seconds its first call (the compile) took."""
     import torch._inductor.config as inductor_config
 
@@ -88,16 +89,6 @@ def compiled(block: Block, freezing: bool, inputs: tuple[torch.Tensor, ...]) -> 
     with torch.inference_mode(), inductor_config.patch(freezing=freezing):  # the compile happens in the first call
         fast(*inputs)
     return fast, time.perf_counter() - start
-
-
-def milliseconds(fn: Block, inputs: tuple[torch.Tensor, ...], repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(2):
-            fn(*inputs)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn(*inputs)
-    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,11 +102,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     blocks: dict[str, Block] = {"eager": eager}
     compile_s: dict[str, float] = {}
     for name, freezing in (("compiled", False), ("compiled + freezing", True)):
-        blocks[name], compile_s[name] = compiled(served_block(forward, index), freezing, inputs)
+        blocks[name], compile_s[name] = compile_block(served_block(forward, index), freezing, inputs)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name in VARIANTS:
-            times[name].append(milliseconds(blocks[name], inputs, args.repeats))
+    # (dynamo's reset before the second compile drops the first's code: it recompiles, from inductor's cache, in its
+    # first warm-up call)
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name in VARIANTS:
+                times[name].append(milliseconds(functools.partial(blocks[name], *inputs), args.repeats))
     with torch.inference_mode():
         reference = [t.float() for t in eager(*inputs)]
         errors = {name: max(relative_error(out, ref) for out, ref in zip(blocks[name](*inputs), reference, strict=True))

@@ -68,7 +68,7 @@ def captured_inputs(args: argparse.Namespace) -> tuple[dict[str, nn.Linear], dic
     return linears, inputs, index, loaded.name
 
 
-def milliseconds(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def milliseconds(fn: Callable[[], object], repeats: int) -> float:
     for _ in range(3):  # warm-up: oneDNN builds each shape's kernel on first use
         fn()
     start = time.perf_counter()
