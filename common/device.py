@@ -6,6 +6,7 @@ rule for what "auto" means on a CPU and on CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -80,11 +81,45 @@ def bound_cpu_kernel_caches(entries: int = CPU_KERNEL_CACHE_ENTRIES) -> None:
         os.environ.setdefault(variable, str(entries))
 
 
-def set_cpu_threads() -> int:
-    """Use every core this process may run on (cgroup/affinity-aware); returns the count."""
+# Where a container's CPU limit shows: cgroup v2's "QUOTA PERIOD" (or "max PERIOD"), v1's quota and period files.
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_CPU = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def cgroup_cpu_limit(v2: Path = CGROUP_V2_CPU_MAX, v1: tuple[Path, Path] = CGROUP_V1_CPU) -> int | None:
+    """The CPU limit of this process's cgroup in whole cores (rounded up), or None without one. A Kubernetes or
+    Docker CPU limit is a quota, not an affinity: the process still sees every core of the node."""
+    try:
+        quota, period = v2.read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = v1[0].read_text().strip(), v1[1].read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit() or int(period) <= 0:
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """Threads for torch's CPU kernels: `requested` when above 0, else OMP_NUM_THREADS when set, else the cores this
+    process may run on (its affinity) within its cgroup's CPU limit. Threads beyond the cores a process gets only
+    wait for each other: under a quota the whole pool is throttled together."""
+    if requested > 0:
+        return requested
+    variable = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if variable.isdigit() and int(variable) > 0:
+        return int(variable)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
-    return max(1, cores)
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, limit) if limit else cores)
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Size torch's CPU thread pool by `cpu_threads`; returns the count."""
+    threads = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def describe_device(device: torch.device) -> str:

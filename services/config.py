@@ -66,6 +66,9 @@ class ServerConfig:
     port: int = option(0, "port to listen on")
     grace_s: float = option(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     worker_threads: int = option(2, "threads for blocking work (tokenising, indexing, adapter loads)")
+    cpu_threads: int = option(0, "torch threads of the model on a CPU (the retriever's embedder, the reranker); 0: "
+                                 "OMP_NUM_THREADS when set, else the cores this process may use (its affinity, "
+                                 "within its cgroup's CPU limit: a container's limit, not the node's cores)")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint, on the same host; 0: off")
     health_port: int = option(0, "plaintext port serving only the standard health service, on the same host (for "
                                  "probes that cannot present a client certificate, such as Kubernetes' gRPC "

@@ -99,7 +99,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         self._batcher: RerankBatcher[TenantHandle] | None = None
 
     def load(self) -> None:
-        set_cpu_threads()
+        log.info("torch CPU threads: %d", set_cpu_threads(self.config.server.cpu_threads))
         store = open_store(self.config.tenants_store) if self.config.tenants_store else None
         self._reranker = Reranker(self.config.engine).start()
         self._registered = RegisteredTenants(self._reranker.tenants, store)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ from services.metrics import Families, counter, register_engine
 from services.namespaces import Namespace
 from services.server import Context, Hosted, ServiceSpec, Worker, elapsed_ms, run_service
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class RetrieverServiceConfig:
@@ -60,7 +63,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         self._engine: RetrieverEngine | None = None
 
     def load(self) -> None:
-        set_cpu_threads()
+        log.info("torch CPU threads: %d", set_cpu_threads(self.config.server.cpu_threads))
         config = self.config
         backend = open_backend(config.backend, Path(config.data_dir), config.milvus_uri,
                                config.milvus_token.reveal(), config.checkpoint_fraction)

@@ -27,6 +27,9 @@ from services.client import collection_size, ingest_corpus, wait_for_serving
 # the pipeline): the default model serves its adapter's own weight, so default-tenant searches rerank; the
 # shipped default weight (0) would skip them.
 RERANK_BY_DEFAULT = ["--default-fusion-weight", "-1"]
+# Ports from --base-port: gateway +0, retriever +1, rerankers +2.., metrics +10 (gateway), +11 (retriever), +12..
+# (rerankers), Prometheus +20.
+MAX_RERANKER_REPLICAS = 8
 
 
 @dataclass
@@ -83,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", default="default", help="reranker adapter: default, none or a directory")
     parser.add_argument("--reranker-dtype", default="auto",
                         help="the reranker's --dtype (auto: bf16 on a GPU or a CPU with native bf16, else fp32)")
+    parser.add_argument("--reranker-replicas", type=int, default=1, choices=range(1, MAX_RERANKER_REPLICAS + 1),
+                        metavar="N", help="reranker processes behind the gateway (its --tenant-spread N: every "
+                                          "search goes to the least busy)")
+    parser.add_argument("--reranker-threads", type=int, default=0, metavar="T",
+                        help="each reranker's --cpu-threads (0: the cores it may use)")
     parser.add_argument("--exit-after-query", action="store_true", help="stop instead of serving on")
     parser.add_argument("--eval", type=Path, default=None, metavar="OUT_DIR",
                         help="instead of the demo query, run deploy.eval on every --eval-data collection and "
@@ -103,11 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]]:
-    """The retriever, the reranker (unless --no-reranker) and the gateway, last; for --capacity with metrics
-    ports (base + 10..12) and the capacity run's admission limits, and for --capacity and --loadtest a reranker
-    that reranks by default. Returns them and the metrics ports."""
+    """The retriever, the rerankers (unless --no-reranker) and the gateway, last; for --capacity with metrics
+    ports and the capacity run's admission limits, and for --capacity and --loadtest rerankers that rerank by
+    default. Returns them and the metrics ports."""
     logs = args.var_dir / "logs"
-    metrics = {name: args.base_port + 10 + i for i, name in enumerate(("gateway", "retriever", "reranker"))} \
+    rerankers = [] if args.no_reranker else reranker_names(args.reranker_replicas)
+    metrics = {name: args.base_port + 10 + i for i, name in enumerate(("gateway", "retriever", *rerankers))} \
         if args.capacity else {}
     extra = {name: ["--metrics-port", str(port)] for name, port in metrics.items()}
     if args.capacity:
@@ -116,14 +125,22 @@ def start_stack(args: argparse.Namespace) -> tuple[list[Process], dict[str, int]
     processes = [start("retriever", "services.retriever", ["--data-dir", str(args.var_dir / "retriever"),
                                                            *extra.get("retriever", [])], args.base_port + 1, logs)]
     gateway_args = ["--retriever-target", processes[0].target, *extra.get("gateway", [])]
-    if not args.no_reranker:
-        measured = RERANK_BY_DEFAULT if args.capacity or args.loadtest else []  # they size the reranking stage
-        processes.append(start("reranker", "services.reranker", ["--adapter", args.adapter, "--dtype", args.reranker_dtype,
-                                                                 *measured, *extra.get("reranker", [])],
-                               args.base_port + 2, logs))
-        gateway_args += ["--reranker-target", processes[-1].target]
+    measured = RERANK_BY_DEFAULT if args.capacity or args.loadtest else []  # they size the reranking stage
+    reranker_args = ["--adapter", args.adapter, "--dtype", args.reranker_dtype, "--cpu-threads",
+                     str(args.reranker_threads), *measured]
+    for i, name in enumerate(rerankers):
+        processes.append(start(name, "services.reranker", [*reranker_args, *extra.get(name, [])],
+                               args.base_port + 2 + i, logs))
+    if rerankers:
+        gateway_args += ["--reranker-target", ",".join(p.target for p in processes[1:]),
+                         "--tenant-spread", str(len(rerankers))]
     processes.append(start("gateway", "services.gateway", gateway_args, args.base_port, logs))
     return processes, metrics
+
+
+def reranker_names(replicas: int) -> list[str]:
+    """"reranker", or "reranker-1".."reranker-N" for several (process, log and Prometheus job names)."""
+    return ["reranker"] if replicas == 1 else [f"reranker-{i + 1}" for i in range(replicas)]
 
 
 def main(argv: list[str] | None = None) -> int:
