@@ -131,6 +131,7 @@ bench-reranker-cpu: setup
 	$(PY) -m reranker.bench int8 --out bench-results/cpu/reranker_int8.json
 	$(PY) -m reranker.bench batch --out bench-results/cpu/reranker_batches.json
 	$(PY) -m reranker.bench compile --out bench-results/cpu/reranker_compile.json
+	$(PY) -m reranker.bench ragged --out bench-results/cpu/reranker_ragged.json
 
 # Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
 # over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.

@@ -60,6 +60,7 @@ class ForwardContext(Protocol):
     scale: float
     fused: FusedWeights
     packed_chunk_rows: int  # rows per row-wise step (norms, projections, MLP); 0: all rows at once
+    ragged_docs: bool  # documents' real tokens only in the packed rows (padding only inside attention)
 
     @property
     def device(self) -> torch.device: ...

@@ -4,8 +4,8 @@ GPU path.
 On a GPU a small model's rerank is bound by kernel launches, not by arithmetic. The chunked path
 (reranker.blockrank) runs each prompt's prefix, its documents and its final segment as separate batches, so
 every norm, projection, LoRA delta and MLP is launched three times per prompt per layer. Here the rows of all
-parts of all prompts ([prefix | documents | final] per prompt, documents right-padded to one width) go through
-them once per layer, the norms as one fused kernel each, q and k as one matmul with RoPE over both, residual
+parts of all prompts ([prefix | documents | final] per prompt; on a GPU the documents right-padded to one width,
+on a CPU only their real tokens, padded only inside attention) go through them once per layer, the norms as one fused kernel each, q and k as one matmul with RoPE over both, residual
 updates and LoRA deltas inside the matmuls (addmm). Only attention is per part: the same who-sees-what and
 positions as the chunked path; the prefix and the documents through SDPA with no mask (causal, bottom-right
 aligned: flash attention), the final segment through one flash-decoding Triton kernel (kernels.attend_few) on a
@@ -50,9 +50,9 @@ CPU_PACKED_MAX_ROW_BYTES = 4096 * 4
 
 
 def packed_rows(prompts: Sequence[Prompt]) -> int:
-    """Rows of the packed matrix for these prompts: documents are padded to the batch's longest."""
-    width = max((len(d) for p in prompts for d in p.docs), default=0)
-    return sum(len(p.prefix) + len(p.final) + p.n_docs * width for p in prompts)
+    """Rows of the packed matrix for these prompts on a CPU: every token, the documents' without padding
+    (ForwardContext.ragged_docs)."""
+    return sum(len(p.prefix) + len(p.final) + sum(map(len, p.docs)) for p in prompts)
 
 
 def fits_cpu_packed(prompts: Sequence[Prompt], element_size: int) -> bool:
@@ -80,10 +80,15 @@ class _Rows:
     """One prompt's rows in the packed matrix."""
 
     prefix: slice  # its own prefix tokens (after the shared cached ones)
-    docs: slice  # n_docs * width rows
+    docs: slice  # n_docs * width rows, or with ragged documents their real tokens
     final: slice
     doc_span: slice  # its documents' rows in the (documents, width) batch
     n_shared: int  # shared prefix tokens read from the cache
+    # Ragged documents only: the packed row each slot of the padded (n_docs * width) layout reads (a padding slot
+    # reads its document's last real token: a finite value that no real query attends to and no score counts),
+    # and the padded layout's real slots, in row order.
+    gather: torch.Tensor | None = None
+    real: torch.Tensor | None = None
 
 
 @dataclass
@@ -140,7 +145,7 @@ def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[i
             if index in layers:
                 r, s = rows[i], signal_tokens[i]
                 signal = q[r.final][-s:].view(s, fw.n_kv, fw.group, fw.head_dim)
-                doc_keys = k[r.docs].view(r.doc_span.stop - r.doc_span.start, -1, fw.n_kv, fw.head_dim)
+                doc_keys = _padded(k, r).view(r.doc_span.stop - r.doc_span.start, -1, fw.n_kv, fw.head_dim)
                 masses[i][index] = attention_mass(signal, doc_keys, packed.scored[r.doc_span], fw.scale)
         if index == last_layer:
             break
@@ -228,16 +233,32 @@ def _attend(fw: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
     else:
         prefix_k, prefix_v = k[r.prefix], v[r.prefix]
-    docs = attend_docs_fused(q[r.docs].view(n, -1, fw.n_kv, fw.group, hd), k[r.docs].view(n, -1, fw.n_kv, hd),
-                             v[r.docs].view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
+    docs = attend_docs_fused(_padded(q, r).view(n, -1, fw.n_kv, fw.group, hd), _padded(k, r).view(n, -1, fw.n_kv, hd),
+                             _padded(v, r).view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
+    docs = docs.reshape(-1, fw.n_heads, hd)
+    if r.real is not None:
+        docs = docs[r.real]
     if few:  # the documents' and the final segment's own rows are adjacent in k and v: one source, read in place
         tail = slice(r.docs.start, r.final.stop)
         final = kernels.attend_few(q[r.final], [(prefix_k, prefix_v, None, False), (k[tail], v[tail], final_keys, True)],
                                    fw.scale)
     else:  # the final segment's keys, in its bias's order: the whole prefix, the documents, itself
-        parts = [(prefix_k, prefix_v, 1), (k[r.docs], v[r.docs], n), (k[r.final], v[r.final], 1)]
+        blocks = n if r.real is None else 1  # ragged documents are not blocks of one width
+        parts = [(prefix_k, prefix_v, 1), (k[r.docs], v[r.docs], blocks), (k[r.final], v[r.final], 1)]
         final = attend_rows(q[r.final], parts, final_keys, fw.scale)
-    return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale), docs.reshape(-1, fw.n_heads, hd), final]
+    return [attend_prefix(q[r.prefix], prefix_k, prefix_v, fw.scale), docs, final]
+
+
+def _padded(x: torch.Tensor, r: _Rows) -> torch.Tensor:
+    """The prompt's document rows of x in the padded (n_docs * width) layout attention and scoring read."""
+    return x[r.docs] if r.gather is None else x[r.gather]
+
+
+def _seen_docs(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
+    """Which of the prompt's document rows the final segment sees (bool, flat): the real tokens."""
+    if r.real is None:
+        return valid[r.doc_span].reshape(-1)
+    return valid.new_ones(r.docs.stop - r.docs.start)  # ragged: every row is a real token
 
 
 def _final_keys(r: _Rows, valid: torch.Tensor, few: bool) -> torch.Tensor:
@@ -246,7 +267,7 @@ def _final_keys(r: _Rows, valid: torch.Tensor, few: bool) -> torch.Tensor:
     causally); for attend_rows, an additive float32 bias over [prefix | documents | final]."""
     if few:
         n_final = r.final.stop - r.final.start
-        return torch.cat([valid[r.doc_span].reshape(-1), valid.new_ones(n_final)])
+        return torch.cat([_seen_docs(r, valid), valid.new_ones(n_final)])
     return key_bias(_final_mask(r, valid), torch.float32)
 
 
@@ -255,8 +276,8 @@ def _final_mask(r: _Rows, valid: torch.Tensor) -> torch.Tensor:
     itself causally."""
     n_prefix, n_final = r.n_shared + r.prefix.stop - r.prefix.start, r.final.stop - r.final.start
     causal = torch.ones(n_final, n_final, dtype=torch.bool, device=valid.device).tril()
-    return torch.cat([causal.new_ones(n_final, n_prefix), valid[r.doc_span].reshape(1, -1).expand(n_final, -1),
-                      causal], dim=1)
+    return torch.cat([causal.new_ones(n_final, n_prefix), _seen_docs(r, valid)[None].expand(n_final, -1), causal],
+                     dim=1)
 
 
 def pack(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
@@ -272,16 +293,27 @@ def pack(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
     positions: list[torch.Tensor] = []
     rows: list[_Rows] = []
     first = 0
+    device = fw.device
     for p, (start, end), block, cached in zip(prompts, docs.spans, block_tokens, shared, strict=True):
         n0, s, n = len(p.prefix), len(cached.tokens) if cached is not None else 0, end - start
-        ids += [torch.tensor(p.prefix[s:], dtype=torch.long), docs.ids[start:end].flatten(),
+        slots = docs.valid[start:end].reshape(-1) if fw.ragged_docs else torch.ones(n * width, dtype=torch.bool)
+        ids += [torch.tensor(p.prefix[s:], dtype=torch.long), docs.ids[start:end].reshape(-1)[slots],
                 torch.tensor(p.final, dtype=torch.long)]
-        positions += [torch.arange(s, n0), torch.arange(n0, n0 + width).repeat(n),
+        positions += [torch.arange(s, n0), torch.arange(n0, n0 + width).repeat(n)[slots],
                       torch.arange(n0 + block, n0 + block + len(p.final))]
         prefix = slice(first, first + n0 - s)
-        doc_rows = slice(prefix.stop, prefix.stop + n * width)
-        rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + len(p.final)), slice(start, end), s))
+        doc_rows = slice(prefix.stop, prefix.stop + int(slots.sum()))
+        gather, real = _ragged_index(slots, doc_rows.start, device) if fw.ragged_docs else (None, None)
+        rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + len(p.final)), slice(start, end), s,
+                          gather, real))
         first = rows[-1].final.stop
-    device = fw.device
     as_tensor = torch.stack([torch.cat(ids), torch.cat(positions)]).to(device)
     return Packed(as_tensor[0], as_tensor[1], docs.valid.to(device), docs.scored.to(device), rows, shared)
+
+
+def _ragged_index(valid: torch.Tensor, first: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For documents laid out as their real tokens from row `first`: the row each slot of the padded layout reads
+    (`valid` (n_docs * width,): documents are right-padded, so a padding slot's running count of real tokens names
+    its document's last one), and the padded layout's real slots."""
+    gather = first + torch.cumsum(valid, 0) - 1
+    return gather.to(device), valid.nonzero().squeeze(1).to(device)

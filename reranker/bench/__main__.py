@@ -6,6 +6,7 @@
     python -m reranker.bench int8 --out bench-results/cpu/reranker_int8.json
     python -m reranker.bench batch --out bench-results/cpu/reranker_batches.json
     python -m reranker.bench compile --out bench-results/cpu/reranker_compile.json
+    python -m reranker.bench ragged --out bench-results/cpu/reranker_ragged.json
 
 `speed`: BlockRank against full causal attention, one rerank, same model and documents (speed.py).
 `tenants`: memory, mixed-tenant throughput and adapter load time of tenants served as shared blocks,
@@ -13,6 +14,7 @@ against one model copy per tenant (tenants.py).
 `int8`: one layer's projections in fp32, bf16 and dynamic int8 on the CPU, time and error (int8.py).
 `batch`: a CPU batch as one chunked forward and as packed forwards over the groups that fit (batch.py).
 `compile`: one layer's row-wise work eager and under torch.compile on the CPU (compiled.py).
+`ragged`: documents of uneven length on the CPU, padded to the longest or real tokens only (ragged.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import sys
 
 from common.files import write_result
-from reranker.bench import batch, compiled, int8, speed, tenants
+from reranker.bench import batch, compiled, int8, ragged, speed, tenants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     int8.add_arguments(sub.add_parser("int8", help="one layer's projections: fp32, bf16 and int8 on the CPU"))
     batch.add_arguments(sub.add_parser("batch", help="a CPU batch: one chunked forward or packed groups"))
     compiled.add_arguments(sub.add_parser("compile", help="one layer's row-wise work: eager or torch.compile"))
+    ragged.add_arguments(sub.add_parser("ragged", help="uneven documents on a CPU: padded or real tokens only"))
     args = parser.parse_args(argv)
     run, plot = {"speed": (speed.speed, speed.plot_speed), "tenants": (tenants.run, tenants.plot),
                  "int8": (int8.run, int8.plot), "batch": (batch.run, batch.plot),
-                 "compile": (compiled.run, compiled.plot)}[args.command]
+                 "compile": (compiled.run, compiled.plot), "ragged": (ragged.run, ragged.plot)}[args.command]
     write_result(args.out, run(args), plot)
     return 0
 

@@ -47,8 +47,9 @@ def test_forward_with_either_attention_matches_dense_reference(path):
 def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp_path, monkeypatch):
     """A mixed batch of two chains (the shipped adapter twice, a derived one), shared-prefix cache on, scored at
     two layers: the packed rows give the chunked path's masses, in one piece, with the row-wise work in chunks
-    of 37 rows (boundaries inside prompts, parts and documents), and as the automatic path's packed groups when
-    the batch is past the CPU's packed limit."""
+    of 37 rows (boundaries inside prompts, parts and documents), with the documents' padding in the rows (as on
+    a GPU) and without (as on a CPU), and as the automatic path's packed groups when the batch is past the CPU's
+    packed limit."""
     from reranker import packed
     from reranker.adapters import DEFAULT_ADAPTER
     from reranker.engine import Reranker, RerankerConfig
@@ -62,27 +63,31 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
         handles = [r.handle(), r.handle("noisy"), r.handle()]
         docs = [(title, text) for _, title, text in FIXTURE_DOCS]
         prompts = [r.build_prompt("blood sugar and insulin", docs[:5], handles[0]),
-                   r.build_prompt("volcano eruption with lava", docs[::-1], handles[1]),
+                   r.build_prompt("volcano eruption with lava", [*docs[::-1], ("Lava", "hot rock")], handles[1]),
                    r.build_prompt("Q", docs[6:7], handles[2])]
         routes = [h.route for h in handles]
+        lengths = [len(d) for p in prompts for d in p.docs]
+        assert min(lengths) <= max(lengths) // 2  # a document most of whose padded rows are padding
         forward = r.forward
+        assert forward.ragged_docs  # the CPU's layout
         results = {}
-        for path, chunk_rows in ((ForwardPath.PACKED, 0), (ForwardPath.PACKED, 37), (ForwardPath.CHUNKED, 0)):
-            forward.path, forward.packed_chunk_rows = path, chunk_rows
+        runs = ((ForwardPath.PACKED, 0, True), (ForwardPath.PACKED, 37, True), (ForwardPath.PACKED, 37, False),
+                (ForwardPath.CHUNKED, 0, True))
+        for path, chunk_rows, ragged in runs:
+            forward.path, forward.packed_chunk_rows, forward.ragged_docs = path, chunk_rows, ragged
             with torch.inference_mode():
-                results[path, chunk_rows] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
-        forward.path, forward.packed_chunk_rows = ForwardPath.AUTO, 2048
+                results[path, chunk_rows, ragged] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
+        forward.path, forward.packed_chunk_rows, forward.ragged_docs = ForwardPath.AUTO, 2048, True
         assert r.batch_tokens == packed.CPU_PACKED_MAX_ROW_BYTES // 4  # the batcher's default cap: one fp32 group
         # A limit that the last two prompts fit together and the first two do not: groups [0] and [1, 2].
         monkeypatch.setattr(packed, "CPU_PACKED_MAX_ROW_BYTES", packed.packed_rows(prompts[1:]) * 4)
         assert packed.cpu_packed_groups(prompts, 4) == [slice(0, 1), slice(1, 3)]
         with torch.inference_mode():
-            results[ForwardPath.AUTO, 2048] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
+            results[ForwardPath.AUTO, 2048, True] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
         assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache
         inner = longest_inner_product(forward.model.config)
-        for path, chunk_rows in ((ForwardPath.PACKED, 0), (ForwardPath.PACKED, 37), (ForwardPath.AUTO, 2048)):
-            for packed_masses, chunked_masses in zip(results[path, chunk_rows],
-                                                     results[ForwardPath.CHUNKED, 0], strict=True):
+        for key in [*runs[:3], (ForwardPath.AUTO, 2048, True)]:
+            for packed_masses, chunked_masses in zip(results[key], results[ForwardPath.CHUNKED, 0, True], strict=True):
                 for layer in (3, 9):
                     bound = scores_bound(layer, inner, fp32_sides=2)
-                    assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) <= bound, chunk_rows
+                    assert float((packed_masses[layer] - chunked_masses[layer]).abs().max()) <= bound, key
