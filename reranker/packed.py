@@ -1,17 +1,18 @@
 """BlockRank's inference forward with every token of every prompt packed into one (rows, hidden) matrix: the
-GPU path.
+GPU's path, and the CPU's while a batch fits its caches (ForwardPath).
 
 On a GPU a small model's rerank is bound by kernel launches, not by arithmetic. The chunked path
 (reranker.blockrank) runs each prompt's prefix, its documents and its final segment as separate batches, so
 every norm, projection, LoRA delta and MLP is launched three times per prompt per layer. Here the rows of all
 parts of all prompts ([prefix | documents | final] per prompt; on a GPU the documents right-padded to one width,
-on a CPU only their real tokens, padded only inside attention) go through them once per layer, the norms as one fused kernel each, q and k as one matmul with RoPE over both, residual
-updates and LoRA deltas inside the matmuls (addmm). Only attention is per part: the same who-sees-what and
-positions as the chunked path; the prefix and the documents through SDPA with no mask (causal, bottom-right
-aligned: flash attention), the final segment through one flash-decoding Triton kernel (kernels.attend_few) on a
-GPU, else with an additive bias built once per forward (attention.attend_rows). `pack` lays a batch
-out on the host and `forward_packed` only launches device work, so reranker.graphs can hold it in a CUDA graph.
-Inference only (no captures, no autograd); equal to the dense reference (tests/reranker/test_attention.py).
+on a CPU only their real tokens, padded only inside attention) go through them once per layer, the norms as one
+fused kernel each, q and k as one matmul with RoPE over both, residual updates and LoRA deltas inside the
+matmuls (addmm). Only attention is per part: the same who-sees-what and positions as the chunked path; the
+prefix and the documents through SDPA with no mask (causal, bottom-right aligned: flash attention), the final
+segment through one flash-decoding Triton kernel (kernels.attend_few) on a GPU, else with an additive bias built
+once per forward (attention.attend_rows). `pack` lays a batch out on the host and `forward_packed` only launches
+device work, so reranker.graphs can hold it in a CUDA graph. Inference only (no captures, no autograd); equal to
+the dense reference (tests/reranker/test_attention.py).
 """
 
 from __future__ import annotations
@@ -233,9 +234,9 @@ def _attend(fw: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         prefix_k, prefix_v = torch.cat([shared.k, k[r.prefix]]), torch.cat([shared.v, v[r.prefix]])
     else:
         prefix_k, prefix_v = k[r.prefix], v[r.prefix]
-    docs = attend_docs_fused(_padded(q, r).view(n, -1, fw.n_kv, fw.group, hd), _padded(k, r).view(n, -1, fw.n_kv, hd),
-                             _padded(v, r).view(n, -1, fw.n_kv, hd), None, prefix_k, prefix_v, fw.scale)
-    docs = docs.reshape(-1, fw.n_heads, hd)
+    docs = attend_docs_fused(_padded(q, r).view(n, -1, fw.n_kv, fw.group, hd),
+                             _padded(k, r).view(n, -1, fw.n_kv, hd), _padded(v, r).view(n, -1, fw.n_kv, hd), None,
+                             prefix_k, prefix_v, fw.scale).reshape(-1, fw.n_heads, hd)
     if r.real is not None:
         docs = docs[r.real]
     if few:  # the documents' and the final segment's own rows are adjacent in k and v: one source, read in place
