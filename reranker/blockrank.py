@@ -84,10 +84,8 @@ class BlockRankForward:
         self.chunk_tokens = 1 << 16 if on_gpu else 2048
         # The packed path's row-wise work (norms, projections, MLP) in chunks of rows, for the same reason.
         self.packed_chunk_rows = 0 if on_gpu else 2048
-        # The packed path's documents on a CPU: only their real tokens go through the row-wise work, padded to one
-        # width only inside attention (gathers of q/k/v rows). Short documents in a batch of long ones cost their
-        # own length, not the longest's (CACM's 20-document shortlists at 160-token blocks are 58% padding). A GPU
-        # keeps the padded rows: its CUDA graphs are keyed by the batch's shape, which ragged rows would multiply.
+        # On a CPU the packed rows hold only the documents' real tokens (reranker.packed; CACM's are half padding).
+        # A GPU keeps them padded: its CUDA graphs are keyed by the batch's shape, which ragged rows would multiply.
         self.ragged_docs = not on_gpu
         self.prefix_cache = prefix_cache
         # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
