@@ -55,9 +55,25 @@ def batch_prompts(reranker: Reranker, handle: TenantHandle, args: argparse.Names
             for i, q in enumerate(queries)]
 
 
+def cpu_reranker(args: argparse.Namespace) -> Reranker:
+    """The reranker a CPU bench times: --model, --dtype and --block-tokens on the CPU."""
+    return Reranker(RerankerConfig(model=args.model, device="cpu", dtype=Dtype(args.dtype),
+                                   block_tokens=args.block_tokens))
+
+
+def described(reranker: Reranker) -> dict[str, Any]:
+    """What a CPU bench ran on: the device, the reranker's dtype, torch's threads."""
+    return {"device": describe_device(reranker.lm.device), "dtype": str(reranker.lm.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads()}
+
+
+def max_difference(first: list[list[float]], second: list[list[float]]) -> float:
+    """The largest difference between two runs' scores of the same prompts."""
+    return max(abs(a - b) for x, y in zip(first, second, strict=True) for a, b in zip(x, y, strict=True))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    reranker = Reranker(RerankerConfig(model=args.model, device="cpu", dtype=Dtype(args.dtype),
-                                       block_tokens=args.block_tokens))
+    reranker = cpu_reranker(args)
     handle = reranker.handle()
     sizes = [int(b) for b in args.batches.split(",")]
     prompts = batch_prompts(reranker, handle, args, max(sizes))
@@ -74,17 +90,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for n in sizes:
         chunked, grouped = (statistics.median(seconds[n, p]) for p in PATHS)
-        difference = max(abs(a - b) for x, y in zip(scores[n, PATHS[0]], scores[n, PATHS[1]], strict=True)
-                         for a, b in zip(x, y, strict=True))
+        difference = max_difference(scores[n, PATHS[0]], scores[n, PATHS[1]])
         groups = cpu_packed_groups(prompts[:n], reranker.forward.element_size)
         rows.append({"batch": n, "packed_groups": len(groups), "chunked_s_per_query": chunked,
                      "auto_s_per_query": grouped, "auto_speedup": chunked / grouped,
                      "max_score_difference": difference})
         tqdm.write(f"batch {n:3d}: chunked {chunked:.3f} s/query, automatic ({len(groups)} packed forwards) "
                    f"{grouped:.3f} s/query, {chunked / grouped:.2f}x; scores differ by at most {difference:.2g}")
-    return {"device": describe_device(reranker.lm.device), "dtype": str(reranker.lm.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "n_docs": args.n_docs, "block_tokens": args.block_tokens,
-            "rounds": args.rounds, "batcher_default_batch_tokens": reranker.batch_tokens, "results": rows}
+    return {**described(reranker), "n_docs": args.n_docs, "block_tokens": args.block_tokens, "rounds": args.rounds,
+            "batcher_default_batch_tokens": reranker.batch_tokens, "results": rows}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from common.beir import iter_corpus, load_queries
-from common.device import Dtype, describe_device
 from common.paths import SHARED_DATA
 from common.plots import figure
-from reranker.engine import Reranker, RerankerConfig
+from reranker.bench.batch import cpu_reranker, described, max_difference
+from reranker.engine import Reranker
 from reranker.prompt import Prompt
 
 COLLECTIONS = ("scifact", "nfcorpus", "cisi", "cacm", "med")
@@ -62,8 +61,7 @@ def padding_share(prompts: list[Prompt]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    reranker = Reranker(RerankerConfig(model=args.model, device="cpu", dtype=Dtype(args.dtype),
-                                       block_tokens=args.block_tokens))
+    reranker = cpu_reranker(args)
     handle = reranker.handle()
     sets = [d for d in args.data or [SHARED_DATA / name for name in COLLECTIONS] if (d / "corpus.jsonl").exists()]
     prompts = {d.name: collection_prompts(reranker, d, args.queries, args.n_docs) for d in sets}
@@ -80,16 +78,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name, shortlists in prompts.items():
         padded_s, ragged_s = (statistics.median(seconds[name, r]) for r in (False, True))
-        difference = max(abs(a - b) for x, y in zip(scores[name, False], scores[name, True], strict=True)
-                         for a, b in zip(x, y, strict=True))
+        difference = max_difference(scores[name, False], scores[name, True])
         rows.append({"collection": name, "padding_share": padding_share(shortlists), "padded_s_per_query": padded_s,
                      "ragged_s_per_query": ragged_s, "speedup": padded_s / ragged_s,
                      "max_score_difference": difference})
         tqdm.write(f"{name:>9}: padding {rows[-1]['padding_share']:.0%} of the rows; padded {padded_s:.3f} s/query, "
                    f"ragged {ragged_s:.3f} s/query, {padded_s / ragged_s:.2f}x; scores differ by at most "
                    f"{difference:.2g}")
-    return {"device": describe_device(reranker.lm.device), "dtype": str(reranker.lm.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "n_docs": args.n_docs,
+    return {**described(reranker), "n_docs": args.n_docs,
             "block_tokens": reranker.tenants.settings("").spec.block_tokens, "queries": args.queries,
             "rounds": args.rounds, "results": rows}
 
