@@ -297,14 +297,16 @@ def pack(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
     device = fw.device
     for p, (start, end), block, cached in zip(prompts, docs.spans, block_tokens, shared, strict=True):
         n0, s, n = len(p.prefix), len(cached.tokens) if cached is not None else 0, end - start
-        slots = docs.valid[start:end].reshape(-1) if fw.ragged_docs else torch.ones(n * width, dtype=torch.bool)
-        ids += [torch.tensor(p.prefix[s:], dtype=torch.long), docs.ids[start:end].reshape(-1)[slots],
-                torch.tensor(p.final, dtype=torch.long)]
-        positions += [torch.arange(s, n0), torch.arange(n0, n0 + width).repeat(n)[slots],
-                      torch.arange(n0 + block, n0 + block + len(p.final))]
         prefix = slice(first, first + n0 - s)
-        doc_rows = slice(prefix.stop, prefix.stop + int(slots.sum()))
-        gather, real = _ragged_index(slots, doc_rows.start, device) if fw.ragged_docs else (None, None)
+        doc_ids, doc_positions = docs.ids[start:end].reshape(-1), torch.arange(n0, n0 + width).repeat(n)
+        gather = real = None
+        if fw.ragged_docs:  # only the real tokens (a GPU's padded layout needs no masking on the host)
+            slots = docs.valid[start:end].reshape(-1)
+            doc_ids, doc_positions = doc_ids[slots], doc_positions[slots]
+            gather, real = _ragged_index(slots, prefix.stop, device)
+        ids += [torch.tensor(p.prefix[s:], dtype=torch.long), doc_ids, torch.tensor(p.final, dtype=torch.long)]
+        positions += [torch.arange(s, n0), doc_positions, torch.arange(n0 + block, n0 + block + len(p.final))]
+        doc_rows = slice(prefix.stop, prefix.stop + len(doc_ids))
         rows.append(_Rows(prefix, doc_rows, slice(doc_rows.stop, doc_rows.stop + len(p.final)), slice(start, end), s,
                           gather, real))
         first = rows[-1].final.stop
