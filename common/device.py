@@ -50,13 +50,28 @@ def resolve_dtype(dtype: Dtype | str, device: torch.device, auto_cpu: torch.dtyp
     return auto_cpu
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at about twice fp32 speed."""
+def _cpuinfo() -> list[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return []
+
+
+def _cpuinfo_field(lines: list[str], name: str) -> str:
+    """The first core's value of one /proc/cpuinfo field ("" when absent)."""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name), "")
+
+
+def cpu_bf16_support(lines: list[str] | None = None) -> str:
+    """The CPU's native bf16 matmul instructions: "amx_bf16", "avx512_bf16" or "" (none: bf16 is emulated)."""
+    flags = _cpuinfo_field(_cpuinfo() if lines is None else lines, "flags").split()
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), "")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run at 2x (AVX-512 on 256-bit units, e.g. AMD Zen 4) to over 4x (Zen 5's
+    full-width AVX-512, or AMX) fp32's speed."""
+    return bool(cpu_bf16_support())
 
 
 def cpu_inference_dtype() -> torch.dtype:
@@ -126,9 +141,13 @@ def describe_device(device: torch.device) -> str:
     """What a benchmark ran on, for its JSON: the GPU's name, or the CPU and its threads."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    return f"cpu: {model}, {torch.get_num_threads()} threads"
+    return f"cpu: {describe_cpu(_cpuinfo())}, {torch.get_num_threads()} threads"
+
+
+def describe_cpu(lines: list[str]) -> str:
+    """The CPU's name, generation and bf16 instructions, from /proc/cpuinfo's lines. A virtual machine's name can
+    hide the generation ("AMD EPYC"), and generations differ 2x in bf16 speed, so family and model are named."""
+    name = _cpuinfo_field(lines, "model name") or "unknown"
+    family, model = _cpuinfo_field(lines, "cpu family"), _cpuinfo_field(lines, "model")
+    generation = f"family {family} model {model}; " if family and model else ""
+    return f"{name} ({generation}{cpu_bf16_support(lines) or 'no native bf16'})"
