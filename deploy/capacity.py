@@ -57,7 +57,7 @@ def _measure(gateway: str, data: Path, collection: str, name: str, depth: int, s
     slug = name.replace(" + ", "-").replace(" ", "-")
     common = ["--target", gateway, "--collection", collection, "--queries", str(data), "--top-k", "10",
               "--rerank-depth", str(depth), "--timeout-s", str(max(30.0, 3 * slo_ms / 1000)), "--no-progress",
-              "--requests", "400", "--duration-s", "10", "--min-requests", "10"]
+              "--requests", "400", "--duration-s", "10", "--min-requests", "100"]
     print(f"\n{name}: capacity under p99 <= {slo_ms:g} ms")
     cli.main([*common, "--mode", "capacity", "--slo-ms", str(slo_ms), "--bisections", "2",
               "--out", str(out / f"{slug}-capacity.json")])

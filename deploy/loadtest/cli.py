@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from deploy.loadtest import __doc__ as DESCRIPTION
-from deploy.loadtest.modes import run_mode
+from deploy.loadtest.modes import capacity_slo, run_mode
 from deploy.loadtest.report import format_capacity, format_table, plot_levels
 from deploy.loadtest.target import LoadTestError, loopback_target
 from deploy.loadtest.workloads import read_documents, read_queries
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slo-ms", type=float, default=1000.0, help="capacity mode: latency objective")
     parser.add_argument("--slo-percentile", type=float, choices=[50.0, 95.0, 99.0], default=99.0,
                         help="capacity mode: which latency percentile must stay under --slo-ms")
+    parser.add_argument("--max-error-rate", type=float, default=0.01,
+                        help="capacity mode: the share of requests that may fail (refusals included)")
     parser.add_argument("--start-rps", type=float, default=0.0,
                         help="capacity mode: first rate tried (0: half of one closed-loop client's rate)")
     parser.add_argument("--max-rps", type=float, default=1000.0, help="capacity mode: highest rate tried")
@@ -90,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--duration-s and --timeout-s must be > 0")
     if args.warmup < 0 or args.rerank_depth < 0:
         parser.error("--warmup and --rerank-depth must be >= 0")
+    if not 0 < args.max_error_rate < 1:
+        parser.error("--max-error-rate must be between 0 and 1")
+    if args.mode == "capacity" and args.requests < capacity_slo(args).min_arrivals:
+        parser.error(f"--requests {args.requests}: a probe of p{args.slo_percentile:g} with at most "
+                     f"{args.max_error_rate:g} of requests failing is judged on at least "
+                     f"{capacity_slo(args).min_arrivals} arrivals (or lower --slo-percentile / raise --max-error-rate)")
     return args
 
 

@@ -28,7 +28,8 @@ async def run_mode(args: argparse.Namespace, target: str, queries: Sequence[str]
         if args.mode == "open":
             return {"levels": [await _open(workload, args, rate) for rate in args.rates]}
         start_rps = args.start_rps or (500.0 / warm_mean_ms if warm_mean_ms else 1.0)
-        capacity = await find_capacity(lambda rate: _open(workload, args, rate), Slo(args.slo_ms, args.slo_percentile),
+        slo = capacity_slo(args)
+        capacity = await find_capacity(lambda rate: _open(workload, args, rate, slo.min_arrivals), slo,
                                        start_rps, args.max_rps, args.bisections)
         return {"levels": capacity.pop("probes"), "capacity": capacity}
 
@@ -58,9 +59,14 @@ async def _closed(workload: Workload, args: argparse.Namespace) -> list[dict]:
 MAX_LEVEL_S = 600.0  # --min-requests never stretches a level beyond this
 
 
-async def _open(workload: Workload, args: argparse.Namespace, rate: float) -> dict:
-    # A slow rate gets long enough for --min-requests arrivals (a p99 of two samples says little).
-    duration_s = min(MAX_LEVEL_S, max(args.duration_s, args.min_requests / rate))
+def capacity_slo(args: argparse.Namespace) -> Slo:
+    return Slo(args.slo_ms, args.slo_percentile, args.max_error_rate)
+
+
+async def _open(workload: Workload, args: argparse.Namespace, rate: float, min_arrivals: int = 0) -> dict:
+    # A slow rate gets long enough for --min-requests arrivals, and a capacity probe for as many as its SLO is
+    # judged on (a p99 of two samples says little).
+    duration_s = min(MAX_LEVEL_S, max(args.duration_s, max(args.min_requests, min_arrivals) / rate))
     samples, wall_s = await run_rate(workload, rate, args.requests, duration_s, args.timeout_s, args.warmup,
                                      args.seed, args.progress)
     level = summarize_rate(rate, samples, wall_s, workload.timing_fields)

@@ -9,12 +9,14 @@ time spent queued anywhere (server, channel, this client) counts.
 The capacity search finds the highest offered rate whose latency percentile (p99 by default) stays under the
 SLO with at most `max_error_rate` of the requests failing (refusals by admission control included): from a
 start rate, double while rates pass (or halve while they fail), then bisect between the last passing and the
-first failing rate.
+first failing rate. Every probe lasts for at least `Slo.min_arrivals` arrivals (100 for p99 and 1%): on fewer,
+the "p99" would be the slowest request and one error would break the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -57,10 +59,17 @@ class Slo:
     percentile: float = 99.0
     max_error_rate: float = 0.01
 
+    @property
+    def min_arrivals(self) -> int:
+        """The fewest requests a probe can be judged on: below 100 / (100 - percentile) the percentile is the
+        slowest request, and below 1 / max_error_rate a single error exceeds the budget (p99 and 1%: 100)."""
+        return math.ceil(round(max(100 / (100 - self.percentile), 1 / self.max_error_rate), 6))  # 100.000...01
+
     def met_by(self, level: dict) -> bool:
         latency = level["latency_ms"].get(f"p{self.percentile:g}")
         errors = level["error_count"] / max(1, level["requests"])
-        return latency is not None and latency <= self.latency_ms and errors <= self.max_error_rate
+        return (level["requests"] >= self.min_arrivals and latency is not None and latency <= self.latency_ms
+                and errors <= self.max_error_rate)
 
 
 async def find_capacity(probe: Callable[[float], Awaitable[dict]], slo: Slo, start_rps: float, max_rps: float,
@@ -74,9 +83,11 @@ async def find_capacity(probe: Callable[[float], Awaitable[dict]], slo: Slo, sta
         probes.append(level)
         # One line per probe as it ends: a search cut short (a time limit) still shows how far it got.
         p = level["latency_ms"].get(f"p{slo.percentile:g}")
+        verdict = "meets the SLO" if level["meets_slo"] else "misses the SLO"
+        if level["requests"] < slo.min_arrivals:
+            verdict = f"too few arrivals to judge (at least {slo.min_arrivals}): counted as missing the SLO"
         print(f"probe {rate:.4g} req/s: p{slo.percentile:g} {'-' if p is None else f'{p:.1f}'} ms, "
-              f"{level['error_count']}/{level['requests']} errors: "
-              f"{'meets' if level['meets_slo'] else 'misses'} the SLO", flush=True)
+              f"{level['error_count']}/{level['requests']} errors: {verdict}", flush=True)
         return bool(level["meets_slo"])
 
     good, bad, rate = 0.0, 0.0, start_rps

@@ -116,3 +116,36 @@ def test_capacity_search_doubles_then_bisects():
     assert down["capacity_rps"] == 10 and down["first_failing_rps"] == 15
     nothing = asyncio.run(find_capacity(probe, Slo(latency_ms=1), start_rps=16, max_rps=1000))
     assert nothing["capacity_rps"] == 0 and [p["rate_rps"] for p in nothing["probes"]] == [1, 2, 4, 8, 16]
+
+
+def test_a_probe_is_judged_on_enough_arrivals_for_its_percentile_and_error_budget():
+    import asyncio
+
+    from deploy.loadtest.openloop import Slo, find_capacity
+
+    # p99 needs 100 arrivals before it is not simply the slowest; a 1% budget needs 100 before one error fits.
+    assert Slo(100).min_arrivals == 100
+    assert Slo(100, percentile=95, max_error_rate=0.05).min_arrivals == 20
+    assert Slo(100, percentile=50, max_error_rate=0.1).min_arrivals == 10
+    assert Slo(100, percentile=95, max_error_rate=0.01).min_arrivals == 100
+
+    async def short(rate: float) -> dict:  # fast and error-free, but probes above 4 req/s end with 99 arrivals
+        return {"rate_rps": rate, "requests": 99 if rate > 4 else 100, "error_count": 0, "latency_ms": {"p99": 1.0}}
+
+    found = asyncio.run(find_capacity(short, Slo(latency_ms=100), 1, 1000, 0))
+    assert found["capacity_rps"] == 4 and not found["probes"][-1]["meets_slo"]
+    one_error = {"rate_rps": 1, "requests": 100, "error_count": 1, "latency_ms": {"p99": 1.0}}
+    assert Slo(100).met_by(one_error) and not Slo(100).met_by({**one_error, "requests": 99})
+
+
+def test_capacity_mode_refuses_probes_too_small_to_judge(tmp_path):
+    from deploy.loadtest.cli import parse_args
+
+    common = ["--target", "127.0.0.1:1", "--queries", str(tmp_path), "--out", str(tmp_path / "o.json"),
+              "--mode", "capacity"]
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--requests", "99"])
+    assert parse_args([*common, "--requests", "100"]).requests == 100
+    assert parse_args([*common, "--requests", "10", "--slo-percentile", "50", "--max-error-rate", "0.1"]).requests == 10
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--max-error-rate", "0"])
