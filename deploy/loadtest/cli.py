@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=200, help="max requests per level (or probe)")
     parser.add_argument("--duration-s", type=float, default=60.0, help="max seconds per level (or probe)")
     parser.add_argument("--min-requests", type=int, default=0,
-                        help="open/capacity: a level lasts at least this many arrivals' time (at most 600 s)")
+                        help="open/capacity: a level goes on past --duration-s until this many requests have arrived "
+                             "(at most 600 s)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each request")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests before the first level")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
@@ -94,10 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup and --rerank-depth must be >= 0")
     if not 0 < args.max_error_rate < 1:
         parser.error("--max-error-rate must be between 0 and 1")
-    if args.mode == "capacity" and args.requests < capacity_slo(args).min_arrivals:
+    judged_on = capacity_slo(args).min_arrivals
+    if args.mode == "capacity" and args.requests < judged_on:
         parser.error(f"--requests {args.requests}: a probe of p{args.slo_percentile:g} with at most "
-                     f"{args.max_error_rate:g} of requests failing is judged on at least "
-                     f"{capacity_slo(args).min_arrivals} arrivals (or lower --slo-percentile / raise --max-error-rate)")
+                     f"{args.max_error_rate:g} of requests failing is judged on at least {judged_on} arrivals "
+                     "(or lower --slo-percentile / raise --max-error-rate)")
     return args
 
 

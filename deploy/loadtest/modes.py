@@ -56,7 +56,7 @@ async def _closed(workload: Workload, args: argparse.Namespace) -> list[dict]:
     return levels
 
 
-MAX_LEVEL_S = 600.0  # --min-requests never stretches a level beyond this
+MAX_LEVEL_S = 600.0  # neither --min-requests nor a capacity probe's minimum stretches a level beyond this
 
 
 def capacity_slo(args: argparse.Namespace) -> Slo:
@@ -64,11 +64,11 @@ def capacity_slo(args: argparse.Namespace) -> Slo:
 
 
 async def _open(workload: Workload, args: argparse.Namespace, rate: float, min_arrivals: int = 0) -> dict:
-    # A slow rate gets long enough for --min-requests arrivals, and a capacity probe for as many as its SLO is
-    # judged on (a p99 of two samples says little).
-    duration_s = min(MAX_LEVEL_S, max(args.duration_s, max(args.min_requests, min_arrivals) / rate))
-    samples, wall_s = await run_rate(workload, rate, args.requests, duration_s, args.timeout_s, args.warmup,
-                                     args.seed, args.progress)
+    # A slow rate goes on past --duration-s for --min-requests arrivals, and a capacity probe for as many as its
+    # SLO is judged on (a p99 of two samples says little).
+    samples, wall_s = await run_rate(workload, rate, args.requests, min(args.duration_s, MAX_LEVEL_S), args.timeout_s,
+                                     args.warmup, args.seed, args.progress,
+                                     min(args.requests, max(args.min_requests, min_arrivals)), MAX_LEVEL_S)
     level = summarize_rate(rate, samples, wall_s, workload.timing_fields)
     p99 = level["latency_ms"]["p99"]
     print(f"{rate:g}/s: {len(samples)} requests in {wall_s:.1f}s, {level['error_count']} errors, p99 "

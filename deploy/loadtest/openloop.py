@@ -29,9 +29,12 @@ from deploy.loadtest.workloads import Workload
 
 
 async def run_rate(workload: Workload, rate_rps: float, max_requests: int, duration_s: float, timeout_s: float,
-                   first_index: int = 0, seed: int = 0, progress: bool = True) -> tuple[list[Sample], float]:
-    """Offer `rate_rps` for `duration_s` or `max_requests` arrivals, whichever ends first; wait for every answer
-    (each bounded by `timeout_s`). Returns the samples and the wall time from the first scheduled send."""
+                   first_index: int = 0, seed: int = 0, progress: bool = True, min_arrivals: int = 0,
+                   max_duration_s: float = float("inf")) -> tuple[list[Sample], float]:
+    """Offer `rate_rps` for `duration_s` or `max_requests` arrivals, whichever ends first, but past `duration_s`
+    until `min_arrivals` have arrived (a Poisson count over a fixed time falls short of its mean about half the
+    time), never past `max_duration_s`; wait for every answer (each bounded by `timeout_s`). Returns the samples
+    and the wall time from the first scheduled send."""
     rng = random.Random(seed)
     bar = tqdm(total=max_requests, desc=f"{workload.name} {rate_rps:g}/s", unit="req", disable=not progress,
                leave=False)
@@ -40,7 +43,7 @@ async def run_rate(workload: Workload, rate_rps: float, max_requests: int, durat
     tasks: list[asyncio.Task[Sample]] = []
     for i in range(max_requests):
         scheduled += rng.expovariate(rate_rps)
-        if scheduled > duration_s:
+        if (scheduled > duration_s and i >= min_arrivals) or scheduled > max_duration_s:
             break
         delay = start + scheduled - time.perf_counter()
         if delay > 0:

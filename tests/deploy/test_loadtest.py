@@ -149,3 +149,27 @@ def test_capacity_mode_refuses_probes_too_small_to_judge(tmp_path):
     assert parse_args([*common, "--requests", "10", "--slo-percentile", "50", "--max-error-rate", "0.1"]).requests == 10
     with pytest.raises(SystemExit):
         parse_args([*common, "--max-error-rate", "0"])
+
+
+def test_an_open_level_holds_its_minimum_arrivals_past_its_duration():
+    """A Poisson count over a fixed time falls short of its mean about half the time: a level that must hold N
+    arrivals goes on past --duration-s until it has them, up to its request cap and its time limit."""
+    import asyncio
+
+    from deploy.loadtest.openloop import run_rate
+    from deploy.loadtest.workloads import Workload
+    from services.gen.retrieval.v1 import search_pb2
+
+    async def answer(request: search_pb2.SearchRequest, timeout: float) -> search_pb2.SearchResponse:
+        return search_pb2.SearchResponse()  # at once: only the arrivals are counted
+
+    workload = Workload("instant", answer, lambda i: search_pb2.SearchRequest(query=f"q{i}"), ())
+    for seed in range(5):  # 1,000 req/s for 10 ms: about 10 arrivals by the clock, at least 40 by the minimum
+        samples, _ = asyncio.run(run_rate(workload, 1000.0, 200, 0.01, 1.0, seed=seed, progress=False,
+                                          min_arrivals=40))
+        assert len(samples) == 40
+    capped, _ = asyncio.run(run_rate(workload, 1000.0, 30, 0.01, 1.0, progress=False, min_arrivals=40))
+    assert len(capped) == 30  # the request cap still holds
+    timed, _ = asyncio.run(run_rate(workload, 1000.0, 200, 0.01, 1.0, progress=False, min_arrivals=150,
+                                    max_duration_s=0.02))
+    assert len(timed) < 60  # and so does the time limit (about 20 arrivals in 20 ms)
