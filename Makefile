@@ -78,12 +78,13 @@ crash-test: setup
 loadtest: setup
 	$(PY) -m services.run --loadtest bench-results/load
 
-# The capacity table (about 10 minutes on a 2-core CPU): Search without and with reranking at 0.5x/1x/3x of the
-# measured capacity, admission limits on; a local Prometheus scrapes it and the dashboard is drawn from it.
+# The capacity table (10-25 minutes on a 2-core CPU: 100 requests or more per probe and level): Search without
+# and with reranking at 0.5x/1x/3x of the measured capacity, admission limits on; a local Prometheus scrapes it
+# and the dashboard is drawn from it.
 capacity: setup
 	$(PY) -m services.run --capacity bench-results/capacity
 
-# The same table with the reranker in fp32 and then in bf16 on this machine, one after the other (~20 minutes on
+# The same table with the reranker in fp32 and then in bf16 on this machine, one after the other (~35 minutes on
 # 2 cores): the dtypes' capacities side by side under bench-results/cpu/.
 capacity-dtypes: setup
 	$(PY) -m services.run --capacity bench-results/cpu/capacity-fp32 --reranker-dtype fp32
