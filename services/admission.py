@@ -1,6 +1,13 @@
 """Admission control: a bounded number of requests worked on at once and a bounded queue in front of them;
-past both, RESOURCE_EXHAUSTED at once with a retry hint, instead of a queue that grows until every request
-misses its deadline. A queued request still honours its deadline (DEADLINE_EXCEEDED naming the queue).
+past it, RESOURCE_EXHAUSTED at once with a retry hint, instead of a queue that grows until every request
+misses its deadline.
+
+The queue is bounded twice. By count (`max_queued`), and by time: the service keeps a running estimate of how
+long a request holds its slot, and refuses at once a request that, at the back of the queue, would not finish
+before its deadline (or would wait longer than `max_queue_wait_ms`). A count alone has to be sized by hand for one
+service time (in flight + queued, times the service time, under the SLO) and is wrong as soon as the service gets
+faster or slower; the time bound follows the service. A queued request still honours its deadline
+(DEADLINE_EXCEEDED naming the queue) when the estimate was too hopeful.
 
 The hint is the trailing metadata `grpc-retry-pushback-ms`, the key gRPC's own retry policy reads.
 """
@@ -8,6 +15,7 @@ The hint is the trailing metadata `grpc-retry-pushback-ms`, the key gRPC's own r
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,19 +25,27 @@ from prometheus_client import Counter, Gauge
 
 from common.tracing import stage
 from services.errors import ServiceError
-from services.server import Context, within_deadline
+from services.server import Context, time_budget, within_deadline
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 IN_FLIGHT = Gauge("admission_in_flight", "Requests admitted and being worked on.")
 QUEUED = Gauge("admission_queued", "Requests waiting for admission.")
-REJECTED = Counter("admission_rejected_total", "Requests refused because both the work slots and the queue were full.")
+REJECTED = Counter("admission_rejected_total", "Requests refused at once: the queue full (queue_full), or the "
+                   "expected wait past the call's deadline or the wait bound (expected_wait).", ["reason"])
+for _reason in ("queue_full", "expected_wait"):  # both series exist, at 0, before the first refusal
+    REJECTED.labels(_reason)
+SERVICE_SECONDS = Gauge("admission_service_seconds", "Running estimate of the time a request holds its work slot.")
+# The running estimate's weight on each new request: it follows a change of service time within ~10 requests
+# and one slow request moves it by a fifth.
+SERVICE_TIME_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
 class AdmissionConfig:
     max_in_flight: int = 32  # requests worked on at once; 0: no limit
     max_queued: int = 64  # requests waiting for a slot; beyond it RESOURCE_EXHAUSTED at once
+    max_queue_wait_ms: int = 0  # refuse at once a request expected to wait longer for a slot; 0: only its deadline
     retry_after_ms: int = 100  # the retry hint sent with a refusal
 
 
@@ -41,6 +57,25 @@ class Overloaded(ServiceError):
         self.trailers = ((RETRY_PUSHBACK_KEY, str(retry_after_ms)),)
 
 
+class ServiceTime:
+    """Exponentially weighted mean of the seconds a request holds its slot (None before the first)."""
+
+    def __init__(self, weight: float = SERVICE_TIME_WEIGHT) -> None:
+        self.weight = weight
+        self.seconds: float | None = None
+
+    def add(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else self.seconds + self.weight * (seconds - self.seconds)
+        SERVICE_SECONDS.set(self.seconds)
+
+    def expected_finish(self, ahead: int, slots: int) -> float | None:
+        """Seconds until a request with `ahead` requests queued before it is done: it waits for ahead + 1 slots
+        to free (slots free at `slots` per service time), then holds one for a service time."""
+        if self.seconds is None:
+            return None
+        return (ahead + 1) * self.seconds / slots + self.seconds
+
+
 class Admission:
     """One per service process, used from its event loop."""
 
@@ -49,6 +84,7 @@ class Admission:
         self.what = what
         self._slots = asyncio.Semaphore(config.max_in_flight) if config.max_in_flight > 0 else None
         self._queued = 0
+        self.service_time = ServiceTime()
 
     @asynccontextmanager
     async def admit(self, context: Context | None) -> AsyncIterator[None]:
@@ -58,27 +94,47 @@ class Admission:
         with stage("admission_wait", queued=self._slots.locked()):
             await self._acquire(context)
         IN_FLIGHT.inc()
+        started = time.perf_counter()
         try:
             yield
         finally:
+            self.service_time.add(time.perf_counter() - started)
             IN_FLIGHT.dec()
             self._slots.release()
 
     async def _acquire(self, context: Context | None) -> None:
-        """A slot: at once, after waiting in the queue, or RESOURCE_EXHAUSTED when the queue is full too."""
+        """A slot: at once, after waiting in the queue, or RESOURCE_EXHAUSTED when the queue is full or too long
+        to wait in."""
         assert self._slots is not None
-        if self._slots.locked():
-            if self._queued >= self.config.max_queued:
-                REJECTED.inc()
-                raise Overloaded(f"{self.what} is overloaded: {self.config.max_in_flight} requests in flight and "
-                                 f"{self._queued} queued; retry after {self.config.retry_after_ms} ms",
-                                 self.config.retry_after_ms)
-            self._queued += 1
-            QUEUED.inc()
-            try:
-                await within_deadline(context, self._slots.acquire(), f"queued for admission to the {self.what}")
-            finally:
-                self._queued -= 1
-                QUEUED.dec()
-        else:
+        if not self._slots.locked():
             await self._slots.acquire()
+            return
+        self._refuse_if_overloaded(context)
+        self._queued += 1
+        QUEUED.inc()
+        try:
+            await within_deadline(context, self._slots.acquire(), f"queued for admission to the {self.what}")
+        finally:
+            self._queued -= 1
+            QUEUED.dec()
+
+    def _refuse_if_overloaded(self, context: Context | None) -> None:
+        if self._queued >= self.config.max_queued:
+            self._refuse("queue_full", f"{self.config.max_in_flight} requests in flight and {self._queued} queued")
+        finish = self.service_time.expected_finish(self._queued, self.config.max_in_flight)
+        if finish is None:
+            return
+        service = self.service_time.seconds or 0.0
+        wait_bound = self.config.max_queue_wait_ms / 1000
+        if wait_bound > 0 and finish - service > wait_bound:
+            self._refuse("expected_wait", f"{self._queued} queued, an expected wait of {(finish - service) * 1000:.0f} "
+                                          f"ms is past the {self.config.max_queue_wait_ms} ms bound")
+        budget = time_budget(context)
+        if budget is not None and finish > budget:
+            self._refuse("expected_wait", f"{self._queued} queued, the call would finish in about {finish * 1000:.0f} "
+                                          f"ms and has {budget * 1000:.0f} ms left")
+
+    def _refuse(self, reason: str, why: str) -> None:
+        REJECTED.labels(reason).inc()
+        raise Overloaded(f"{self.what} is overloaded: {why}; retry after {self.config.retry_after_ms} ms",
+                         self.config.retry_after_ms)
