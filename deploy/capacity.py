@@ -3,8 +3,9 @@ this machine holds, without and with reranking, and what happens past it.
 
 For each configuration: the capacity under its SLO (deploy.loadtest's capacity search, open loop), then open-loop
 levels at 0.5x, 1x and 3x of it, through a gateway with admission limits (GATEWAY_ADMISSION) and each request's
-deadline at the SLO, so that 3x shows shedding (RESOURCE_EXHAUSTED) rather than an ever-growing queue. A Prometheus (Debian's package, when installed)
-scrapes the three services meanwhile, and the dashboard is drawn from it (deploy.dashboard). Writes
+deadline at the SLO, so that 3x shows shedding (RESOURCE_EXHAUSTED) rather than an ever-growing queue. A
+Prometheus (Debian's package, when installed) scrapes the three services meanwhile, and the dashboard is drawn
+from it (deploy.dashboard). Writes
 OUT_DIR/capacity.json, capacity.md (the table), the load tests' JSON/PNG, and dashboard.png.
 """
 
