@@ -20,6 +20,15 @@ retry hint) while other tenants are still admitted; `max_inflight` of its reques
 so a flood cannot fill, and stretch, every pass the others run in. The global `max_queue` still bounds all
 that waits (QueueFull), so overload shows up as an error the caller can act on, not as unbounded latency.
 
+Time, too: a caller that says how long it has left (`time_left_s`, its deadline) is refused at once
+(ExpectedLate, also RESOURCE_EXHAUSTED) when, behind what is already queued, its rerank is expected to take more
+than `deadline_share` of that time. The estimate is the forward in progress, then the prompt tokens DRR serves
+before the request (all of its own tenant's queue, and of each other tenant's at most as much again plus a quantum:
+a noisy neighbour's backlog does not count against a light tenant), then its own, at a running mean of the
+seconds per prompt token of recent forwards. A count bound alone must be sized for one forward time and is wrong
+as soon as prompts grow or the model gets faster; the time bound follows them. A request with nothing ahead of it
+is always admitted: waiting cannot be what makes it late.
+
 Batches hold at most `max_batch_tokens` (by default the scorer's own best size); a request is never split: the
 one DRR picks next that does not fit starts the next batch (one larger than the cap runs alone). The worker
 waits up to `max_wait_ms` for company unless a full batch is already waiting. Requests cancelled while queued
@@ -37,7 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from reranker.errors import QueueFull, TenantQueueFull
+from common.running import RunningMean
+from reranker.errors import ExpectedLate, QueueFull, TenantQueueFull
 from reranker.limits import TenantLimits
 from reranker.prompt import Prompt
 
@@ -45,6 +55,8 @@ log = logging.getLogger(__name__)
 H = TypeVar("H")  # whatever the score function needs per request (reranker.tenants.TenantHandle)
 # The batch cap for a scorer with no better size of its own: on a GPU, the larger the batch the better.
 LARGE_BATCH_TOKENS = 65_536
+# The running mean's weight on each forward's seconds per token: it follows a change within ~10 forwards.
+TOKEN_SECONDS_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,9 @@ class BatcherConfig:
     # limit on a CPU: 8,192 in bf16, 4,096 in fp32).
     max_batch_tokens: int = 0
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    # Half, as the gateway's admission: under sustained overload every admitted request is a marginal one, and an
+    # estimate that is a mean leaves about half of those late with the whole time allowed.
+    deadline_share: float = 0.5  # of a caller's time left, what its expected wait and forward may take; 0: off
     # Defaults for tenants whose TenantLimits leave a field None. Both change nothing for a lone tenant (one
     # tenant may fill the queue and every batch, as before fair share); set them, or per-tenant limits in the
     # registry, for a noisy neighbour to be refused instead of filling the shared queue.
@@ -210,6 +225,14 @@ class _FairQueues(Generic[H]):
         queue.extend(live)
         return len(queue)
 
+    def tokens_before(self, tenant: str, tokens: int) -> int:
+        """Prompt tokens DRR serves before a new request of `tenant` with `tokens` is done: its own tenant's queue
+        and the request, and of each other tenant's queue at most that much plus a quantum (while both are
+        backlogged, their served tokens differ by less than a quantum plus one prompt)."""
+        own = sum(item.tokens for item in self._queues.get(tenant, ())) + tokens
+        return own + sum(min(own + self.quantum, sum(item.tokens for item in queue))
+                         for other, queue in self._queues.items() if other != tenant)
+
     def drain(self) -> Iterator[_Item[H]]:
         while self._ring:
             tenant = self._ring[0]
@@ -232,6 +255,8 @@ class RerankBatcher(Generic[H]):
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
+        self.token_seconds = RunningMean(TOKEN_SECONDS_WEIGHT)  # model seconds per prompt token of recent forwards
+        self._forward: tuple[float, int] | None = None  # (start, prompt tokens) of the forward in progress
 
     def start(self) -> None:
         """Start the worker; call inside the running event loop."""
@@ -263,18 +288,41 @@ class RerankBatcher(Generic[H]):
         max_queued = own.max_queued or cfg.tenant_max_queued or cfg.max_queue
         return max_queued, own.max_inflight or cfg.tenant_max_inflight
 
-    async def submit(self, prompt: Prompt, handle: H, tenant: str = "", limits: TenantLimits | None = None
-                     ) -> Scored:
+    async def submit(self, prompt: Prompt, handle: H, tenant: str = "", limits: TenantLimits | None = None,
+                     time_left_s: float | None = None) -> Scored:
         """Score `prompt` in a batch; TenantQueueFull / QueueFull at once when the tenant's or the shared queue
-        is full. `tenant` only groups requests for fair share ("" is a tenant like any other)."""
+        is full, ExpectedLate when it would take more than its share of `time_left_s` (None: no deadline).
+        `tenant` only groups requests for fair share ("" is a tenant like any other)."""
         if self._worker is None:
             raise RuntimeError("start() the batcher first")
         max_queued, max_inflight = self.resolve_limits(limits)
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
         item = _Item(prompt, handle, tenant, prompt_tokens(prompt), future, time.perf_counter())
+        self._refuse_if_late(item, time_left_s)
         self._fair.push(item, max_queued, max_inflight, self.config.max_queue)
         self._arrived.set()
         return await future  # cancelled by the caller's deadline: the worker then skips it
+
+    def expected_finish(self, tenant: str, tokens: int) -> float | None:
+        """Seconds until a new request of `tenant` with `tokens` prompt tokens would be scored: what remains of the
+        forward in progress, then the tokens served before it and its own; None before the first forward."""
+        per_token = self.token_seconds.value
+        if per_token is None:
+            return None
+        busy = 0.0
+        if self._forward is not None:
+            started, forward_tokens = self._forward
+            busy = max(0.0, started + forward_tokens * per_token - time.perf_counter())
+        return busy + self._fair.tokens_before(tenant, tokens) * per_token
+
+    def _refuse_if_late(self, item: _Item[H], time_left_s: float | None) -> None:
+        share = self.config.deadline_share
+        if time_left_s is None or share <= 0 or (self._forward is None and not self._fair.waiting):
+            return
+        finish = self.expected_finish(item.tenant, item.tokens)
+        if finish is not None and finish > share * time_left_s:
+            raise ExpectedLate(f"the rerank would finish in about {finish * 1000:.0f} ms behind {self._fair.waiting} "
+                               f"queued, past {share:g} of the {time_left_s * 1000:.0f} ms its caller has left")
 
     async def _run(self) -> None:
         while True:
@@ -285,6 +333,8 @@ class RerankBatcher(Generic[H]):
 
     async def _score(self, live: list[_Item[H]]) -> None:
         start = time.perf_counter()
+        tokens = sum(item.tokens for item in live)
+        self._forward = (start, tokens)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.score_fn, [item.prompt for item in live], [item.handle for item in live])
@@ -294,8 +344,10 @@ class RerankBatcher(Generic[H]):
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        finally:
+            self._forward = None
         model_ms = (time.perf_counter() - start) * 1000
-        tokens = sum(item.tokens for item in live)
+        self.token_seconds.add(model_ms / 1000 / max(1, tokens))
         if self.on_batch is not None:
             self.on_batch(len(live), tokens)
         for item, scores in zip(live, results, strict=True):

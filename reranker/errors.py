@@ -9,6 +9,11 @@ class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds (RESOURCE_EXHAUSTED)."""
 
 
+class ExpectedLate(QueueFull):
+    """Behind the work already queued, the rerank would take more of the caller's remaining time than the batcher
+    allows (RESOURCE_EXHAUSTED: retrying later, or elsewhere, can succeed)."""
+
+
 class TenantQueueFull(QueueFull):
     """One tenant has as many requests waiting as its limit allows (RESOURCE_EXHAUSTED); others are still admitted."""
 

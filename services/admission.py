@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter, Gauge
 
+from common.running import RunningMean
 from common.tracing import stage
 from services.errors import ServiceError
 from services.server import Context, time_budget, within_deadline
@@ -59,15 +60,17 @@ class Overloaded(ServiceError):
 
 
 class ServiceTime:
-    """Exponentially weighted mean of the seconds a request holds its slot (None before the first)."""
+    """Running mean of the seconds a request holds its slot (None before the first)."""
 
     def __init__(self, weight: float = SERVICE_TIME_WEIGHT) -> None:
-        self.weight = weight
-        self.seconds: float | None = None
+        self._mean = RunningMean(weight)
+
+    @property
+    def seconds(self) -> float | None:
+        return self._mean.value
 
     def add(self, seconds: float) -> None:
-        self.seconds = seconds if self.seconds is None else self.seconds + self.weight * (seconds - self.seconds)
-        SERVICE_SECONDS.set(self.seconds)
+        SERVICE_SECONDS.set(self._mean.add(seconds))
 
     def expected_finish(self, ahead: int, slots: int) -> float | None:
         """Seconds until a request with `ahead` requests queued before it is done: it waits for ahead + 1 slots

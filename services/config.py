@@ -20,6 +20,8 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from common.allocator import SERVICE_ARENAS
+
 C = TypeVar("C")
 
 
@@ -73,8 +75,12 @@ class ServerConfig:
     health_port: int = option(0, "plaintext port serving only the standard health service, on the same host (for "
                                  "probes that cannot present a client certificate, such as Kubernetes' gRPC "
                                  "probes); 0: off")
-    malloc_arenas: int = option(2, "glibc malloc arenas (common.allocator: fewer keep freed memory from staying "
+    malloc_arenas: int = option(SERVICE_ARENAS, "glibc malloc arenas (common.allocator: fewer keep freed memory from staying "
                                    "resident); 0: glibc's default; MALLOC_ARENA_MAX, when set, wins")
+    malloc_keep_mb: int = option(0, "MiB of freed memory glibc keeps for reuse, with blocks up to 32 MiB from its "
+                                    "heap (common.allocator: a CPU reranker's layers then reuse each other's "
+                                    "activations instead of page-faulting them back); 0: glibc's adaptive "
+                                    "thresholds; MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, when set, wins")
     tls_cert: str = option("", "PEM certificate chain: serve TLS only (with --tls-key; reloaded on SIGHUP)")
     tls_key: str = option("", "PEM private key of --tls-cert (keep it mode 600)")
     tls_client_ca: str = option("", "PEM CA: require client certificates it signed (mutual TLS)")

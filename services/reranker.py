@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter, Histogram
 
+from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB
 from common.device import set_cpu_threads
 from common.tracing import record_stage, stage
 from reranker.batcher import BatcherConfig, RerankBatcher, Scored, prompt_tokens
 from reranker.bindings import RegisteredTenants
 from reranker.engine import Reranker, RerankerConfig, WeightSource
-from reranker.errors import QueueFull, UnknownTenant
+from reranker.errors import ExpectedLate, QueueFull, TenantQueueFull, UnknownTenant
 from reranker.prompt import Prompt
 from reranker.registry import Binding, TenantLimits, open_store
 from reranker.registry.model import check_tenant
@@ -59,6 +60,7 @@ from services.server import (
     Worker,
     elapsed_ms,
     run_service,
+    time_budget,
     within_deadline,
 )
 from services.tracing import exemplar
@@ -75,16 +77,25 @@ WEIGHT_SOURCES = {WeightSource.REQUEST: document_pb2.RERANK_WEIGHT_SOURCE_REQUES
                   WeightSource.ADAPTER: document_pb2.RERANK_WEIGHT_SOURCE_ADAPTER,
                   WeightSource.DEFAULT: document_pb2.RERANK_WEIGHT_SOURCE_DEFAULT}
 BATCH_TOKENS = Histogram("reranker_batch_tokens", "Prompt tokens per forward pass.", buckets=TOKEN_BUCKETS)
+REJECTED = Counter("reranker_rejected_total", "Rerank requests refused at once: the shared queue full (queue_full), "
+                   "the tenant's (tenant_queue_full), or the expected finish past the call's share of its deadline "
+                   "(expected_late).", ["reason"])
+REJECTION_REASONS = {ExpectedLate: "expected_late", TenantQueueFull: "tenant_queue_full", QueueFull: "queue_full"}
+for _reason in REJECTION_REASONS.values():  # every series exists, at 0, before the first refusal
+    REJECTED.labels(_reason)
 
 
 @dataclass(frozen=True)
 class RerankerServiceConfig:
-    server: ServerConfig = option(factory=lambda: ServerConfig(port=50052, grace_s=20.0))
+    # A CPU forward frees and retakes tens of MiB per layer: keep them, in one arena (common.allocator).
+    server: ServerConfig = option(factory=lambda: ServerConfig(
+        port=50052, grace_s=20.0, malloc_arenas=RERANKER_ARENAS, malloc_keep_mb=RERANKER_KEEP_MB))
     engine: RerankerConfig = option(factory=RerankerConfig)
     batcher: BatcherConfig = option(factory=BatcherConfig)
     admin_token: Secret = option(factory=Secret, help="when set, AdapterService calls need "
                                                       "'authorization: Bearer <token>'")
-    retry_after_ms: int = option(100, "the retry hint (grpc-retry-pushback-ms) sent when the queue is full")
+    retry_after_ms: int = option(100, "the retry hint (grpc-retry-pushback-ms) sent when a rerank is refused (its "
+                                      "queue full, or expected to finish too late)")
     tenants_store: str = option("file:var/tenants.json", "the tenant registry every replica shares: file:PATH "
                                 "(one host; a shared volume) or etcd://HOST:PORT[/PREFIX]; empty: tenants live "
                                 "in this process only and a restart loses them")
@@ -200,9 +211,11 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         limits = self.registered.limits(handle.tenant)
         submitted_ns = time.time_ns()
         try:
-            scored = await within_deadline(context, self.batcher.submit(prompt, handle, handle.tenant, limits),
-                                           "waiting for the reranker")
+            scored = await within_deadline(
+                context, self.batcher.submit(prompt, handle, handle.tenant, limits, time_budget(context)),
+                "waiting for the reranker")
         except QueueFull as full:
+            REJECTED.labels(REJECTION_REASONS[type(full)]).inc()
             raise Overloaded(str(full), self.config.retry_after_ms) from None
         QUEUE_SECONDS.observe(scored.queue_ms / 1000, exemplar())
         MODEL_SECONDS.observe(scored.model_ms / 1000, exemplar())

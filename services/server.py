@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from common.allocator import limit_malloc_arenas
+from common.allocator import keep_freed_memory, limit_malloc_arenas
 from services.auth import AuthInterceptor
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
@@ -128,6 +128,7 @@ def run_service(name: str, config: S, build: Callable[[S], Hosted]) -> None:
     """The whole life of a service process: log its config (secrets masked), serve until SIGTERM/SIGINT."""
     setup_logging(name, config.server.log_format)
     limit_malloc_arenas(config.server.malloc_arenas)  # before the server, the engines and their threads start
+    keep_freed_memory(config.server.malloc_keep_mb)
     log.info("%s config: %s", name, describe(config))
     setup_tracing(name, config.server.otlp_endpoint, config.server.trace_sample_ratio)
 

@@ -20,10 +20,12 @@ import pytest
 import yaml
 
 from services.gen.retrieval.v1 import (
+    reranker_pb2,
+    reranker_pb2_grpc,
     search_pb2,
     search_pb2_grpc,
 )
-from tests.conftest import FIXTURE_DOCS, free_port
+from tests.conftest import FIXTURE_DOCS, fixture_documents, free_port
 from tests.services.live_stack import Stack, scrape, stack_fixture, value  # noqa: F401 - the module's fixture
 
 pytestmark = pytest.mark.integration
@@ -127,6 +129,32 @@ def test_gateway_admission_sheds_a_burst_and_recovers(stack: Stack, server_facto
     assert value(samples, "admission_rejected_total", reason="queue_full") == len(refused)
     assert value(samples, "admission_rejected_total", reason="expected_wait") == 1
     assert value(samples, "admission_in_flight") == 0 and value(samples, "admission_queued") == 0
+
+
+def test_reranker_refuses_at_once_a_rerank_that_would_finish_past_its_share_of_the_deadline(stack: Stack) -> None:
+    """Behind a long rerank (the reranker has timed a forward before), a call with 0.15 s left cannot finish
+    within half of it: the reranker refuses it at once, with the retry hint, rather than queueing it until its
+    deadline passes (which would end in DEADLINE_EXCEEDED)."""
+    few = reranker_pb2.RerankRequest(query="blood sugar", documents=fixture_documents())
+    many = reranker_pb2.RerankRequest(query="blood sugar", documents=fixture_documents() * 6)
+    assert reranker_pb2_grpc.RerankerServiceStub(stack.reranker.channel()).Rerank(few, timeout=120).results
+
+    async def short_behind_a_long_rerank() -> BaseException | reranker_pb2.RerankResponse:
+        async with grpc.aio.insecure_channel(stack.reranker.target) as channel:
+            stub = reranker_pb2_grpc.RerankerServiceStub(channel)
+            long = asyncio.ensure_future(stub.Rerank(many, timeout=120))
+            await asyncio.sleep(0.2)  # submitted (tokenising a few dozen documents takes milliseconds)
+            short = await asyncio.gather(stub.Rerank(few, timeout=0.15), return_exceptions=True)
+            assert (await long).results
+            return short[0]
+
+    refused = asyncio.run(short_behind_a_long_rerank())
+    assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "would finish in about" in (refused.details() or "")
+    assert ("grpc-retry-pushback-ms", "100") in tuple(refused.trailing_metadata() or ())
+    samples = scrape(stack.ports["reranker"])
+    assert value(samples, "reranker_rejected_total", reason="expected_late") == 1
+    assert value(samples, "reranker_rejected_total", reason="queue_full") == 0
 
 
 def test_three_times_capacity_is_shed_and_the_gateway_recovers(stack: Stack, server_factory, tmp_path) -> None:
