@@ -13,7 +13,7 @@ thresholds to the largest block freed (memory above twice that, free at the top 
 kernel), which is below what one layer frees together: each layer gives its activations back and the next one
 takes them again, a page fault per 4 KiB page touched. `keep_freed_memory` fixes both thresholds instead: blocks
 up to 32 MiB from the heap, and up to `keep_mb` free at its top kept. Measured on 2 cores (`python -m
-reranker.bench allocator`): ~56,000 page faults per bf16 rerank of 20 x 96 tokens with glibc's default, none
+reranker.bench allocator`): ~61,000 page faults per bf16 rerank of 20 x 96 tokens with glibc's default, none
 with 256 MiB kept; the time saved is in docs/benchmarks.md.
 """
 

@@ -75,8 +75,9 @@ class ServerConfig:
     health_port: int = option(0, "plaintext port serving only the standard health service, on the same host (for "
                                  "probes that cannot present a client certificate, such as Kubernetes' gRPC "
                                  "probes); 0: off")
-    malloc_arenas: int = option(SERVICE_ARENAS, "glibc malloc arenas (common.allocator: fewer keep freed memory from staying "
-                                   "resident); 0: glibc's default; MALLOC_ARENA_MAX, when set, wins")
+    malloc_arenas: int = option(SERVICE_ARENAS, "glibc malloc arenas (common.allocator: fewer keep freed memory "
+                                                "from staying resident); 0: glibc's default; MALLOC_ARENA_MAX, "
+                                                "when set, wins")
     malloc_keep_mb: int = option(0, "MiB of freed memory glibc keeps for reuse, with blocks up to 32 MiB from its "
                                     "heap (common.allocator: a CPU reranker's layers then reuse each other's "
                                     "activations instead of page-faulting them back); 0: glibc's adaptive "
