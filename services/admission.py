@@ -6,8 +6,8 @@ The queue is bounded twice. By count (`max_queued`), and by time: the service ke
 long a request holds its slot, and refuses at once a request that, at the back of the queue, would take more than
 `deadline_share` of the time left before its deadline (or would wait longer than `max_queue_wait_ms`). A count
 alone has to be sized by hand for one service time (in flight + queued, times the service time, under the SLO)
-and is wrong as soon as the service gets faster or slower; the time bound follows the service. A queued request still honours its deadline
-(DEADLINE_EXCEEDED naming the queue) when the estimate was too hopeful.
+and is wrong as soon as the service gets faster or slower; the time bound follows the service. A queued request
+still honours its deadline (DEADLINE_EXCEEDED naming the queue) when the estimate was too hopeful.
 
 The hint is the trailing metadata `grpc-retry-pushback-ms`, the key gRPC's own retry policy reads.
 """

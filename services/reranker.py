@@ -85,6 +85,11 @@ for _reason in REJECTION_REASONS.values():  # every series exists, at 0, before 
     REJECTED.labels(_reason)
 
 
+def rejection_reason(refusal: QueueFull) -> str:
+    """The most specific reason of the refusal's class (a subclass the table does not name counts as its base's)."""
+    return next(reason for kind, reason in REJECTION_REASONS.items() if isinstance(refusal, kind))
+
+
 @dataclass(frozen=True)
 class RerankerServiceConfig:
     # A CPU forward frees and retakes tens of MiB per layer: keep them, in one arena (common.allocator).
@@ -215,7 +220,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
                 context, self.batcher.submit(prompt, handle, handle.tenant, limits, time_budget(context)),
                 "waiting for the reranker")
         except QueueFull as full:
-            REJECTED.labels(REJECTION_REASONS[type(full)]).inc()
+            REJECTED.labels(rejection_reason(full)).inc()
             raise Overloaded(str(full), self.config.retry_after_ms) from None
         QUEUE_SECONDS.observe(scored.queue_ms / 1000, exemplar())
         MODEL_SECONDS.observe(scored.model_ms / 1000, exemplar())
