@@ -17,13 +17,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from common.allocator import keep_freed_memory, limit_malloc_arenas
 from services.auth import AuthInterceptor
 from services.config import ServerConfig, describe
 from services.errors import ErrorMappingInterceptor, ServiceError
+from services.health import HealthServicer
 from services.keys import KeysFile
 from services.limits import MAX_MESSAGE_BYTES, ValidationInterceptor
 from services.metrics import MetricsInterceptor, start_metrics_server

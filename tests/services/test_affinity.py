@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from prometheus_client import REGISTRY
 
 from services.affinity import RERANKER_SERVICE, ReplicaPool, parse_targets, rendezvous_order, route
@@ -33,6 +32,7 @@ from services.gen.retrieval.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
+from services.health import HealthServicer
 from services.keys import KeysFile, create
 from services.limits import ValidationInterceptor
 from tests.conftest import free_port
