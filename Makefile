@@ -127,9 +127,9 @@ bench-reranker: setup
 # malloc thresholds against freed memory kept; JSON and PNG each.
 bench-reranker-cpu: setup
 	$(PY) -m reranker.bench speed --device cpu --n-docs 20 --block-tokens 96 --dtype fp32,bf16 --path chunked,auto \
-		--dense-budget-s 0 --out bench-results/cpu/reranker_dtypes_20x96.json
+		--dense-budget-s 0 --rounds 4 --out bench-results/cpu/reranker_dtypes_20x96.json
 	$(PY) -m reranker.bench speed --device cpu --n-docs 100 --block-tokens 160 --dtype fp32,bf16 --path chunked,auto \
-		--dense-budget-s 0 --repeats 2 --out bench-results/cpu/reranker_dtypes_100x160.json
+		--dense-budget-s 0 --rounds 3 --repeats 2 --out bench-results/cpu/reranker_dtypes_100x160.json
 	$(PY) -m reranker.bench int8 --out bench-results/cpu/reranker_int8.json
 	$(PY) -m reranker.bench batch --out bench-results/cpu/reranker_batches.json
 	$(PY) -m reranker.bench compile --out bench-results/cpu/reranker_compile.json

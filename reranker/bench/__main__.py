@@ -9,7 +9,8 @@
     python -m reranker.bench ragged --out bench-results/cpu/reranker_ragged.json
     python -m reranker.bench allocator --out bench-results/cpu/reranker_allocator.json
 
-`speed`: BlockRank against full causal attention, one rerank, same model and documents (speed.py).
+`speed`: BlockRank against full causal attention, one rerank, same model and documents (speed.py); several
+`--dtype`/`--path` values side by side, each in fresh processes (variants.py).
 `tenants`: memory, mixed-tenant throughput and adapter load time of tenants served as shared blocks,
 against one model copy per tenant (tenants.py).
 `int8`: one layer's projections in fp32, bf16 and dynamic int8 on the CPU, time and error (int8.py).
@@ -30,7 +31,7 @@ import sys
 
 from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB, keep_freed_memory, limit_malloc_arenas
 from common.files import write_result
-from reranker.bench import allocator, batch, compiled, int8, ragged, speed, tenants
+from reranker.bench import allocator, batch, compiled, int8, ragged, speed, tenants, variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limit_malloc_arenas(args.malloc_arenas)  # before torch starts its threads
     keep_freed_memory(args.malloc_keep_mb)
-    if args.command == "allocator" and args.child:  # one measuring process: its line goes to the parent
-        print(json.dumps(allocator.measure(args)), flush=True)
+    if getattr(args, "child", False):  # one measuring process (reranker.bench.fresh): its line goes to the parent
+        print(json.dumps({"allocator": allocator.measure, "speed": variants.one_variant}[args.command](args)), flush=True)
         return 0
-    run, plot = {"speed": (speed.speed, speed.plot_speed), "tenants": (tenants.run, tenants.plot),
+    if args.out is None:
+        parser.error(f"{args.command}: --out is required")
+    run, plot = {"speed": (variants.run, variants.plot), "tenants": (tenants.run, tenants.plot),
                  "int8": (int8.run, int8.plot), "batch": (batch.run, batch.plot),
                  "compile": (compiled.run, compiled.plot), "ragged": (ragged.run, ragged.plot),
                  "allocator": (allocator.run, allocator.plot)}[args.command]

@@ -17,8 +17,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +29,7 @@ from common.paths import SCIFACT
 from common.plots import figures
 from common.procstats import ProcessStats
 from reranker.bench.batch import cpu_reranker, described
+from reranker.bench.fresh import in_fresh_process
 from reranker.bench.speed import QUERY
 
 WARMUP_RERANKS = 2  # the first reranks of a size build oneDNN's kernels and set the allocator's marks
@@ -69,14 +68,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def child(args: argparse.Namespace, n_docs: int, block: int, keep_mb: int) -> dict[str, Any]:
     """One fresh process's measurement at one setting and size."""
-    command = [sys.executable, "-m", "reranker.bench", "--malloc-arenas", str(args.malloc_arenas), "--malloc-keep-mb",
-               str(keep_mb), "allocator", "--child",
-               "--data", str(args.data), "--dtype", args.dtype, "--n-docs", str(n_docs), "--block-tokens",
-               str(block), "--reranks", str(args.reranks)] + (["--model", args.model] if args.model else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the measuring process failed ({done.returncode}): {done.stderr[-2000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return in_fresh_process(args, "allocator", [
+        "--data", str(args.data), "--dtype", args.dtype, "--n-docs", str(n_docs), "--block-tokens", str(block),
+        "--reranks", str(args.reranks)] + (["--model", args.model] if args.model else []), keep_mb=keep_mb)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

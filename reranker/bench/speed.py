@@ -16,6 +16,8 @@ deployment would run it. `blockrank_tenant_s` is the same rerank with the
 adapter as the engine serves tenants, an unmerged LoRA block over the shared
 base (its low-rank products cost extra kernels per layer).
 
+Several `--dtype` or `--path` values: side by side (reranker.bench.variants).
+
 On CUDA, BlockRank replays CUDA graphs (reranker.graphs) while the eager baseline launches every kernel from
 Python: at 10-50 documents that baseline is launch-bound (some 30 ms whatever the size), which flatters
 BlockRank. So a second baseline series, `baseline_graphed_s` and `speedup_vs_graphed`: the same full-attention
@@ -83,25 +85,6 @@ def predict_quadratic(points: list[tuple[int, float]], n: int) -> float:
         return 0.0
     n0, t0 = points[-1]
     return t0 * (n / n0) ** 2
-
-
-def speed(args: argparse.Namespace) -> dict:
-    """One run per (dtype, path) asked for; several: side by side, each size's time as a ratio to the first's."""
-    variants = [(dtype, path) for dtype in args.dtype.split(",") for path in args.path.split(",")]
-    if len(variants) == 1:
-        return speed_of(args, *variants[0])
-    runs = [speed_of(args, dtype, path) for dtype, path in tqdm(variants, desc="variants", unit="variant")]
-    seconds = [{r["n_docs"]: r["blockrank_s"] for r in run["results"]} for run in runs]
-    side_by_side = []
-    for row in runs[0]["results"]:
-        n = row["n_docs"]
-        entry: dict = {"n_docs": n, "tokens": row["tokens"]}
-        for run, by_n in zip(runs, seconds, strict=True):
-            entry[run["variant"]] = {"blockrank_s": by_n[n], "speedup_over_first": seconds[0][n] / by_n[n]}
-        side_by_side.append(entry)
-    tqdm.write(json.dumps(side_by_side, indent=1))
-    return {"device": runs[0]["device"], "model": runs[0]["model"], "block_tokens": args.block_tokens,
-            "first": runs[0]["variant"], "side_by_side": side_by_side, "variants": runs}
 
 
 def speed_of(args: argparse.Namespace, dtype: str, path: str) -> dict:
@@ -307,9 +290,6 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def plot_speed(result: dict, path: Path) -> None:
-    if "variants" in result:
-        plot_variants(result, path)
-        return
     rows = result["results"]
     with figure(path, (7, 4.5)) as ax:
         ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o",
@@ -338,22 +318,6 @@ def plot_speed(result: dict, path: Path) -> None:
         finish_axes(ax, result, "seconds per rerank", "")
 
 
-def plot_variants(result: dict, path: Path) -> None:
-    """Seconds per rerank of each (dtype, path) against documents, each point's speedup over the first variant."""
-    with figure(path, (7, 4.5)) as ax:
-        for run in result["variants"]:
-            rows = run["results"]
-            ax.plot([r["n_docs"] for r in rows], [r["blockrank_s"] for r in rows], marker="o", label=run["variant"])
-            if run is result["variants"][0]:
-                continue
-            for row in result["side_by_side"]:
-                entry = row.get(run["variant"])
-                if entry:
-                    ax.annotate(f"{entry['speedup_over_first']:.2f}x", (row["n_docs"], entry["blockrank_s"]),
-                                textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
-        finish_axes(ax, result, "seconds per rerank (BlockRank)", f": against {result['first']}")
-
-
 def finish_axes(ax: Any, result: dict, ylabel: str, title_suffix: str) -> None:
     """Log-log axes over documents, labels, the title (model and device) and the legend."""
     ax.set_xscale("log")
@@ -374,7 +338,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", default="auto", help="one or several of auto, packed, chunked (reranker.blockrank."
                    "ForwardPath); with --dtype, every combination")
     p.add_argument("--data", type=Path, default=SCIFACT)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="reranks per point (per round, side by side)")
+    p.add_argument("--rounds", type=int, default=3, help="side by side: alternating rounds over the variants")
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a point after this long")
     p.add_argument("--dense-budget-s", type=float, default=400.0, help="0: no full-attention baseline")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one variant's process (side_by_side)
+    p.add_argument("--out", type=Path, default=None, help="the JSON (required; a PNG is written beside it)")
