@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
 from common.device import Dtype, describe_device
+from common.fresh import rotations
 from common.plots import figures
 from reranker.batcher import prompt_tokens
-from reranker.bench.fresh import in_fresh_process, rotations
+from reranker.bench.fresh import in_fresh_process
 from reranker.bench.speed import QUERY, host_scores, merged_forward, plot_speed, speed_of, timed
 from reranker.blockrank import ForwardPath
 from reranker.engine import Reranker, RerankerConfig

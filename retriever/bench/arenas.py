@@ -15,11 +15,10 @@ import argparse
 import ctypes
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from common.fresh import json_from_child
 from common.procstats import ProcessStats
 
 
@@ -53,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=40)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "ARENAS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cycles < 10:
+        parser.error("--cycles: at least 10 (the course is sampled every 5 cycles; the growth needs two samples)")
     if args.child:
         print(json.dumps(run(args.child[0], int(args.child[1]), args.cycles)))
         return 0
     for mode, arenas in (("cycle", 0), ("cycle", 2), ("keep", 2)):
-        child = subprocess.run([sys.executable, "-m", "retriever.bench.arenas", "--cycles", str(args.cycles),
-                                "--child", mode, str(arenas)], capture_output=True, text=True, check=True)
-        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result = json_from_child(["-m", "retriever.bench.arenas", "--cycles", str(args.cycles), "--child", mode,
+                                  str(arenas)])
         first, last = result["course"][0], result["course"][-1]
         print(f"{mode:5s} arenas={result['malloc_arenas']!s:13s} RSS {first['rss_mib']} MiB after "
               f"{first['cycles']} cycles -> {last['rss_mib']} MiB after {last['cycles']} "

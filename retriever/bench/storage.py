@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
+from common.fresh import json_from_child
 from common.paths import REPO_ROOT, SCIFACT
 from common.plots import figures
 from common.types import Document
@@ -181,9 +180,7 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss, "documents": c.stats().docu
 
 def _restart(directory: Path) -> tuple[float, float]:
     """Load in a fresh process (imports included): the time to serving and the memory it holds then."""
-    out = subprocess.run([sys.executable, "-c", _RESTART, str(directory)], capture_output=True, text=True,
-                         check=True, cwd=REPO_ROOT)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json_from_child(["-c", _RESTART, str(directory)], cwd=REPO_ROOT)
     return float(result["seconds"]), float(result["rss_mb"])
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB
+from common.fresh import rotations
 from common.paths import SCIFACT
 from reranker.bench import variants
-from reranker.bench.fresh import rotations
 
 BLOCK_TOKENS = 32
 

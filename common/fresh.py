@@ -1,0 +1,26 @@
+"""Measurements in fresh processes (benchmarks only): for settings a process cannot take back (malloc's
+thresholds and arena count, carried by what the process already freed), for one model per process as a
+deployment runs it, and for start-up costs. The child prints its result as its last line of JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def json_from_child(argv: list[str], cwd: Path | None = None) -> dict[str, Any]:
+    """Run `python argv...` in a new interpreter; its last line of standard output, parsed. A failed child
+    raises with the tail of its standard error."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process failed ({done.returncode}): {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def rotations(items: list[Any], rounds: int) -> list[Any]:
+    """`rounds` passes over `items`, each starting one later: every item runs first, last and between alike, so
+    that drift on a shared machine falls on each alike."""
+    return [items[(start + i) % len(items)] for start in range(rounds) for i in range(len(items))]
