@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas(args.malloc_arenas)  # before torch starts its threads
     keep_freed_memory(args.malloc_keep_mb)
     if getattr(args, "child", False):  # one measuring process (reranker.bench.fresh): its line goes to the parent
-        print(json.dumps({"allocator": allocator.measure, "speed": variants.one_variant}[args.command](args)), flush=True)
+        measure = {"allocator": allocator.measure, "speed": variants.one_variant}[args.command]
+        print(json.dumps(measure(args)), flush=True)
         return 0
     if args.out is None:
         parser.error(f"{args.command}: --out is required")

@@ -111,8 +111,9 @@ def plot_variants(result: dict, path: Path) -> None:
             ax.bar(xs, medians, width, yerr=spread, capsize=3, label=name)
             for x, r in zip(xs, rows, strict=True):
                 low, high = r[name]["speedup_range"]
-                ax.annotate(f"{r[name]['speedup_over_first']:.2f}x\n({low:.2f}-{high:.2f})", (x, max(r[name]["rounds_s"])),
-                            textcoords="offset points", xytext=(0, 4), ha="center", va="bottom", fontsize=7)
+                ax.annotate(f"{r[name]['speedup_over_first']:.2f}x\n({low:.2f}-{high:.2f})",
+                            (x, max(r[name]["rounds_s"])), textcoords="offset points", xytext=(0, 4), ha="center",
+                            va="bottom", fontsize=7)
         ax.set_xticks(list(range(len(rows))), [f"{r['n_docs']} docs x {result['block_tokens']} tokens" for r in rows])
         ax.set_ylabel(f"seconds per rerank (BlockRank; against {result['first']})")
         ax.margins(y=0.2)
