@@ -121,7 +121,7 @@ bench-reranker: setup
 	$(PY) -m reranker.bench speed --n-docs 10,25,50,100,200,500 --block-tokens 160 --out bench-results/reranker_speed.json
 	$(PY) -m reranker.bench tenants --tenants 1,4,16 --out bench-results/reranker_tenants.json
 
-# The reranker's CPU dtypes and forward paths side by side (~20 minutes on 2 cores): fp32 and bf16, chunked and
+# The reranker's CPU dtypes and forward paths side by side (~25 minutes on 2 cores): fp32 and bf16, chunked and
 # the automatic path, 20 x 96-token and 100 x 160-token reranks; then one layer's projections in fp32, bf16 and
 # dynamic int8 on real inputs (time and error); batches, torch.compile, uneven documents, and glibc's adaptive
 # malloc thresholds against freed memory kept; JSON and PNG each.
