@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
-def json_from_child(argv: list[str], cwd: Path | None = None) -> dict[str, Any]:
-    """Run `python argv...` in a new interpreter; its last line of standard output, parsed. A failed child
-    raises with the tail of its standard error."""
-    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, cwd=cwd)
+def json_from_child(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python argv...` in a new interpreter (in `env`, default this one's); its last line of standard
+    output, parsed. A failed child raises with the tail of its standard error."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, cwd=cwd, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the measuring process failed ({done.returncode}): {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -3,7 +3,7 @@ imports this module, and matplotlib comes with the `[bench]` and `[train]` extra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,3 +46,9 @@ def figure(path: Path, size: tuple[float, float] = (7, 4)) -> Iterator[Any]:
     """One axes, saved to `path` on exit."""
     with figures(path, 1, size) as axes:
         yield axes[0]
+
+
+def range_whiskers(samples: Sequence[Sequence[float]], centres: Sequence[float]) -> list[list[float]]:
+    """matplotlib's `yerr` for bars at `centres` whose whiskers span each bar's samples, lowest to highest."""
+    return [[c - min(s) for s, c in zip(samples, centres, strict=True)],
+            [max(s) - c for s, c in zip(samples, centres, strict=True)]]

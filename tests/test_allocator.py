@@ -10,14 +10,13 @@ is free (~3,000 faults a cycle here), which is why the reranker runs with one.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB, keep_freed_memory
+from common.fresh import json_from_child
 
 BLOCK_MIB, BLOCKS, CYCLES = 6, 12, 20
 PAGES_PER_CYCLE = BLOCK_MIB * BLOCKS * 256  # 4 KiB pages touched by one cycle
@@ -47,9 +46,8 @@ print(json.dumps({{"applied": applied, "faults_per_cycle": per_cycle}}))
 def faults_per_cycle(keep_mb: int, arenas: int = 0, threaded: bool = False,
                      env: dict[str, str] | None = None) -> dict[str, float]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    done = subprocess.run([sys.executable, "-c", WORKLOAD, str(keep_mb), str(arenas), str(int(threaded))],
-                          capture_output=True, text=True, check=True, env={**clean, **(env or {})})
-    return dict(json.loads(done.stdout))
+    return json_from_child(["-c", WORKLOAD, str(keep_mb), str(arenas), str(int(threaded))],
+                           env={**clean, **(env or {})})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")

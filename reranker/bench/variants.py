@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from common.beir import iter_corpus
 from common.device import Dtype, describe_device
 from common.fresh import rotations
-from common.plots import figures
+from common.plots import figures, range_whiskers
 from reranker.batcher import prompt_tokens
 from reranker.bench.fresh import in_fresh_process
 from reranker.bench.speed import QUERY, host_scores, merged_forward, plot_speed, speed_of, timed
@@ -106,8 +106,7 @@ def plot_variants(result: dict, path: Path) -> None:
         for i, name in enumerate(names):
             xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))]
             medians = [r[name]["blockrank_s"] for r in rows]
-            spread = [[m - min(r[name]["rounds_s"]) for m, r in zip(medians, rows, strict=True)],
-                      [max(r[name]["rounds_s"]) - m for m, r in zip(medians, rows, strict=True)]]
+            spread = range_whiskers([r[name]["rounds_s"] for r in rows], medians)
             ax.bar(xs, medians, width, yerr=spread, capsize=3, label=name)
             for x, r in zip(xs, rows, strict=True):
                 low, high = r[name]["speedup_range"]

@@ -31,7 +31,7 @@ from common.beir import iter_corpus
 from common.files import write_result
 from common.fresh import json_from_child, rotations
 from common.paths import SCIFACT
-from common.plots import figures
+from common.plots import figures, range_whiskers
 
 WARMUP_DOCS, WARMUP_QUERIES = 64, 20
 MEASURES = ("docs_per_s", "faults_per_doc", "query_ms", "faults_per_query", "peak_rss_mib")
@@ -94,8 +94,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for ax, key, ylabel in ((ingest_ax, "docs_per_s", f"documents embedded per second ({result['docs']})"),
                                 (query_ax, "query_ms", "ms per one-text query")):
             medians = [r[key] for r in rows]
-            spread = [[m - min(r["rounds"][key]) for m, r in zip(medians, rows, strict=True)],
-                      [max(r["rounds"][key]) - m for m, r in zip(medians, rows, strict=True)]]
+            spread = range_whiskers([r["rounds"][key] for r in rows], medians)
             ax.bar(labels, medians, yerr=spread, capsize=4, color=["tab:gray", "tab:blue"][:len(rows)])
             ax.set_ylabel(ylabel)
 
