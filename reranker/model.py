@@ -106,8 +106,7 @@ def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
     the tokenizer and the weights, about 17 s of a 20 s load on 2 cores; the converted directory loads in ~2 s.
     Keyed by the file's content, so a changed file is converted again; written beside and renamed into place,
     so concurrent first loads never see half a directory."""
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
-    target = cache_root / f"{gguf.stem}-{digest}"
+    target = converted_directory(gguf, cache_root)
     _remove_abandoned(cache_root, target.name)
     if (target / "config.json").exists():
         return target
@@ -133,6 +132,11 @@ def converted_gguf(gguf: Path, cache_root: Path) -> Path | None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def converted_directory(gguf: Path, cache_root: Path) -> Path:
+    """Where `converted_gguf` keeps `gguf`'s conversion: keyed by the file's content."""
+    return cache_root / f"{gguf.stem}-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}"
 
 
 def _remove_abandoned(cache_root: Path, name: str) -> None:

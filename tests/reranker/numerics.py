@@ -19,6 +19,9 @@ import math
 from typing import Any
 
 import torch
+from transformers import AutoConfig
+
+from reranker.model import converted_directory, default_model_file, model_cache
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 LAMBDA = 6.0
@@ -38,6 +41,16 @@ TOP1_MARGIN = 2 * BF16_SCORE_REL_TOL
 def longest_inner_product(config: Any) -> int:
     """The most terms any one product of a decoder layer sums: the MLP's down projection, usually."""
     return max(int(config.hidden_size), int(config.intermediate_size))
+
+
+def bundled_model_config() -> Any:
+    """The bundled model's config without its weights: from the converted directory a reranker process has already
+    written (reranker.model.converted_gguf; config.json only), else from the GGUF's metadata (a few seconds)."""
+    gguf = default_model_file()
+    converted = converted_directory(gguf, cache) if (cache := model_cache()) else None
+    if converted is not None and (converted / "config.json").exists():
+        return AutoConfig.from_pretrained(converted)
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def fp32_bound(depth: int, inner: int) -> float:
