@@ -5,6 +5,7 @@ deployment runs it, and for start-up costs. The child prints its result as its l
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,11 @@ def rotations(items: list[Any], rounds: int) -> list[Any]:
     """`rounds` passes over `items`, each starting one later: every item runs first, last and between alike, so
     that drift on a shared machine falls on each alike."""
     return [items[(start + i) % len(items)] for start in range(rounds) for i in range(len(items))]
+
+
+def paired_speedup(first_s: list[float], other_s: list[float]) -> dict[str, Any]:
+    """Speed-up of `other` over `first`, from seconds measured in the same rounds (round i of each ran back to
+    back): the median of the rounds' ratios and their range. Pairing by round cancels the drift the rounds share,
+    which a ratio of the two medians would not."""
+    ratios = [a / b for a, b in zip(first_s, other_s, strict=True)]
+    return {"speedup_over_first": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)]}

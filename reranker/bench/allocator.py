@@ -4,9 +4,11 @@ memory kept for reuse (common.allocator.keep_freed_memory, the reranker service'
 The setting is process-wide and cannot be undone inside a process (glibc's adaptive thresholds carry what the
 process freed before), so every measurement is a fresh process: `python -m reranker.bench --malloc-keep-mb N
 allocator --child ...` loads the reranker, warms it up, and times `--reranks` reranks of one SciFact shortlist in
-one dedicated thread, as the service's batcher runs them, printing one JSON line. The settings alternate over
-`--rounds` rounds so that drift on a shared machine falls on each alike. Per setting and size: seconds per rerank
-(median over rounds), page faults per rerank, and the process's resident memory after its reranks and at its peak.
+one dedicated thread, as the service's batcher runs them, printing one JSON line. The processes run
+over `--rounds` rounds whose order rotates (common.fresh.rotations), so that drift on a shared machine falls on
+each setting alike. Per setting and size: seconds per rerank (median over rounds), page faults per rerank, the
+process's resident memory after its reranks and at its peak; each setting's speed-up over the first is the median
+of the rounds' paired ratios, with their range.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
+from common.fresh import paired_speedup, rotations
 from common.paths import SCIFACT
-from common.plots import figures
+from common.plots import figures, range_whiskers
 from common.procstats import ProcessStats
 from reranker.bench.batch import cpu_reranker, described
 from reranker.bench.fresh import in_fresh_process
@@ -53,8 +56,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",")]
     settings = [int(mb) for mb in args.keep_mb.split(",")]
     samples: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    steps = [(size, keep) for _ in range(args.rounds) for size in sizes for keep in settings]
-    for (n_docs, block), keep in tqdm(steps, desc="processes", unit="process"):
+    for (n_docs, block), keep in tqdm(rotations([(size, keep) for size in sizes for keep in settings], args.rounds),
+                                      desc="processes", unit="process"):
         samples.setdefault((n_docs, block, keep), []).append(child(args, n_docs, block, keep))
     rows = [summary(n_docs, block, settings, samples) for n_docs, block in sizes]
     for row in rows:
@@ -98,27 +101,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(n_docs: int, block: int, settings: list[int], samples: dict[tuple[int, int, int], list[dict[str, Any]]],
             ) -> dict[str, Any]:
-    """One size: per setting the medians over rounds, and each setting's speed-up over the first."""
+    """One size: per setting the medians over rounds; each setting's speed-up over the first, the median of the
+    rounds' ratios with their range (common.fresh.paired_speedup)."""
     row: dict[str, Any] = {"n_docs": n_docs, "block_tokens": block}
+    first_s = [r["s_per_rerank"] for r in samples[n_docs, block, settings[0]]]
     for keep in settings:
         runs = samples[n_docs, block, keep]
         row[f"keep_{keep}"] = {key: statistics.median(r[key] for r in runs)
                                for key in ("s_per_rerank", "faults_per_rerank", "rss_mib", "peak_rss_mib")}
-    first = row[f"keep_{settings[0]}"]["s_per_rerank"]
-    for keep in settings[1:]:
-        row[f"keep_{keep}"]["speedup_over_first"] = first / row[f"keep_{keep}"]["s_per_rerank"]
+        if keep != settings[0]:
+            row[f"keep_{keep}"] |= paired_speedup(first_s, [r["s_per_rerank"] for r in runs])
     return row
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     rows, settings = result["results"], result["settings_keep_mb"]
+    rounds_of = {(s["n_docs"], s["block_tokens"], s["keep_mb"]): s["runs"] for s in result["samples"]}
     label = {0: "glibc's adaptive thresholds"} | {k: f"{k} MiB freed kept" for k in settings if k}
-    with figures(path, 2, (11, 3.6), f"one CPU rerank, {result['dtype']}, {result['threads']} threads, "
-                 f"{result['rounds']} rounds of fresh processes") as (time_ax, fault_ax):
+    title = (f"one CPU rerank, {result['dtype']}, {result['threads']} threads, {result['rounds']} rotating rounds of "
+             "fresh processes (whiskers: their range)")
+    with figures(path, 2, (11, 3.6), title) as (time_ax, fault_ax):
         width = 0.8 / len(settings)
         for i, keep in enumerate(settings):
             xs = [x + (i - (len(settings) - 1) / 2) * width for x in range(len(rows))]
-            time_ax.bar(xs, [r[f"keep_{keep}"]["s_per_rerank"] for r in rows], width, label=label[keep])
+            medians = [r[f"keep_{keep}"]["s_per_rerank"] for r in rows]
+            rounds = [[run["s_per_rerank"] for run in rounds_of[r["n_docs"], r["block_tokens"], keep]] for r in rows]
+            time_ax.bar(xs, medians, width, yerr=range_whiskers(rounds, medians), capsize=3, label=label[keep])
             fault_ax.bar(xs, [r[f"keep_{keep}"]["faults_per_rerank"] for r in rows], width, label=label[keep])
         names = [f"{r['n_docs']} x {r['block_tokens']} tokens" for r in rows]
         for ax, ylabel in ((time_ax, "seconds per rerank (median)"), (fault_ax, "page faults per rerank")):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
 from common.device import Dtype, describe_device
-from common.fresh import rotations
+from common.fresh import paired_speedup, rotations
 from common.plots import figures, range_whiskers
 from reranker.batcher import prompt_tokens
 from reranker.bench.fresh import in_fresh_process
@@ -52,10 +52,9 @@ def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str]]) -> dic
         entry: dict = {"n_docs": row["n_docs"], "tokens": row["tokens"]}
         for combo in combos:
             seconds = [run["results"][i]["blockrank_s"] for run in runs[combo]]
-            ratios = [run["results"][i]["blockrank_s"] / s for run, s in zip(first, seconds, strict=True)]
+            first_s = [run["results"][i]["blockrank_s"] for run in first]
             entry[runs[combo][0]["variant"]] = {"blockrank_s": statistics.median(seconds), "rounds_s": seconds,
-                                                "speedup_over_first": statistics.median(ratios),
-                                                "speedup_range": [min(ratios), max(ratios)]}
+                                                **paired_speedup(first_s, seconds)}
         rows.append(entry)
     tqdm.write(json.dumps(rows, indent=1))
     return {"device": first[0]["device"], "model": first[0]["model"], "block_tokens": args.block_tokens,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB
-from common.fresh import rotations
+from common.fresh import paired_speedup, rotations
 from common.paths import SCIFACT
-from reranker.bench import variants
+from reranker.bench import allocator, variants
 
 BLOCK_TOKENS = 32
 
@@ -27,6 +27,26 @@ def bench_args(tmp_path: Path, **overrides: object) -> argparse.Namespace:
 def test_rounds_rotate_so_each_variant_runs_first_and_last() -> None:
     assert rotations(["a", "b", "c"], 3) == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert rotations(["a", "b"], 1) == ["a", "b"]
+
+
+def test_speedup_pairs_rounds_so_shared_drift_cancels() -> None:
+    # Round 2 ran on a machine twice as slow for both settings, and its ratio is 2.0 like round 1's; the ratio of
+    # the two medians (3.0 over 1.0) mixes rounds and reads 3.0, the one outlying round's figure.
+    first, other = [2.0, 4.0, 3.0], [1.0, 2.0, 1.0]
+    assert paired_speedup(first, other) == {"speedup_over_first": 2.0, "speedup_range": [2.0, 3.0]}
+    assert statistics.median(first) / statistics.median(other) == 3.0
+    with pytest.raises(ValueError):
+        paired_speedup(first, other[:2])  # rounds that do not pair are an error, not a silent truncation
+
+
+def test_allocator_summary_pairs_each_setting_with_the_first_by_round() -> None:
+    def run(seconds: float) -> dict[str, float]:
+        return {"s_per_rerank": seconds, "faults_per_rerank": 0.0, "rss_mib": 1.0, "peak_rss_mib": 2.0}
+
+    samples = {(20, 96, 0): [run(2.0), run(4.0), run(3.0)], (20, 96, 256): [run(1.0), run(2.0), run(1.0)]}
+    row = allocator.summary(20, 96, [0, 256], samples)
+    assert row["keep_0"]["s_per_rerank"] == 3.0 and "speedup_over_first" not in row["keep_0"]
+    assert row["keep_256"]["speedup_over_first"] == 2.0 and row["keep_256"]["speedup_range"] == [2.0, 3.0]
 
 
 def test_one_variant_times_each_size_on_its_path(tmp_path: Path) -> None:
