@@ -4,18 +4,15 @@ Who sees what (Gupta et al., 2025):
     prefix tokens   -> prefix (causal)
     document i      -> whole prefix + document i (causal)
     final segment   -> everything before it + itself (causal)
-Position ids: prefix 0..L0-1; every document restarts at L0; the final segment
-starts at L0 + block_tokens. Documents therefore never see each other, so all
-documents of all requests run as one batch of shape (docs, T) through the
-projections and MLPs; attention is computed per part and joined in one
-softmax: the prefix K/V are read in place (no copy per document), scores over
-[prefix | own block] are concatenated and normalised together.
+Position ids: prefix 0..L0-1; every document restarts at L0; the final segment starts at L0 + block_tokens.
+Documents therefore never see each other, so all documents of all requests run as one batch of shape (docs, T)
+through the projections and MLPs; attention is computed per part and joined in one softmax: the prefix K/V are
+read in place (no copy per document), scores over [prefix | own block] are concatenated and normalised together.
 
-Relevance: at the scoring layer l*, the last `signal_tokens` tokens of the final
-segment attend over all document tokens (softmax over document tokens only);
-a document's score is the attention mass on its tokens, averaged over the chosen
-heads and signal tokens. The forward stops there: layers after l* never run,
-and at l* only the documents' K and the signal tokens' Q are computed.
+Relevance: at the scoring layer l*, the last `signal_tokens` tokens of the final segment attend over all document
+tokens (softmax over document tokens only); a document's score is the attention mass on its tokens, averaged over
+the chosen heads and signal tokens. The forward stops there: layers after l* never run, and at l* only the
+documents' K and the signal tokens' Q are computed.
 """
 
 from __future__ import annotations
@@ -39,9 +36,10 @@ from reranker.docbatch import DocBatch, pad_docs, segments_in
 from reranker.forward_context import FusedWeights, SharedEntries, SharedPrefix
 from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
-from reranker.packed import ForwardPath, cpu_packed_groups, fits_cpu_packed
+from reranker.packed import ForwardPath, cpu_packed_groups, cpu_packed_limit, fits_cpu_packed
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
+from reranker.rowops import EAGER, RowOps
 
 # One layer's input hidden states as captured for tests and training: per-prompt prefixes, the (docs, T, D)
 # document batch, per-prompt final segments.
@@ -64,7 +62,7 @@ class BlockRankForward:
     """
 
     def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None,
-                 path: ForwardPath | str = ForwardPath.AUTO, cuda_graphs: int = 32) -> None:
+                 path: ForwardPath | str = ForwardPath.AUTO, cuda_graphs: int = 32, row_ops: RowOps = EAGER) -> None:
         self.model = model
         self.decoder: HFModule = model.model
         cfg = model.config
@@ -84,9 +82,11 @@ class BlockRankForward:
         self.chunk_tokens = 1 << 16 if on_gpu else 2048
         # The packed path's row-wise work (norms, projections, MLP) in chunks of rows, for the same reason.
         self.packed_chunk_rows = 0 if on_gpu else 2048
+        self.ops = row_ops  # the packed path's norms, RoPE, SiLU·up: eager, or compiled on a CPU (reranker.rowops)
         # On a CPU the packed rows hold only the documents' real tokens (reranker.packed; CACM's are half padding).
         # A GPU keeps them padded: its CUDA graphs are keyed by the batch's shape, which ragged rows would multiply.
         self.ragged_docs = not on_gpu
+        self.cpu_packed_bytes = cpu_packed_limit(self.element_size)  # CPU: rows x bytes the automatic path packs
         self.prefix_cache = prefix_cache
         # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
         self.graphs = PackedGraphs(cuda_graphs)
@@ -101,7 +101,7 @@ class BlockRankForward:
         """Whether an inference batch of these prompts takes the packed path (ForwardPath)."""
         if self.path is not ForwardPath.AUTO:
             return self.path is ForwardPath.PACKED
-        return self.device.type == "cuda" or fits_cpu_packed(prompts, self.element_size)
+        return self.device.type == "cuda" or fits_cpu_packed(prompts, self.element_size, self.cpu_packed_bytes)
 
     @property
     def element_size(self) -> int:
@@ -151,7 +151,7 @@ class BlockRankForward:
         if in_place and self.runs_packed(prompts):
             return self.graphs.run(self, prompts, routes, block_tokens, score_layers, last_layer)
         if in_place and self.path is ForwardPath.AUTO and len(prompts) > 1:  # a CPU batch past the packed limit
-            return [mass for g in cpu_packed_groups(prompts, self.element_size)
+            return [mass for g in cpu_packed_groups(prompts, self.element_size, self.cpu_packed_bytes)
                     for mass in self._run(prompts[g], routes[g], block_tokens[g], score_layers[g], last_layer)]
         docs = pad_docs(prompts, self.device)
         state = self._embed(prompts, docs, block_tokens, routes, use_cache=in_place)

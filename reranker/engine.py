@@ -30,10 +30,11 @@ from reranker.calibration import CALIBRATION, CALIBRATION_BLOCK_TOKENS
 from reranker.equivalence import EquivalenceChecker
 from reranker.errors import RerankInputError
 from reranker.model import LoadedModel, load_model
-from reranker.packed import CPU_PACKED_MAX_ROW_BYTES, ForwardPath
+from reranker.packed import ForwardPath
 from reranker.prompt import Prompt, PromptBuilders
 from reranker.ranking import RankedResult, fuse, rank_scores
 from reranker.routing import SharedPrefixCache
+from reranker.rowops import CompileSetting, row_ops_for
 from reranker.tenants import (
     DEFAULT_TENANT,
     EquivalenceMode,
@@ -78,6 +79,9 @@ class RerankerConfig:
     tenant_budget_mb: int = 512
     prefix_cache_mb: int = 32  # the shared instruction prefix's K/V per chain
     cuda_graphs: int = 32  # on a GPU, batch shapes kept as CUDA graphs (reranker.graphs); 0: always eager
+    # On a CPU, the forward's norms, RoPE and SiLU·up compiled into fused kernels at start-up (reranker.rowops;
+    # needs a C++ compiler): auto = bf16 on a CPU with AMX, on = any CPU, off = eager
+    cpu_compile: CompileSetting = CompileSetting.AUTO
     equivalence: EquivalenceMode = EquivalenceMode.BACKGROUND  # when loaded blocks are checked for substitution
     equivalence_max_error: float = 1e-3
 
@@ -107,7 +111,8 @@ class Reranker:
         self.config = config
         self.lm = loaded or load_model(config.model, config.device, config.dtype, cache=config.model_cache)
         self.prefix_cache = SharedPrefixCache(config.prefix_cache_mb << 20)
-        self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs)
+        self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs,
+                                        row_ops=row_ops_for(config.cpu_compile, self.lm.model))
         self.forward_lock = threading.Lock()
         self.builders = PromptBuilders(self.lm.tokenizer, config.max_query_tokens)
         self.tenants = self._registry()
@@ -154,7 +159,7 @@ class Reranker:
         largest batches."""
         forward = self.forward
         if forward.device.type == "cpu" and forward.path is ForwardPath.AUTO:
-            return CPU_PACKED_MAX_ROW_BYTES // forward.element_size
+            return forward.cpu_packed_bytes // forward.element_size
         return LARGE_BATCH_TOKENS
 
     # ---- ranking -------------------------------------------------------------

@@ -15,6 +15,7 @@ from reranker.attention import Rope
 from reranker.model import HFModule
 from reranker.prompt import Prompt
 from reranker.routing import FusedLinear, LayerDeltas, Route
+from reranker.rowops import RowOps
 
 SharedEntries = dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]]  # (chain key, tokens) -> (k, v, out)
 
@@ -59,6 +60,7 @@ class ForwardContext(Protocol):
     head_dim: int
     scale: float
     fused: FusedWeights
+    ops: RowOps  # the element-wise work on rows (RMSNorm, RoPE, SiLU·up): eager, or compiled on a CPU
     packed_chunk_rows: int  # rows per row-wise step (norms, projections, MLP); 0: all rows at once
     ragged_docs: bool  # documents' real tokens only in the packed rows (padding only inside attention)
 

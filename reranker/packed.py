@@ -23,6 +23,7 @@ from enum import StrEnum
 
 import torch
 
+from common.device import cpu_has_amx
 from reranker import kernels
 from reranker.attention import Rope, attend_docs_fused, attend_prefix, attend_rows, attention_mass, key_bias
 from reranker.docbatch import pad_docs, segments_in
@@ -38,16 +39,24 @@ class ForwardPath(StrEnum):
     caches; beyond that the chunked path's cache-sized chunks are faster on a CPU (`python -m reranker.bench
     speed --path chunked,packed`). Training, captures and traces always run chunked."""
 
-    AUTO = "auto"  # CUDA: packed; CPU: packed in groups of prompts whose rows fit CPU_PACKED_MAX_ROW_BYTES; a
-    # prompt past it alone: chunked
+    AUTO = "auto"  # CUDA: packed; CPU: packed in groups of prompts whose rows fit cpu_packed_limit; a prompt
+    # past it alone: chunked
     PACKED = "packed"
     CHUNKED = "chunked"
 
 
 # The CPU crossover between the two paths, in packed rows (prefix + documents padded to one width + final) times
 # the bytes of one element: measured on 2 cores with 96- and 160-token blocks, packed is the faster up to ~4K rows
-# in fp32 and ~8K in bf16 (about even at 16K), the same bytes (docs/benchmarks.md#cpu-forward-paths).
+# in fp32 and ~8K in bf16 (about even at 16K), the same bytes (docs/benchmarks.md#cpu-forward-paths). With AMX,
+# whose bf16 matrix products leave the rest of the forward the larger share, bf16's packed path is still 1.45x
+# the chunked one at 16K rows (100 x 160 tokens), so its limit there is 16K bf16 rows.
 CPU_PACKED_MAX_ROW_BYTES = 4096 * 4
+CPU_PACKED_MAX_ROW_BYTES_AMX_BF16 = 16384 * 2
+
+
+def cpu_packed_limit(element_size: int) -> int:
+    """This CPU's packed limit in row bytes for a model of this element size (2: bf16)."""
+    return CPU_PACKED_MAX_ROW_BYTES_AMX_BF16 if element_size == 2 and cpu_has_amx() else CPU_PACKED_MAX_ROW_BYTES
 
 
 def packed_rows(prompts: Sequence[Prompt]) -> int:
@@ -56,12 +65,12 @@ def packed_rows(prompts: Sequence[Prompt]) -> int:
     return sum(len(p.prefix) + len(p.final) + sum(map(len, p.docs)) for p in prompts)
 
 
-def fits_cpu_packed(prompts: Sequence[Prompt], element_size: int) -> bool:
-    """Whether these prompts' packed rows stay within the CPU's packed limit (CPU_PACKED_MAX_ROW_BYTES)."""
-    return packed_rows(prompts) * element_size <= CPU_PACKED_MAX_ROW_BYTES
+def fits_cpu_packed(prompts: Sequence[Prompt], element_size: int, limit_bytes: int) -> bool:
+    """Whether these prompts' packed rows stay within the CPU's packed limit (cpu_packed_limit)."""
+    return packed_rows(prompts) * element_size <= limit_bytes
 
 
-def cpu_packed_groups(prompts: Sequence[Prompt], element_size: int) -> list[slice]:
+def cpu_packed_groups(prompts: Sequence[Prompt], element_size: int, limit_bytes: int) -> list[slice]:
     """Consecutive prompts in groups that each fit the CPU's packed limit (a prompt past it alone): a CPU batch
     larger than the limit runs as several packed forwards, which beat one chunked forward over all of it (eight
     queries of 20 SciFact documents in bf16: 0.72 s a query as two packed forwards of four, 0.93 s as one chunked
@@ -70,7 +79,7 @@ def cpu_packed_groups(prompts: Sequence[Prompt], element_size: int) -> list[slic
     groups: list[slice] = []
     start = 0
     for end in range(2, len(prompts) + 1):
-        if not fits_cpu_packed(prompts[start:end], element_size):
+        if not fits_cpu_packed(prompts[start:end], element_size, limit_bytes):
             groups.append(slice(start, end - 1))
             start = end - 1
     return [*groups, slice(start, len(prompts))]
@@ -109,9 +118,9 @@ class Packed:
         return self.ids, self.positions, self.valid, self.scored
 
 
-def rms_norm(norm: HFModule, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm as one fused kernel (its HF forward is seven)."""
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+def rms_norm(fw: ForwardContext, norm: HFModule, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one kernel (its HF forward is seven): torch's, or compiled (reranker.rowops)."""
+    return fw.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def run_packed(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
@@ -172,7 +181,7 @@ def _finish_rows(fw: ForwardContext, layer: HFModule, hidden: torch.Tensor, atte
                  segments: Sequence[Segment]) -> None:
     """Rows of one chunk after attention, in place: o_proj and residual, RMSNorm, the gated MLP and residual."""
     _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", attended, segments)
-    x = rms_norm(layer.post_attention_layernorm, hidden)
+    x = rms_norm(fw, layer.post_attention_layernorm, hidden)
     gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
     up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
     _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", _activate(fw, layer.mlp.act_fn, gate, up), segments)
@@ -204,8 +213,8 @@ def _qkv(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torch.Ten
 def _qkv_rows(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torch.Tensor, rope: Rope,
               segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's q|k (rows, heads + kv, hd) with RoPE applied, and its v (rows, kv, hd)."""
-    x = rms_norm(layer.input_layernorm, hidden)
-    rotated = kernels.rope(qk(x, segments).view(-1, fw.n_heads + fw.n_kv, fw.head_dim), *rope)
+    x = rms_norm(fw, layer.input_layernorm, hidden)
+    rotated = fw.ops.rope(qk(x, segments).view(-1, fw.n_heads + fw.n_kv, fw.head_dim), *rope)
     v = project(layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
     return rotated, v
 
@@ -213,7 +222,7 @@ def _qkv_rows(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torc
 def _activate(fw: ForwardContext, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's act_fn(gate) * up, one fused kernel for SiLU (Llama, Mistral, Qwen2)."""
     silu = getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
-    return kernels.silu_mul(gate, up) if silu else act_fn(gate) * up
+    return fw.ops.silu_mul(gate, up) if silu else act_fn(gate) * up
 
 
 def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,

@@ -1,7 +1,7 @@
 """Batches on a CPU: one chunked forward over the whole batch against packed forwards over groups that fit.
 
 The batcher hands the reranker several requests at once. On a CPU the packed forward (reranker.packed) is the
-faster while a batch's rows fit the caches (CPU_PACKED_MAX_ROW_BYTES); past that the automatic path runs the
+faster while a batch's rows fit the caches (reranker.packed.cpu_packed_limit); past that the automatic path runs the
 batch as several packed forwards of consecutive prompts that fit (cpu_packed_groups), where it used to run one
 chunked forward over all of it. This times both on the same reranker, the same prompts (one SciFact query with
 `--n-docs` corpus documents each) and the same process, alternating in `--rounds` rounds so that drift on a
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in sizes:
         chunked, grouped = (statistics.median(seconds[n, p]) for p in PATHS)
         difference = max_difference(scores[n, PATHS[0]], scores[n, PATHS[1]])
-        groups = cpu_packed_groups(prompts[:n], reranker.forward.element_size)
+        forward = reranker.forward
+        groups = cpu_packed_groups(prompts[:n], forward.element_size, forward.cpu_packed_bytes)
         rows.append({"batch": n, "packed_groups": len(groups), "chunked_s_per_query": chunked,
                      "auto_s_per_query": grouped, "auto_speedup": chunked / grouped,
                      "max_score_difference": difference})

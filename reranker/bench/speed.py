@@ -57,6 +57,7 @@ from reranker.model import HFModule
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
 from reranker.reference import full_causal_ids
 from reranker.routing import SharedPrefixCache
+from reranker.rowops import CompileSetting
 from reranker.tenants import TenantHandle
 
 QUERY = "Which genetic factors increase the risk of type 2 diabetes?"  # a SciFact-like question, every size
@@ -87,10 +88,23 @@ def predict_quadratic(points: list[tuple[int, float]], n: int) -> float:
     return t0 * (n / n0) ** 2
 
 
-def speed_of(args: argparse.Namespace, dtype: str, path: str) -> dict:
+def bench_reranker(args: argparse.Namespace, dtype: str, path: str, cpu_compile: str) -> Reranker:
+    """The reranker a speed measurement times: --model, --device, --block-tokens; this dtype, path and setting of
+    the compiled CPU row ops."""
     reranker = Reranker(RerankerConfig(model=args.model, device=args.device, dtype=Dtype(dtype),
-                                       block_tokens=args.block_tokens))
+                                       block_tokens=args.block_tokens, cpu_compile=CompileSetting(cpu_compile)))
     reranker.forward.path = ForwardPath(path)
+    return reranker
+
+
+def variant_name(reranker: Reranker, path: str) -> str:
+    """A variant as measured: its dtype, path, and whether its CPU row ops were compiled."""
+    compiled = ", compiled row ops" if reranker.forward.ops.compiled else ""
+    return f"{str(reranker.lm.dtype).removeprefix('torch.')} {path}{compiled}"
+
+
+def speed_of(args: argparse.Namespace, dtype: str, path: str, cpu_compile: str = "auto") -> dict:
+    reranker = bench_reranker(args, dtype, path, cpu_compile)
     handle = reranker.handle()
     merged = merged_forward(reranker)
     corpus = [(d.title, d.text) for d in itertools.islice(iter_corpus(args.data), 2000)]
@@ -109,7 +123,7 @@ def speed_of(args: argparse.Namespace, dtype: str, path: str) -> dict:
         "weights": "adapter merged into a copy of the model, both sides" if merged is not reranker.forward
         else "the base model, both sides",
         "dtype": str(reranker.lm.dtype), "block_tokens": args.block_tokens,
-        "variant": f"{str(reranker.lm.dtype).removeprefix('torch.')} {path}",
+        "variant": variant_name(reranker, path),
         "scoring_layer": handle.settings.spec.layer, "num_layers": reranker.forward.num_layers,
         "threads": torch.get_num_threads(), "blockrank_path": path,  # each row: the path its size took
         "cuda_graph_captures": merged.graphs.captures + reranker.forward.graphs.captures,
@@ -130,7 +144,8 @@ def merged_forward(reranker: Reranker) -> BlockRankForward:
 
     model = merge_adapter(copy.deepcopy(reranker.lm.model), reranker.adapter)
     return BlockRankForward(model, SharedPrefixCache(reranker.config.prefix_cache_mb << 20),
-                            path=reranker.forward.path, cuda_graphs=reranker.config.cuda_graphs)
+                            path=reranker.forward.path, cuda_graphs=reranker.config.cuda_graphs,
+                            row_ops=reranker.forward.ops)
 
 
 def host_scores(forward: BlockRankForward, prompt: Prompt, spec: ScoringSpec) -> list[list[float]]:
@@ -337,6 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "each is run, side by side)")
     p.add_argument("--path", default="auto", help="one or several of auto, packed, chunked (reranker.blockrank."
                    "ForwardPath); with --dtype, every combination")
+    p.add_argument("--cpu-compile", default="auto", help="one or several of auto, on, off (the reranker's "
+                   "--cpu-compile: compiled row ops on a CPU); with --dtype and --path, every combination")
     p.add_argument("--data", type=Path, default=SCIFACT)
     p.add_argument("--repeats", type=int, default=3, help="reranks per point (per round, side by side)")
     p.add_argument("--rounds", type=int, default=3, help="side by side: alternating rounds over the variants")

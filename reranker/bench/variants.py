@@ -17,33 +17,41 @@ import torch
 from tqdm.auto import tqdm
 
 from common.beir import iter_corpus
-from common.device import Dtype, describe_device
+from common.device import describe_device
 from common.fresh import paired_speedup, rotations
 from common.plots import figures, range_whiskers
 from reranker.batcher import prompt_tokens
 from reranker.bench.fresh import in_fresh_process
-from reranker.bench.speed import QUERY, host_scores, merged_forward, plot_speed, speed_of, timed
-from reranker.blockrank import ForwardPath
-from reranker.engine import Reranker, RerankerConfig
+from reranker.bench.speed import (
+    QUERY,
+    bench_reranker,
+    host_scores,
+    merged_forward,
+    plot_speed,
+    speed_of,
+    timed,
+    variant_name,
+)
 
 
 def run(args: argparse.Namespace) -> dict:
     """One (dtype, path) asked for: its run (reranker.bench.speed). Several: side by side."""
-    variants = [(dtype, path) for dtype in args.dtype.split(",") for path in args.path.split(",")]
+    variants = list(itertools.product(args.dtype.split(","), args.path.split(","), args.cpu_compile.split(",")))
     if len(variants) == 1:
         return speed_of(args, *variants[0])
     return side_by_side(args, variants)
 
 
-def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str]]) -> dict:
+def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str, str]]) -> dict:
     """Every (dtype, path) timed in fresh processes, one per variant and round (reranker.bench.fresh: a deployment
     runs one dtype per process), over `--rounds` rounds whose order rotates, so that drift on a shared machine
     falls on each alike. Per variant and size: the median of its rounds; per size, each variant's speed-up over
     the first: the median of the rounds' ratios (a round's processes ran back to back), with their range."""
-    runs: dict[tuple[str, str], list[dict]] = {combo: [] for combo in combos}
-    for dtype, path in tqdm(rotations(combos, args.rounds), desc="processes", unit="process"):
-        runs[dtype, path].append(in_fresh_process(args, "speed", [
-            "--device", args.device, "--dtype", dtype, "--path", path, "--data", str(args.data), "--n-docs",
+    runs: dict[tuple[str, str, str], list[dict]] = {combo: [] for combo in combos}
+    for dtype, path, cpu_compile in tqdm(rotations(combos, args.rounds), desc="processes", unit="process"):
+        runs[dtype, path, cpu_compile].append(in_fresh_process(args, "speed", [
+            "--device", args.device, "--dtype", dtype, "--path", path, "--cpu-compile", cpu_compile, "--data",
+            str(args.data), "--n-docs",
             args.n_docs, "--block-tokens", str(args.block_tokens), "--repeats", str(args.repeats), "--budget-s",
             str(args.budget_s)] + (["--model", args.model] if args.model else [])))
     first = runs[combos[0]]
@@ -68,9 +76,7 @@ def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str]]) -> dic
 def one_variant(args: argparse.Namespace) -> dict:
     """A side-by-side run's measurement in its own process (--child): BlockRank only, adapter merged, each size
     warmed up once (its kernels) and then timed."""
-    reranker = Reranker(RerankerConfig(model=args.model, device=args.device, dtype=Dtype(args.dtype),
-                                       block_tokens=args.block_tokens))
-    reranker.forward.path = ForwardPath(args.path)
+    reranker = bench_reranker(args, args.dtype, args.path, args.cpu_compile)
     handle = reranker.handle()
     merged = merged_forward(reranker)
     sizes = [int(n) for n in args.n_docs.split(",")]
@@ -83,7 +89,7 @@ def one_variant(args: argparse.Namespace) -> dict:
         rows.append({"n_docs": n, "tokens": prompt_tokens(prompt), "blockrank_s": seconds,
                      "path": "packed" if merged.runs_packed([prompt]) else "chunked"})
     return {"device": describe_device(reranker.lm.device), "model": handle.settings.model_name,
-            "dtype": str(reranker.lm.dtype), "variant": f"{str(reranker.lm.dtype).removeprefix('torch.')} {args.path}",
+            "dtype": str(reranker.lm.dtype), "variant": variant_name(reranker, args.path),
             "threads": torch.get_num_threads(), "results": rows}
 
 

@@ -80,8 +80,8 @@ def test_packed_path_equals_chunked_path_across_tenants_and_the_prefix_cache(tmp
         forward.path, forward.packed_chunk_rows, forward.ragged_docs = ForwardPath.AUTO, 2048, True
         assert r.batch_tokens == packed.CPU_PACKED_MAX_ROW_BYTES // 4  # the batcher's default cap: one fp32 group
         # A limit that the last two prompts fit together and the first two do not: groups [0] and [1, 2].
-        monkeypatch.setattr(packed, "CPU_PACKED_MAX_ROW_BYTES", packed.packed_rows(prompts[1:]) * 4)
-        assert packed.cpu_packed_groups(prompts, 4) == [slice(0, 1), slice(1, 3)]
+        forward.cpu_packed_bytes = packed.packed_rows(prompts[1:]) * 4
+        assert packed.cpu_packed_groups(prompts, 4, forward.cpu_packed_bytes) == [slice(0, 1), slice(1, 3)]
         with torch.inference_mode():
             results[ForwardPath.AUTO, 2048, True] = forward._run(prompts, routes, [BLOCK] * 3, [[3, 9]] * 3, 9)
         assert r.prefix_cache.hits > 0  # the second and third prompts' instruction came from the cache

@@ -1,0 +1,127 @@
+"""reranker.rowops: the packed forward's norms, RoPE and SiLU·up compiled into fused CPU kernels (torch.compile),
+held to arithmetic bounds against float64, compiled once for any row count, chosen only where asked for and
+where they pay, and eager again when the compile fails."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common.device import Dtype
+from reranker import rowops
+from reranker.blockrank import BlockRankForward, ForwardPath, ScoringSpec
+from reranker.model import load_model
+from reranker.prompt import PromptBuilder, PromptLimits
+from reranker.rowops import EAGER, CompileSetting, RowOps, row_ops_for, warm_up
+from tests.conftest import FIXTURE_DOCS
+from tests.reranker.numerics import fp32_bound, longest_inner_product, relative_error, scores_bound
+
+WIDTH, INTERMEDIATE, HEADS, HEAD_DIM = 64, 160, 6, 16
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # 8 significant bits
+
+
+@pytest.fixture(scope="module")
+def compiled() -> RowOps:
+    ops = rowops.compiled_row_ops()
+    warm_up(ops, WIDTH, INTERMEDIATE, HEADS, HEAD_DIM, torch.float32)
+    warm_up(ops, WIDTH, INTERMEDIATE, HEADS, HEAD_DIM, torch.bfloat16)
+    return ops
+
+
+def inputs(rows: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each op's arguments: hidden states with a few large channels (as a model's are), q|k heads and RoPE's
+    cos and sin (the sin's first half negated), the MLP's gate and up."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, WIDTH, generator=generator)
+    x[:, :3] *= 50
+    angles = torch.rand(rows, 1, HEAD_DIM, generator=generator) * 6.28
+    sin = angles.sin()
+    sin[..., :HEAD_DIM // 2] *= -1
+    return {"rms_norm": (x.to(dtype), (torch.rand(WIDTH, generator=generator) + 0.5).to(dtype), 1e-5),
+            "rope": (torch.randn(rows, HEADS, HEAD_DIM, generator=generator).to(dtype), angles.cos().to(dtype),
+                     sin.to(dtype)),
+            "silu_mul": (torch.randn(rows, INTERMEDIATE, generator=generator).to(dtype) * 4,
+                         torch.randn(rows, INTERMEDIATE, generator=generator).to(dtype))}
+
+
+def in_float64(name: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The op's exact result (float64 arithmetic on the same inputs) through the eager torch expression."""
+    wide = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+    if name == "rms_norm":
+        return rowops.rms_norm_float(*wide)
+    return getattr(EAGER, name)(*wide)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 37, 2048])
+def test_compiled_ops_are_within_rounding_of_exact_arithmetic(compiled: RowOps, rows: int,
+                                                              dtype: torch.dtype) -> None:
+    # fp32: one layer's bound of the fp32 error model (tests/reranker/numerics.py) for the longest sum here (the
+    # norm's mean of WIDTH squares). bf16: the compiled loop computes in fp32 and rounds to bf16 at most twice
+    # (RMSNorm's normalised value, then its product with the weight, as the Llama family does): (1 + u)^2 - 1.
+    bound = fp32_bound(1, WIDTH) if dtype == torch.float32 else (1 + BF16_UNIT_ROUNDOFF) ** 2 - 1
+    with torch.inference_mode():
+        for name, args in inputs(rows, dtype).items():
+            got = getattr(compiled, name)(*args)
+            assert got.dtype == dtype and got.shape == args[0].shape
+            assert relative_error(got, in_float64(name, args)) <= bound, name
+
+
+def test_one_compile_serves_every_row_count(compiled: RowOps) -> None:
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    with torch.inference_mode():
+        for rows in (2, 5, 100, 513, 2048, 3001):
+            for name, args in inputs(rows, torch.bfloat16).items():
+                getattr(compiled, name)(*args)
+    assert counters["unique_graphs"] == before, "a new row count compiled again"
+
+
+@pytest.mark.parametrize(("setting", "device", "dtype", "amx", "compiler", "expected"), [
+    (CompileSetting.AUTO, "cpu", torch.bfloat16, True, True, True),
+    (CompileSetting.AUTO, "cpu", torch.bfloat16, False, True, False),  # AVX-512 without AMX: not worth it
+    (CompileSetting.AUTO, "cpu", torch.bfloat16, True, False, False),  # no C++ compiler: eager
+    (CompileSetting.AUTO, "cpu", torch.float32, True, True, False),  # fp32: the matrix products dominate
+    (CompileSetting.ON, "cpu", torch.float32, False, False, True),
+    (CompileSetting.OFF, "cpu", torch.bfloat16, True, True, False),
+    (CompileSetting.ON, "cuda", torch.bfloat16, True, True, False),  # GPUs run the Triton kernels
+])
+def test_compiled_only_where_asked_for_and_where_it_pays(monkeypatch: pytest.MonkeyPatch, setting: CompileSetting,
+                                                         device: str, dtype: torch.dtype, amx: bool, compiler: bool,
+                                                         expected: bool) -> None:
+    monkeypatch.setattr(rowops, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(rowops, "compiler_available", lambda: compiler)
+    assert rowops.wanted(setting, torch.device(device), dtype) is expected
+
+
+def test_a_failed_compile_runs_eager_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_: object) -> torch.Tensor:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(rowops, "compiled_row_ops", lambda: RowOps(broken, broken, broken, compiled=True))
+    model = torch.nn.Linear(WIDTH, WIDTH)
+    model.config = SimpleNamespace(hidden_size=WIDTH, intermediate_size=INTERMEDIATE, num_attention_heads=4,
+                                   num_key_value_heads=2, rms_norm_eps=1e-5)
+    with caplog.at_level(logging.WARNING, logger="reranker.rowops"):
+        assert row_ops_for(CompileSetting.ON, model) is EAGER
+    assert "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text
+
+
+def test_a_packed_forward_with_compiled_ops_gives_the_eager_scores() -> None:
+    """The whole forward in fp32: compiled and eager row ops are two fp32 computations of the same scores."""
+    lm = load_model(device="cpu", dtype=Dtype.FP32)
+    builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=40))
+    prompts = [builder.build(query, [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
+               for query in ("blood sugar and insulin", "roman emperors")]
+    spec = ScoringSpec(layer=6, block_tokens=40)
+    ops = row_ops_for(CompileSetting.ON, lm.model)
+    assert ops.compiled
+    eager = BlockRankForward(lm.model, path=ForwardPath.PACKED).score(prompts, spec)
+    fast = BlockRankForward(lm.model, path=ForwardPath.PACKED, row_ops=ops).score(prompts, spec)
+    tolerance = scores_bound(spec.layer, longest_inner_product(lm.model.config), fp32_sides=2)
+    for got, expected in zip(fast, eager, strict=True):
+        assert float((got - expected).abs().max()) <= tolerance
