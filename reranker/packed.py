@@ -309,8 +309,10 @@ def pack(fw: ForwardContext, prompts: Sequence[Prompt], routes: Sequence[Route],
         prefix = slice(first, first + n0 - s)
         doc_ids, doc_positions = docs.ids[start:end].reshape(-1), torch.arange(n0, n0 + width).repeat(n)
         gather = real = None
-        if fw.ragged_docs:  # only the real tokens (a GPU's padded layout needs no masking on the host)
-            slots = docs.valid[start:end].reshape(-1)
+        slots = docs.valid[start:end].reshape(-1)
+        # Only the real tokens (a GPU's padded layout needs no masking on the host); with no padding (documents
+        # that fill their blocks) the real tokens are the padded layout itself, read in place without gathers.
+        if fw.ragged_docs and not bool(slots.all()):
             doc_ids, doc_positions = doc_ids[slots], doc_positions[slots]
             gather, real = _ragged_index(slots, prefix.stop, device)
         ids += [torch.tensor(p.prefix[s:], dtype=torch.long), doc_ids, torch.tensor(p.final, dtype=torch.long)]

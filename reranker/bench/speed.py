@@ -98,8 +98,8 @@ def bench_reranker(args: argparse.Namespace, dtype: str, path: str, cpu_compile:
 
 
 def variant_name(reranker: Reranker, path: str) -> str:
-    """A variant as measured: its dtype, path, and whether its CPU row ops were compiled."""
-    compiled = ", compiled row ops" if reranker.forward.ops.compiled else ""
+    """A variant as measured: its dtype, path, and whether its packed path's CPU row ops were compiled."""
+    compiled = ", compiled row ops" if reranker.forward.ops.compiled and path != ForwardPath.CHUNKED else ""
     return f"{str(reranker.lm.dtype).removeprefix('torch.')} {path}{compiled}"
 
 

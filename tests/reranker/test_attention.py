@@ -31,12 +31,14 @@ def test_fused_equals_einsum_with_padding_and_gqa():
     assert float((fused - einsum)[valid].abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("path", [ForwardPath.PACKED, ForwardPath.CHUNKED])
-def test_forward_with_either_attention_matches_dense_reference(path):
+@pytest.mark.parametrize(("path", "block"), [(ForwardPath.PACKED, BLOCK), (ForwardPath.CHUNKED, BLOCK),
+                                             (ForwardPath.PACKED, 8)])  # 8: every document fills its block
+def test_forward_with_either_attention_matches_dense_reference(path, block):
     lm = load_model(device="cpu", dtype="fp32", attn_implementation="eager")  # the GPU path's arithmetic, on CPU
-    builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=BLOCK))
+    builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=block))
     prompt = builder.build("blood sugar and insulin", [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
-    spec = ScoringSpec(layer=6, block_tokens=BLOCK)
+    assert (min(map(len, prompt.docs)) == block) is (block == 8)  # padded documents, or none
+    spec = ScoringSpec(layer=6, block_tokens=block)
     scores = BlockRankForward(lm.model, path=path).score([prompt], spec)[0]
     reference, _ = reference_scores(lm.model, prompt, spec)
     tolerance = scores_bound(spec.layer, longest_inner_product(lm.model.config), fp32_sides=2)
