@@ -79,9 +79,8 @@ class RerankerConfig:
     tenant_budget_mb: int = 512
     prefix_cache_mb: int = 32  # the shared instruction prefix's K/V per chain
     cuda_graphs: int = 32  # on a GPU, batch shapes kept as CUDA graphs (reranker.graphs); 0: always eager
-    # On a CPU, the forward's norms, RoPE and SiLU·up compiled into fused kernels at start-up (reranker.rowops;
-    # needs a C++ compiler): auto = bf16 on a CPU with AMX, on = any CPU, off = eager
-    cpu_compile: CompileSetting = CompileSetting.AUTO
+    # The forward's norms, RoPE and SiLU·up compiled into fused CPU kernels at start-up (reranker.rowops).
+    cpu_compile: CompileSetting = CompileSetting.AUTO  # auto: bf16 with AMX and a C++ compiler; on: any CPU; off
     equivalence: EquivalenceMode = EquivalenceMode.BACKGROUND  # when loaded blocks are checked for substitution
     equivalence_max_error: float = 1e-3
 

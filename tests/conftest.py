@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from services.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
+# The services this suite starts run their CPU row ops eager unless a test asks otherwise: compiling them costs each
+# reranker process 3.5 s at start on a CPU with AMX (18 s the first time), some 25 processes here. The compiled
+# ops are held to the eager ones by tests/reranker/test_rowops.py and served by test_reranker_service.py's server.
+os.environ.setdefault("RERANKER_CPU_COMPILE", "off")
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 # A small corpus on distinct topics, so the right answer is unambiguous.

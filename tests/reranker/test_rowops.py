@@ -12,10 +12,11 @@ import torch
 
 from common.device import Dtype
 from reranker import rowops
-from reranker.blockrank import BlockRankForward, ForwardPath, ScoringSpec
+from reranker.blockrank import ForwardPath
+from reranker.engine import Reranker, RerankerConfig
 from reranker.model import load_model
-from reranker.prompt import PromptBuilder, PromptLimits
 from reranker.rowops import EAGER, CompileSetting, RowOps, row_ops_for, warm_up
+from reranker.tenants import EquivalenceMode
 from tests.conftest import FIXTURE_DOCS
 from tests.reranker.numerics import fp32_bound, longest_inner_product, relative_error, scores_bound
 
@@ -111,17 +112,22 @@ def test_a_failed_compile_runs_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
     assert "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text
 
 
-def test_a_packed_forward_with_compiled_ops_gives_the_eager_scores() -> None:
-    """The whole forward in fp32: compiled and eager row ops are two fp32 computations of the same scores."""
+def test_a_reranker_with_compiled_ops_gives_the_eager_scores() -> None:
+    """The engine's setting reaches its forward, and the whole packed forward in fp32 gives the eager scores:
+    compiled and eager row ops are two fp32 computations of the same scores."""
     lm = load_model(device="cpu", dtype=Dtype.FP32)
-    builder = PromptBuilder(lm.tokenizer, limits=PromptLimits(block_tokens=40))
-    prompts = [builder.build(query, [(title, text) for _, title, text in FIXTURE_DOCS[:5]])
-               for query in ("blood sugar and insulin", "roman emperors")]
-    spec = ScoringSpec(layer=6, block_tokens=40)
-    ops = row_ops_for(CompileSetting.ON, lm.model)
-    assert ops.compiled
-    eager = BlockRankForward(lm.model, path=ForwardPath.PACKED).score(prompts, spec)
-    fast = BlockRankForward(lm.model, path=ForwardPath.PACKED, row_ops=ops).score(prompts, spec)
-    tolerance = scores_bound(spec.layer, longest_inner_product(lm.model.config), fp32_sides=2)
-    for got, expected in zip(fast, eager, strict=True):
-        assert float((got - expected).abs().max()) <= tolerance
+    rerankers = {setting: Reranker(RerankerConfig(device="cpu", dtype=Dtype.FP32, block_tokens=40, cpu_compile=setting,
+                                                  equivalence=EquivalenceMode.OFF), loaded=lm)
+                 for setting in (CompileSetting.ON, CompileSetting.OFF)}
+    assert rerankers[CompileSetting.ON].forward.ops.compiled and rerankers[CompileSetting.OFF].forward.ops is EAGER
+    scores = {}
+    for setting, reranker in rerankers.items():
+        reranker.forward.path = ForwardPath.PACKED
+        handle = reranker.handle()
+        prompts = [reranker.build_prompt(query, [(title, text) for _, title, text in FIXTURE_DOCS[:5]], handle)
+                   for query in ("blood sugar and insulin", "roman emperors")]
+        scores[setting] = reranker.score_prompts(prompts, [handle] * len(prompts))
+    layer = rerankers[CompileSetting.ON].handle().settings.spec.layer
+    tolerance = scores_bound(layer, longest_inner_product(lm.model.config), fp32_sides=2)
+    for got, expected in zip(scores[CompileSetting.ON], scores[CompileSetting.OFF], strict=True):
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= tolerance

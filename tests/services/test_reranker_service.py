@@ -43,10 +43,12 @@ def reranker_server(tmp_path_factory):
     derive_adapter(DEFAULT_ADAPTER, root / "noisy", seed=1, noise=0.5)
     # fp32, not the default dtype: a prompt's scores must then agree whatever batch it lands in, within fp32's
     # rounding bound (test_concurrent_requests_are_batched_and_agree). bf16's rounding depends on the batch's
-    # forward path, each path held to bf16's own bound by tests/reranker/test_bf16.py.
-    server = Server("services.reranker", ["--dtype", "fp32", "--block-tokens", "64", "--max-documents", "10",
-                                          "--max-document-tokens", "200", "--adapters-root", str(root),
-                                          "--admin-token", ADMIN_TOKEN], log_path=tmp / "reranker.log").start()
+    # forward path, each path held to bf16's own bound by tests/reranker/test_bf16.py. The row ops compiled, as
+    # a bf16 reranker on a CPU with AMX serves them (the suite's other services run them eager: conftest.py).
+    server = Server("services.reranker", ["--dtype", "fp32", "--cpu-compile", "on", "--block-tokens", "64",
+                                          "--max-documents", "10", "--max-document-tokens", "200", "--adapters-root",
+                                          str(root), "--admin-token", ADMIN_TOKEN], log_path=tmp / "reranker.log").start()
+    assert "CPU row ops compiled" in (tmp / "reranker.log").read_text()
     yield server
     server.stop()
 
