@@ -5,13 +5,13 @@ Why compile on a CPU: in eager mode each of these is several passes over the row
 up-cast, a square, a mean, a reciprocal root, two products and a down-cast), which costs little beside fp32
 matrix products but a third of a bf16 rerank on a CPU with AMX, whose matrix products are several times
 faster. Compiled, each is one vectorised loop: on one 2,048-row chunk of SmolLM2's middle layer in bf16 (2 cores
-with AMX), RMSNorm 1.22 → 0.39 ms, RoPE 0.90 → 0.61 ms, SiLU·up 1.40 → 1.20 ms
-(`python -m reranker.bench compile` measures a layer's row-wise work both ways).
+with AMX), RMSNorm 1.22 → 0.39 ms, RoPE 0.90 → 0.61 ms, SiLU·up 1.40 → 1.20 ms (`python -m reranker.bench
+compile` measures a layer's row-wise work with them eager and compiled).
 
-What it costs: a C++ compiler at run time (inductor builds its kernels with it) and a few seconds at start-up,
-where `warm_up` compiles every op for the model's width and dtype (shapes dynamic in the row count, so a batch
-of any size reuses them; inductor's on-disk cache makes a later start faster). Compiled ops run only under
-inference (no autograd); on a GPU the Triton kernels of reranker.kernels run instead.
+What it costs: a C++ compiler at run time (inductor builds its kernels with it) and, at start-up, 3.5 s on 2 cores
+(18 s when inductor's on-disk cache is cold), where `warm_up` compiles every op for the model's width and dtype
+(shapes dynamic in the row count, so a batch of any size reuses them). Compiled ops run only under inference (the
+packed path; no autograd); on a GPU the Triton kernels of reranker.kernels run instead.
 """
 
 from __future__ import annotations
@@ -89,20 +89,22 @@ def wanted(setting: CompileSetting, device: torch.device, dtype: torch.dtype) ->
 @functools.cache
 def compiled_row_ops() -> RowOps:
     """The three ops under torch.compile, dynamic in every dimension (one compile serves any row count); one set
-    per process, shared by its forwards."""
-    return RowOps(torch.compile(rms_norm_float, dynamic=True, fullgraph=True),
-                  torch.compile(kernels.rope_torch, dynamic=True, fullgraph=True),
-                  torch.compile(kernels.silu_mul_torch, dynamic=True, fullgraph=True), compiled=True)
+    per process, shared by its forwards. Not `fullgraph`: inputs the warm-up did not foresee compile once more,
+    and past dynamo's recompile limit run eager instead of failing the request."""
+    return RowOps(torch.compile(rms_norm_float, dynamic=True), torch.compile(kernels.rope_torch, dynamic=True),
+                  torch.compile(kernels.silu_mul_torch, dynamic=True), compiled=True)
 
 
-def warm_up(ops: RowOps, width: int, intermediate: int, heads: int, head_dim: int, dtype: torch.dtype,
-            eps: float = 1e-5) -> None:
-    """Compile every op for this model's shapes, dtype and norm epsilon now, not in a request: row counts of 1
-    (which the compiler specialises) and of several."""
+def warm_up(ops: RowOps, norm_weight: torch.Tensor, eps: float, intermediate: int, heads: int,
+            head_dim: int) -> None:
+    """Compile every op now, not in a request, for what the forward passes them: the model's own norm weight (a
+    Parameter: the compiled code is specific to its type, dtype and width) and epsilon, activations in its dtype,
+    row counts of 1 (which the compiler specialises) and of several."""
+    width, dtype = norm_weight.shape[0], norm_weight.dtype
     with torch.inference_mode():
         for rows in (1, 7):
             x = torch.randn(rows, width, dtype=dtype)
-            ops.rms_norm(x, torch.ones(width, dtype=dtype), eps)
+            ops.rms_norm(x, norm_weight, eps)
             y = torch.randn(rows, heads, head_dim, dtype=dtype)
             cos_sin = torch.randn(rows, 1, head_dim, dtype=dtype)
             ops.rope(y, cos_sin, cos_sin)
@@ -120,8 +122,9 @@ def row_ops_for(setting: CompileSetting, model: HFModule) -> RowOps:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     ops = compiled_row_ops()
     try:
-        warm_up(ops, cfg.hidden_size, cfg.intermediate_size, heads + cfg.num_key_value_heads, head_dim, weight.dtype,
-                cfg.rms_norm_eps)
+        norm = model.model.layers[0].input_layernorm
+        warm_up(ops, norm.weight, norm.variance_epsilon, cfg.intermediate_size, heads + cfg.num_key_value_heads,
+                head_dim)
     except Exception as error:  # noqa: BLE001  # a missing or broken compiler only costs speed
         log.warning("compiling the CPU row ops failed (%s); running them eager", str(error).splitlines()[0][:200])
         return EAGER

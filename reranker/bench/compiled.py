@@ -3,10 +3,11 @@
 The packed forward's work per layer outside attention is one chunk of rows at a time (2,048 on a CPU): RMSNorm,
 q|k with RoPE and v (`reranker.packed._qkv_rows`), then o_proj with the residual, RMSNorm, the gated MLP and the
 residual (`_finish_rows`). This runs exactly those functions, on layer `--layer` of the model in `--dtype`, on
-its real inputs (one forward over SciFact text: the hidden state entering the layer and o_proj's input), three
-ways side by side in one process: eager as served; `torch.compile` (inductor's fused C++ element-wise kernels);
-and `torch.compile` with inductor's freezing (weights as constants, prepacked for oneDNN, element-wise work fused
-into the matmuls). Reports milliseconds per chunk, the compile time, and each output's relative error against
+its real inputs (one forward over SciFact text: the hidden state entering the layer and o_proj's input), four
+ways side by side in one process: eager; with the row ops compiled as a reranker with `--cpu-compile on` serves
+them (reranker.rowops: RMSNorm, RoPE, SiLU·up); all of it under `torch.compile` (inductor's fused C++
+element-wise kernels); and that with inductor's freezing (weights as constants, prepacked for oneDNN,
+element-wise work fused into the matmuls). Reports milliseconds per chunk, the compile time, and each output's relative error against
 eager.
 """
 
@@ -29,8 +30,9 @@ from reranker import packed
 from reranker.bench.int8 import milliseconds, relative_error, sample_ids
 from reranker.blockrank import BlockRankForward
 from reranker.model import load_model
+from reranker.rowops import CompileSetting, row_ops_for
 
-VARIANTS = ("eager", "compiled", "compiled + freezing")
+VARIANTS = ("eager", "row ops compiled (served)", "compiled", "compiled + freezing")
 Block = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
@@ -103,6 +105,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     compile_s: dict[str, float] = {}
     for name, freezing in (("compiled", False), ("compiled + freezing", True)):
         blocks[name], compile_s[name] = compile_block(served_block(forward, index), freezing, inputs)
+    start = time.perf_counter()  # what a reranker with --cpu-compile on serves (after the resets of compile_block)
+    served = BlockRankForward(loaded.model, row_ops=row_ops_for(CompileSetting.ON, loaded.model))
+    blocks["row ops compiled (served)"] = served_block(served, index)
+    compile_s["row ops compiled (served)"] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     # (dynamo's reset before the second compile drops the first's code: it recompiles, from inductor's cache, in its
     # first warm-up call)
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   for name in VARIANTS[1:]}
     ms = {name: min(t) for name, t in times.items()}
     for name in VARIANTS:
-        print(f"{name:<20} {ms[name]:7.2f} ms per chunk  {ms['eager'] / ms[name]:.2f}x"
+        print(f"{name:<26} {ms[name]:7.2f} ms per chunk  {ms['eager'] / ms[name]:.2f}x"
               + (f"  compile {compile_s[name]:.1f} s, error {errors[name]:.2g}" if name in errors else ""))
     return {"model": loaded.name, "dtype": str(loaded.model.dtype).removeprefix("torch."), "layer": index,
             "rows": args.rows, "device": describe_device(torch.device("cpu")), "threads": torch.get_num_threads(),

@@ -1,5 +1,5 @@
-"""`python -m reranker.bench speed` with several `--dtype` or `--path` values (`--dtype fp32,bf16 --path
-chunked,auto`): every combination timed side by side (BlockRank, adapter merged), each in a fresh process as a
+"""`python -m reranker.bench speed` with several `--dtype`, `--path` or `--cpu-compile` values (`--dtype fp32,bf16
+--path chunked,auto`): every combination timed side by side (BlockRank, adapter merged), each in a fresh process as a
 deployment runs one dtype (reranker.bench.fresh), over `--rounds` rounds whose order rotates, so that a shared
 machine's drift falls on each alike; each variant's speed-up over the first is the median of the rounds' ratios,
 with their range. One value: reranker.bench.speed's run, against full attention."""
@@ -35,7 +35,7 @@ from reranker.bench.speed import (
 
 
 def run(args: argparse.Namespace) -> dict:
-    """One (dtype, path) asked for: its run (reranker.bench.speed). Several: side by side."""
+    """One (dtype, path, cpu_compile) asked for: its run (reranker.bench.speed). Several: side by side."""
     variants = list(itertools.product(args.dtype.split(","), args.path.split(","), args.cpu_compile.split(",")))
     if len(variants) == 1:
         return speed_of(args, *variants[0])
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str, str]]) -> dict:
-    """Every (dtype, path) timed in fresh processes, one per variant and round (reranker.bench.fresh: a deployment
+    """Every (dtype, path, cpu_compile) timed in fresh processes, one per variant and round (reranker.bench.fresh: a deployment
     runs one dtype per process), over `--rounds` rounds whose order rotates, so that drift on a shared machine
     falls on each alike. Per variant and size: the median of its rounds; per size, each variant's speed-up over
     the first: the median of the rounds' ratios (a round's processes ran back to back), with their range."""
@@ -51,16 +51,15 @@ def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str, str]]) -
     for dtype, path, cpu_compile in tqdm(rotations(combos, args.rounds), desc="processes", unit="process"):
         runs[dtype, path, cpu_compile].append(in_fresh_process(args, "speed", [
             "--device", args.device, "--dtype", dtype, "--path", path, "--cpu-compile", cpu_compile, "--data",
-            str(args.data), "--n-docs",
-            args.n_docs, "--block-tokens", str(args.block_tokens), "--repeats", str(args.repeats), "--budget-s",
-            str(args.budget_s)] + (["--model", args.model] if args.model else [])))
+            str(args.data), "--n-docs", args.n_docs, "--block-tokens", str(args.block_tokens), "--repeats",
+            str(args.repeats), "--budget-s", str(args.budget_s)] + (["--model", args.model] if args.model else [])))
     first = runs[combos[0]]
     rows = []
     for i, row in enumerate(first[0]["results"]):
         entry: dict = {"n_docs": row["n_docs"], "tokens": row["tokens"]}
+        first_s = [run["results"][i]["blockrank_s"] for run in first]
         for combo in combos:
             seconds = [run["results"][i]["blockrank_s"] for run in runs[combo]]
-            first_s = [run["results"][i]["blockrank_s"] for run in first]
             entry[runs[combo][0]["variant"]] = {"blockrank_s": statistics.median(seconds), "rounds_s": seconds,
                                                 **paired_speedup(first_s, seconds)}
         rows.append(entry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -27,12 +28,12 @@ BF16_UNIT_ROUNDOFF = 2.0 ** -8  # 8 significant bits
 @pytest.fixture(scope="module")
 def compiled() -> RowOps:
     ops = rowops.compiled_row_ops()
-    warm_up(ops, WIDTH, INTERMEDIATE, HEADS, HEAD_DIM, torch.float32)
-    warm_up(ops, WIDTH, INTERMEDIATE, HEADS, HEAD_DIM, torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        warm_up(ops, torch.ones(WIDTH, dtype=dtype), 1e-5, INTERMEDIATE, HEADS, HEAD_DIM)
     return ops
 
 
-def inputs(rows: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+def inputs(rows: int, dtype: torch.dtype) -> dict[str, tuple[Any, ...]]:
     """Each op's arguments: hidden states with a few large channels (as a model's are), q|k heads and RoPE's
     cos and sin (the sin's first half negated), the MLP's gate and up."""
     generator = torch.Generator().manual_seed(rows)
@@ -48,9 +49,9 @@ def inputs(rows: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]
                          torch.randn(rows, INTERMEDIATE, generator=generator).to(dtype))}
 
 
-def in_float64(name: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def in_float64(name: str, args: tuple[Any, ...]) -> torch.Tensor:
     """The op's exact result (float64 arithmetic on the same inputs) through the eager torch expression."""
-    wide = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+    wide: tuple[Any, ...] = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
     if name == "rms_norm":
         return rowops.rms_norm_float(*wide)
     return getattr(EAGER, name)(*wide)
@@ -69,6 +70,15 @@ def test_compiled_ops_are_within_rounding_of_exact_arithmetic(compiled: RowOps, 
             got = getattr(compiled, name)(*args)
             assert got.dtype == dtype and got.shape == args[0].shape
             assert relative_error(got, in_float64(name, args)) <= bound, name
+
+
+def test_past_the_recompile_limit_the_ops_run_eager_and_stay_right(compiled: RowOps,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dtype the warm-up never saw, with no recompile left: dynamo runs the op eager instead of failing the call.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with torch.inference_mode():
+        for name, args in inputs(5, torch.float64).items():
+            assert relative_error(getattr(compiled, name)(*args), in_float64(name, args)) <= fp32_bound(1, WIDTH)
 
 
 def test_one_compile_serves_every_row_count(compiled: RowOps) -> None:
@@ -104,9 +114,11 @@ def test_a_failed_compile_runs_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
     monkeypatch.setattr(rowops, "compiled_row_ops", lambda: RowOps(broken, broken, broken, compiled=True))
-    model = torch.nn.Linear(WIDTH, WIDTH)
+    model: Any = torch.nn.Linear(WIDTH, WIDTH)  # a stand-in with the attributes row_ops_for reads
     model.config = SimpleNamespace(hidden_size=WIDTH, intermediate_size=INTERMEDIATE, num_attention_heads=4,
-                                   num_key_value_heads=2, rms_norm_eps=1e-5)
+                                   num_key_value_heads=2)
+    norm = SimpleNamespace(weight=torch.ones(WIDTH), variance_epsilon=1e-5)
+    model.model = SimpleNamespace(layers=[SimpleNamespace(input_layernorm=norm)])
     with caplog.at_level(logging.WARNING, logger="reranker.rowops"):
         assert row_ops_for(CompileSetting.ON, model) is EAGER
     assert "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text
@@ -120,6 +132,7 @@ def test_a_reranker_with_compiled_ops_gives_the_eager_scores() -> None:
                                                   equivalence=EquivalenceMode.OFF), loaded=lm)
                  for setting in (CompileSetting.ON, CompileSetting.OFF)}
     assert rerankers[CompileSetting.ON].forward.ops.compiled and rerankers[CompileSetting.OFF].forward.ops is EAGER
+    graphs_after_warm_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     scores = {}
     for setting, reranker in rerankers.items():
         reranker.forward.path = ForwardPath.PACKED
@@ -127,6 +140,8 @@ def test_a_reranker_with_compiled_ops_gives_the_eager_scores() -> None:
         prompts = [reranker.build_prompt(query, [(title, text) for _, title, text in FIXTURE_DOCS[:5]], handle)
                    for query in ("blood sugar and insulin", "roman emperors")]
         scores[setting] = reranker.score_prompts(prompts, [handle] * len(prompts))
+    # The start-up warm-up compiled what the forward calls: no request compiles.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up
     layer = rerankers[CompileSetting.ON].handle().settings.spec.layer
     tolerance = scores_bound(layer, longest_inner_product(lm.model.config), fp32_sides=2)
     for got, expected in zip(scores[CompileSetting.ON], scores[CompileSetting.OFF], strict=True):
