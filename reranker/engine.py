@@ -110,8 +110,8 @@ class Reranker:
         self.config = config
         self.lm = loaded or load_model(config.model, config.device, config.dtype, cache=config.model_cache)
         self.prefix_cache = SharedPrefixCache(config.prefix_cache_mb << 20)
-        self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs,
-                                        row_ops=row_ops_for(config.cpu_compile, self.lm.model))
+        self.forward = BlockRankForward(self.lm.model, self.prefix_cache, cuda_graphs=config.cuda_graphs)
+        self.forward.ops = row_ops_for(config.cpu_compile, self.forward)
         self.forward_lock = threading.Lock()
         self.builders = PromptBuilders(self.lm.tokenizer, config.max_query_tokens)
         self.tenants = self._registry()

@@ -15,7 +15,7 @@ from reranker.attention import Rope
 from reranker.model import HFModule
 from reranker.prompt import Prompt
 from reranker.routing import FusedLinear, LayerDeltas, Route
-from reranker.rowops import RowOps
+from reranker.rowops import ForwardGeometry, RowOps
 
 SharedEntries = dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]]  # (chain key, tokens) -> (k, v, out)
 
@@ -49,15 +49,11 @@ class FusedWeights:
         return self._fused[index]
 
 
-class ForwardContext(Protocol):
-    """The forward's state the packed path reads (reranker.blockrank.BlockRankForward provides it)."""
+class ForwardContext(ForwardGeometry, Protocol):
+    """The forward's state the packed path reads (reranker.blockrank.BlockRankForward provides it): its
+    geometry (model, decoder, heads, key heads, head width), and:"""
 
-    model: HFModule
-    decoder: HFModule
-    n_heads: int
-    n_kv: int
     group: int
-    head_dim: int
     scale: float
     fused: FusedWeights
     ops: RowOps  # the element-wise work on rows (RMSNorm, RoPE, SiLU·up): eager, or compiled on a CPU

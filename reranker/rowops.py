@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import torch
 
@@ -70,6 +71,16 @@ class RowOps:
 EAGER = RowOps(rms_norm_fused, kernels.rope, kernels.silu_mul)
 
 
+class ForwardGeometry(Protocol):
+    """What row_ops_for reads of a forward (reranker.forward_context.ForwardContext extends it)."""
+
+    model: HFModule
+    decoder: HFModule
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+
 def compiler_available() -> bool:
     """Whether inductor can build CPU kernels here: it needs a C++ compiler on the PATH."""
     return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
@@ -111,20 +122,17 @@ def warm_up(ops: RowOps, norm_weight: torch.Tensor, eps: float, intermediate: in
             ops.silu_mul(torch.randn(rows, intermediate, dtype=dtype), torch.randn(rows, intermediate, dtype=dtype))
 
 
-def row_ops_for(setting: CompileSetting, model: HFModule) -> RowOps:
-    """The row ops a forward over `model` runs: compiled and warmed up where `setting` asks for them on the
-    model's device and the compile succeeds, else eager."""
-    weight = next(model.parameters())
+def row_ops_for(setting: CompileSetting, forward: ForwardGeometry) -> RowOps:
+    """The row ops `forward` should run: compiled and warmed up where `setting` asks for them on its model's device
+    and dtype and the compile succeeds, else eager."""
+    weight = forward.decoder.embed_tokens.weight
     if not wanted(setting, weight.device, weight.dtype):
         return EAGER
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     ops = compiled_row_ops()
     try:
-        norm = model.model.layers[0].input_layernorm
-        warm_up(ops, norm.weight, norm.variance_epsilon, cfg.intermediate_size, heads + cfg.num_key_value_heads,
-                head_dim)
+        norm = forward.decoder.layers[0].input_layernorm
+        warm_up(ops, norm.weight, norm.variance_epsilon, forward.model.config.intermediate_size,
+                forward.n_heads + forward.n_kv, forward.head_dim)  # RoPE runs over q|k
     except Exception as error:  # noqa: BLE001  # a missing or broken compiler only costs speed
         log.warning("compiling the CPU row ops failed (%s); running them eager", str(error).splitlines()[0][:200])
         return EAGER

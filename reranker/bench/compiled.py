@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, freezing in (("compiled", False), ("compiled + freezing", True)):
         blocks[name], compile_s[name] = compile_block(served_block(forward, index), freezing, inputs)
     start = time.perf_counter()  # what a reranker with --cpu-compile on serves (after the resets of compile_block)
-    served = BlockRankForward(loaded.model, row_ops=row_ops_for(CompileSetting.ON, loaded.model))
+    served = BlockRankForward(loaded.model)
+    served.ops = row_ops_for(CompileSetting.ON, served)
     blocks["row ops compiled (served)"] = served_block(served, index)
     compile_s["row ops compiled (served)"] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}

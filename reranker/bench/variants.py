@@ -43,16 +43,22 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def side_by_side(args: argparse.Namespace, combos: list[tuple[str, str, str]]) -> dict:
-    """Every (dtype, path, cpu_compile) timed in fresh processes, one per variant and round (reranker.bench.fresh: a deployment
-    runs one dtype per process), over `--rounds` rounds whose order rotates, so that drift on a shared machine
-    falls on each alike. Per variant and size: the median of its rounds; per size, each variant's speed-up over
-    the first: the median of the rounds' ratios (a round's processes ran back to back), with their range."""
+    """Every (dtype, path, cpu_compile) timed in fresh processes, one per variant and round
+    (reranker.bench.fresh: a deployment runs one dtype per process), over `--rounds` rounds whose order rotates,
+    so that drift on a shared machine falls on each alike. Per variant and size: the median of its rounds; per
+    size, each variant's speed-up over the first: the median of the rounds' ratios (a round's processes ran back
+    to back), with their range. Two combinations that run the same thing here (`--cpu-compile off,auto` on a CPU
+    where auto compiles nothing) stop the run at their first process: results are keyed by what ran."""
     runs: dict[tuple[str, str, str], list[dict]] = {combo: [] for combo in combos}
-    for dtype, path, cpu_compile in tqdm(rotations(combos, args.rounds), desc="processes", unit="process"):
-        runs[dtype, path, cpu_compile].append(in_fresh_process(args, "speed", [
+    for combo in tqdm(rotations(combos, args.rounds), desc="processes", unit="process"):
+        dtype, path, cpu_compile = combo
+        runs[combo].append(in_fresh_process(args, "speed", [
             "--device", args.device, "--dtype", dtype, "--path", path, "--cpu-compile", cpu_compile, "--data",
             str(args.data), "--n-docs", args.n_docs, "--block-tokens", str(args.block_tokens), "--repeats",
             str(args.repeats), "--budget-s", str(args.budget_s)] + (["--model", args.model] if args.model else [])))
+        same = [c for c in combos if c != combo and runs[c] and runs[c][0]["variant"] == runs[combo][0]["variant"]]
+        if same:
+            raise SystemExit(f"{combo} and {same[0]} both ran {runs[combo][0]['variant']!r} here: nothing to compare")
     first = runs[combos[0]]
     rows = []
     for i, row in enumerate(first[0]["results"]):
@@ -100,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def plot_variants(result: dict, path: Path) -> None:
-    """Per size, a bar per (dtype, path): the median of its rounds, whiskers over the rounds' range, and its
+    """Per size, a bar per variant: the median of its rounds, whiskers over the rounds' range, and its
     speed-up over the first variant (median of the rounds' ratios, with their range)."""
     rows, names = result["side_by_side"], [v["variant"] for v in result["variants"]]
     title = (f"one rerank: median of {result['rounds']} rounds of fresh processes (whiskers: their range)\n"

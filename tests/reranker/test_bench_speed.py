@@ -49,6 +49,21 @@ def test_allocator_summary_pairs_each_setting_with_the_first_by_round() -> None:
     assert row["keep_256"]["speedup_over_first"] == 2.0 and row["keep_256"]["speedup_range"] == [2.0, 3.0]
 
 
+def test_two_settings_that_run_the_same_thing_stop_at_their_first_process(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--cpu-compile off,auto` where auto compiles nothing: both children report the same variant.
+    started: list[list[str]] = []
+
+    def child(_args: argparse.Namespace, _command: str, child_args: list[str]) -> dict:
+        started.append(child_args)
+        return {"variant": "bfloat16 auto", "results": []}
+
+    monkeypatch.setattr(variants, "in_fresh_process", child)
+    with pytest.raises(SystemExit, match="both ran 'bfloat16 auto'"):
+        variants.run(bench_args(tmp_path, dtype="bf16", path="auto", cpu_compile="off,auto", rounds=3))
+    assert len(started) == 2
+
+
 def test_one_variant_times_each_size_on_its_path(tmp_path: Path) -> None:
     result = variants.one_variant(bench_args(tmp_path, dtype="bf16", path="packed"))
     assert result["variant"] == "bfloat16 packed" and result["dtype"] == "torch.bfloat16"

@@ -72,11 +72,10 @@ def test_compiled_ops_are_within_rounding_of_exact_arithmetic(compiled: RowOps, 
             assert relative_error(got, in_float64(name, args)) <= bound, name
 
 
-def test_past_the_recompile_limit_the_ops_run_eager_and_stay_right(compiled: RowOps,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_past_the_recompile_limit_the_ops_run_eager_and_stay_right(compiled: RowOps) -> None:
     # A dtype the warm-up never saw, with no recompile left: dynamo runs the op eager instead of failing the call.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with torch.inference_mode():
+    # (torch's own patch: monkeypatch's undo would delete the setting, which lives outside the module's __dict__.)
+    with torch._dynamo.config.patch(recompile_limit=1), torch.inference_mode():
         for name, args in inputs(5, torch.float64).items():
             assert relative_error(getattr(compiled, name)(*args), in_float64(name, args)) <= fp32_bound(1, WIDTH)
 
@@ -114,13 +113,13 @@ def test_a_failed_compile_runs_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
     monkeypatch.setattr(rowops, "compiled_row_ops", lambda: RowOps(broken, broken, broken, compiled=True))
-    model: Any = torch.nn.Linear(WIDTH, WIDTH)  # a stand-in with the attributes row_ops_for reads
-    model.config = SimpleNamespace(hidden_size=WIDTH, intermediate_size=INTERMEDIATE, num_attention_heads=4,
-                                   num_key_value_heads=2)
     norm = SimpleNamespace(weight=torch.ones(WIDTH), variance_epsilon=1e-5)
-    model.model = SimpleNamespace(layers=[SimpleNamespace(input_layernorm=norm)])
+    # A stand-in with what row_ops_for reads of a forward.
+    decoder = SimpleNamespace(embed_tokens=torch.nn.Embedding(8, WIDTH), layers=[SimpleNamespace(input_layernorm=norm)])
+    config = SimpleNamespace(intermediate_size=INTERMEDIATE)
+    forward: Any = SimpleNamespace(decoder=decoder, model=SimpleNamespace(config=config), n_heads=4, n_kv=2, head_dim=16)
     with caplog.at_level(logging.WARNING, logger="reranker.rowops"):
-        assert row_ops_for(CompileSetting.ON, model) is EAGER
+        assert row_ops_for(CompileSetting.ON, forward) is EAGER
     assert "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text
 
 
