@@ -91,6 +91,7 @@ class BlockRankForward:
         # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
         self.graphs = PackedGraphs(cuda_graphs)
         self.fused = FusedWeights(self.decoder.layers)  # the packed path's stacked projections
+        self.fused_gate_up = FusedWeights(self.decoder.layers, FusedWeights.GATE_UP)
 
     @property
     def device(self) -> torch.device:

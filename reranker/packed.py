@@ -162,7 +162,7 @@ def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[i
         out = torch.cat([part for i, r in enumerate(rows) for part in _attend(fw, q, k, v, r, shared[i],
                                                                               final_keys[i], few)]).flatten(1)
         for rows_slice, segments in chunks:
-            _finish_rows(fw, layer, hidden[rows_slice], out[rows_slice], segments)
+            _finish_rows(fw, index, hidden[rows_slice], out[rows_slice], segments)
     return masses
 
 
@@ -177,14 +177,26 @@ def _row_chunks(n_rows: int, chunk_rows: int, spans: Sequence[tuple[int, int]],
             for lo in range(0, n_rows, step)]
 
 
-def _finish_rows(fw: ForwardContext, layer: HFModule, hidden: torch.Tensor, attended: torch.Tensor,
+def _finish_rows(fw: ForwardContext, index: int, hidden: torch.Tensor, attended: torch.Tensor,
                  segments: Sequence[Segment]) -> None:
     """Rows of one chunk after attention, in place: o_proj and residual, RMSNorm, the gated MLP and residual."""
+    layer = fw.decoder.layers[index]
     _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", attended, segments)
     x = rms_norm(fw, layer.post_attention_layernorm, hidden)
+    _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", _gated(fw, index, layer, x, segments), segments)
+
+
+def _gated(fw: ForwardContext, index: int, layer: HFModule, x: torch.Tensor,
+           segments: Sequence[Segment]) -> torch.Tensor:
+    """The gated MLP's act_fn(gate(x)) * up(x): gate|up as one matmul where the compiled SiLU·up reads its
+    strided halves (forward_context.FusedWeights says why only there), else the two projections apart."""
+    if fw.ops.compiled and _silu(fw):
+        gate_up = fw.fused_gate_up[index](x, segments)
+        half = gate_up.shape[1] // 2
+        return fw.ops.silu_mul(gate_up[:, :half], gate_up[:, half:])
     gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
     up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
-    _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", _activate(fw, layer.mlp.act_fn, gate, up), segments)
+    return _activate(fw, layer.mlp.act_fn, gate, up)
 
 
 def _rope_rows(fw: ForwardContext, positions: torch.Tensor) -> Rope:
@@ -221,8 +233,11 @@ def _qkv_rows(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torc
 
 def _activate(fw: ForwardContext, act_fn: HFModule, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's act_fn(gate) * up, one fused kernel for SiLU (Llama, Mistral, Qwen2)."""
-    silu = getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
-    return fw.ops.silu_mul(gate, up) if silu else act_fn(gate) * up
+    return fw.ops.silu_mul(gate, up) if _silu(fw) else act_fn(gate) * up
+
+
+def _silu(fw: ForwardContext) -> bool:
+    return getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
 
 
 def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,

@@ -17,6 +17,7 @@ packed path; no autograd); on a GPU the Triton kernels of reranker.kernels run i
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import shutil
 from collections.abc import Callable
@@ -109,17 +110,23 @@ def compiled_row_ops() -> RowOps:
 def warm_up(ops: RowOps, norm_weight: torch.Tensor, eps: float, intermediate: int, heads: int,
             head_dim: int) -> None:
     """Compile every op now, not in a request, for what the forward passes them: the model's own norm weight (a
-    Parameter: the compiled code is specific to its type, dtype and width) and epsilon, activations in its dtype,
-    row counts of 1 (which the compiler specialises) and of several."""
+    Parameter: the compiled code is specific to its type, dtype and width) and epsilon, activations in its dtype
+    and layout (SiLU·up reads the two halves of one gate|up product; RoPE gets distinct cos and sin tensors),
+    row counts of 1 and of several, and inputs at the start of their storage and past it (a chunk of rows after
+    the first): the compiler specialises sizes and storage offsets of 0 and 1, and guards on which inputs are
+    the same tensor, so each of these compiles once."""
     width, dtype = norm_weight.shape[0], norm_weight.dtype
+
+    def rows_of(rows: int, offset: int, *shape: int) -> torch.Tensor:
+        return torch.randn(offset + rows, *shape, dtype=dtype)[offset:]
+
     with torch.inference_mode():
-        for rows in (1, 7):
-            x = torch.randn(rows, width, dtype=dtype)
-            ops.rms_norm(x, norm_weight, eps)
-            y = torch.randn(rows, heads, head_dim, dtype=dtype)
-            cos_sin = torch.randn(rows, 1, head_dim, dtype=dtype)
-            ops.rope(y, cos_sin, cos_sin)
-            ops.silu_mul(torch.randn(rows, intermediate, dtype=dtype), torch.randn(rows, intermediate, dtype=dtype))
+        for rows, offset in itertools.product((1, 7), (0, 7)):
+            ops.rms_norm(rows_of(rows, offset, width), norm_weight, eps)
+            ops.rope(rows_of(rows, 0, heads, head_dim), rows_of(rows, offset, 1, head_dim),
+                     rows_of(rows, offset, 1, head_dim))
+            gate_up = rows_of(rows, 0, 2 * intermediate)
+            ops.silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:])
 
 
 def row_ops_for(setting: CompileSetting, forward: ForwardGeometry) -> RowOps:

@@ -5,6 +5,7 @@ where they pay, and eager again when the compile fails."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,9 +17,11 @@ from reranker import rowops
 from reranker.blockrank import ForwardPath
 from reranker.engine import Reranker, RerankerConfig
 from reranker.model import load_model
+from reranker.packed import packed_rows
 from reranker.rowops import EAGER, CompileSetting, RowOps, row_ops_for, warm_up
-from reranker.tenants import EquivalenceMode
+from reranker.tenants import DEFAULT_TENANT, EquivalenceMode
 from tests.conftest import FIXTURE_DOCS
+from tests.reranker.lora import save_all_linear_adapter
 from tests.reranker.numerics import fp32_bound, longest_inner_product, relative_error, scores_bound
 
 WIDTH, INTERMEDIATE, HEADS, HEAD_DIM = 64, 160, 6, 16
@@ -123,25 +126,34 @@ def test_a_failed_compile_runs_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
     assert "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text
 
 
-def test_a_reranker_with_compiled_ops_gives_the_eager_scores() -> None:
-    """The engine's setting reaches its forward, and the whole packed forward in fp32 gives the eager scores:
-    compiled and eager row ops are two fp32 computations of the same scores."""
+def test_a_reranker_with_compiled_ops_gives_the_eager_scores(tmp_path: Path) -> None:
+    """The engine's setting reaches its forward, and the whole packed forward in fp32 gives the eager scores, for
+    a batch that mixes the default tenant with one whose adapter changes every linear (gate|up as one matmul
+    with its deltas on their columns): compiled and eager row ops are two fp32 computations of the same scores."""
     lm = load_model(device="cpu", dtype=Dtype.FP32)
+    save_all_linear_adapter(lm.model, tmp_path / "all-linear", lm.name, layer=5, block_tokens=40)
     rerankers = {setting: Reranker(RerankerConfig(device="cpu", dtype=Dtype.FP32, block_tokens=40, cpu_compile=setting,
-                                                  equivalence=EquivalenceMode.OFF), loaded=lm)
+                                                  equivalence=EquivalenceMode.OFF, adapters_root=str(tmp_path)),
+                                   loaded=lm)
                  for setting in (CompileSetting.ON, CompileSetting.OFF)}
     assert rerankers[CompileSetting.ON].forward.ops.compiled and rerankers[CompileSetting.OFF].forward.ops is EAGER
     graphs_after_warm_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     scores = {}
     for setting, reranker in rerankers.items():
         reranker.forward.path = ForwardPath.PACKED
-        handle = reranker.handle()
+        reranker.tenants.load("wide", "all-linear")
+        handles = [reranker.handle(), reranker.handle("wide")]
         prompts = [reranker.build_prompt(query, [(title, text) for _, title, text in FIXTURE_DOCS[:5]], handle)
-                   for query in ("blood sugar and insulin", "roman emperors")]
-        scores[setting] = reranker.score_prompts(prompts, [handle] * len(prompts))
+                   for query in ("blood sugar and insulin", "roman emperors") for handle in handles]
+        for chunk_rows in (2048, 31):  # the batch in one chunk of rows; in chunks, 1 row the last
+            reranker.forward.packed_chunk_rows = chunk_rows
+            scores[setting, chunk_rows] = reranker.score_prompts(prompts, handles * 2)
+    assert packed_rows(prompts) % 31 == 1
     # The start-up warm-up compiled what the forward calls: no request compiles.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up
-    layer = rerankers[CompileSetting.ON].handle().settings.spec.layer
+    layer = max(rerankers[CompileSetting.ON].handle(t).settings.spec.layer for t in (DEFAULT_TENANT, "wide"))
     tolerance = scores_bound(layer, longest_inner_product(lm.model.config), fp32_sides=2)
-    for got, expected in zip(scores[CompileSetting.ON], scores[CompileSetting.OFF], strict=True):
-        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= tolerance
+    for chunk_rows in (2048, 31):
+        for got, expected in zip(scores[CompileSetting.ON, chunk_rows], scores[CompileSetting.OFF, chunk_rows],
+                                 strict=True):
+            assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= tolerance

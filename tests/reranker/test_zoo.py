@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.device import Dtype
-from reranker.adapters import ADAPTER_CONFIG, ADAPTER_META, DEFAULT_ADAPTER
+from reranker.adapters import ADAPTER_CONFIG, DEFAULT_ADAPTER
 from reranker.blockrank import BlockRankForward
 from reranker.engine import Reranker, RerankerConfig
 from reranker.equivalence import ReplacementKind
@@ -22,6 +22,7 @@ from reranker.errors import AdapterInvalid, AdapterNotFound, UnknownTenant
 from reranker.prompt import PromptTemplate
 from reranker.tenants import DEFAULT_TENANT, EquivalenceMode, TenantHandle
 from reranker.training.derive import derive_adapter, merge_adapter
+from tests.reranker.lora import save_all_linear_adapter
 from tests.reranker.numerics import longest_inner_product, scores_bound
 
 QUERY = "Insulin lowers blood glucose in diabetes"
@@ -218,18 +219,8 @@ def test_bad_names_and_files_are_refused(reranker, adapters_root):
 def test_mlp_and_attention_deltas_match_the_merged_model(reranker, adapters_root):
     """An adapter on every linear of the layer (MLP included), random non-zero B: the grouped path for
     gate/up/down must equal merging as well."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(copy.deepcopy(reranker.lm.model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=modules, layers_to_transform=list(range(6)), init_lora_weights=False))
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            param.data.mul_(0.05)
-    peft_model.save_pretrained(str(adapters_root / "all-linear"))
-    meta = {"layer": 5, "heads": [], "block_tokens": 64, "base_model": reranker.lm.name}
-    (adapters_root / "all-linear" / ADAPTER_META).write_text(json.dumps(meta))
+    save_all_linear_adapter(reranker.lm.model, adapters_root / "all-linear", reranker.lm.name, layer=5,
+                            block_tokens=64)
     reranker.tenants.load("wide", "all-linear")
     handle = reranker.handle("wide")
     assert any("mlp.down_proj" in layer for layer in handle.route.layers if layer)
