@@ -38,7 +38,16 @@ from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
 from reranker.packed import ForwardPath, cpu_packed_groups, cpu_packed_limit, fits_cpu_packed
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
-from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
+from reranker.routing import (
+    BASE_ROUTE,
+    LayerDeltas,
+    MergedWeights,
+    Route,
+    Segment,
+    SharedPrefixCache,
+    mlp,
+    project,
+)
 from reranker.rowops import EAGER, RowOps
 
 # One layer's input hidden states as captured for tests and training: per-prompt prefixes, the (docs, T, D)
@@ -62,7 +71,8 @@ class BlockRankForward:
     """
 
     def __init__(self, model: HFModule, prefix_cache: SharedPrefixCache | None = None,
-                 path: ForwardPath | str = ForwardPath.AUTO, cuda_graphs: int = 32, row_ops: RowOps = EAGER) -> None:
+                 path: ForwardPath | str = ForwardPath.AUTO, cuda_graphs: int = 32, row_ops: RowOps = EAGER,
+                 merged_weights_bytes: int = 0) -> None:
         self.model = model
         self.decoder: HFModule = model.model
         cfg = model.config
@@ -92,6 +102,9 @@ class BlockRankForward:
         self.graphs = PackedGraphs(cuda_graphs)
         self.fused = FusedWeights(self.decoder.layers)  # the packed path's stacked projections
         self.fused_gate_up = FusedWeights(self.decoder.layers, FusedWeights.GATE_UP)
+        # A CPU's packed path multiplies a chunk of one chain's rows by that chain's merged weights. Not a GPU's:
+        # its CUDA graphs hold the weights they read, and the thin delta matmuls cost it little beside launches.
+        self.merged_weights = MergedWeights(merged_weights_bytes) if merged_weights_bytes and not on_gpu else None
 
     @property
     def device(self) -> torch.device:

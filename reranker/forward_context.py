@@ -14,7 +14,7 @@ import torch
 from reranker.attention import Rope
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import FusedLinear, LayerDeltas, Route
+from reranker.routing import FusedLinear, LayerDeltas, MergedWeights, Route
 from reranker.rowops import ForwardGeometry, RowOps
 
 SharedEntries = dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, ...]]  # (chain key, tokens) -> (k, v, out)
@@ -64,6 +64,7 @@ class ForwardContext(ForwardGeometry, Protocol):
     scale: float
     fused: FusedWeights  # q|k
     fused_gate_up: FusedWeights  # gate|up, used with compiled row ops (see FusedWeights)
+    merged_weights: MergedWeights | None  # one chain's deltas merged into the weights, for chunks of that chain only
     ops: RowOps  # the element-wise work on rows (RMSNorm, RoPE, SiLU·up): eager, or compiled on a CPU
     packed_chunk_rows: int  # rows per row-wise step (norms, projections, MLP); 0: all rows at once
     ragged_docs: bool  # documents' real tokens only in the packed rows (padding only inside attention)

@@ -30,7 +30,7 @@ from reranker.docbatch import pad_docs, segments_in
 from reranker.forward_context import ForwardContext, SharedEntries, SharedPrefix
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas, project
+from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas
 
 
 class ForwardPath(StrEnum):
@@ -181,9 +181,10 @@ def _finish_rows(fw: ForwardContext, index: int, hidden: torch.Tensor, attended:
                  segments: Sequence[Segment]) -> None:
     """Rows of one chunk after attention, in place: o_proj and residual, RMSNorm, the gated MLP and residual."""
     layer = fw.decoder.layers[index]
-    _add_projection(hidden, layer.self_attn.o_proj, "self_attn.o_proj", attended, segments)
+    _add_projection(fw, hidden, layer.self_attn.o_proj, "self_attn.o_proj", attended, segments)
     x = rms_norm(fw, layer.post_attention_layernorm, hidden)
-    _add_projection(hidden, layer.mlp.down_proj, "mlp.down_proj", _gated(fw, index, layer, x, segments), segments)
+    _add_projection(fw, hidden, layer.mlp.down_proj, "mlp.down_proj", _gated(fw, index, layer, x, segments),
+                    segments)
 
 
 def _gated(fw: ForwardContext, index: int, layer: HFModule, x: torch.Tensor,
@@ -191,11 +192,11 @@ def _gated(fw: ForwardContext, index: int, layer: HFModule, x: torch.Tensor,
     """The gated MLP's act_fn(gate(x)) * up(x): gate|up as one matmul where the compiled SiLU·up reads its
     strided halves (forward_context.FusedWeights says why only there), else the two projections apart."""
     if fw.ops.compiled and _silu(fw):
-        gate_up = fw.fused_gate_up[index](x, segments)
+        gate_up = _fused(fw, fw.fused_gate_up[index], x, segments)
         half = gate_up.shape[1] // 2
         return fw.ops.silu_mul(gate_up[:, :half], gate_up[:, half:])
-    gate = project(layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
-    up = project(layer.mlp.up_proj, "mlp.up_proj", x, segments)
+    gate = _project(fw, layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
+    up = _project(fw, layer.mlp.up_proj, "mlp.up_proj", x, segments)
     return _activate(fw, layer.mlp.act_fn, gate, up)
 
 
@@ -226,8 +227,8 @@ def _qkv_rows(fw: ForwardContext, layer: HFModule, qk: FusedLinear, hidden: torc
               segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's q|k (rows, heads + kv, hd) with RoPE applied, and its v (rows, kv, hd)."""
     x = rms_norm(fw, layer.input_layernorm, hidden)
-    rotated = fw.ops.rope(qk(x, segments).view(-1, fw.n_heads + fw.n_kv, fw.head_dim), *rope)
-    v = project(layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
+    rotated = fw.ops.rope(_fused(fw, qk, x, segments).view(-1, fw.n_heads + fw.n_kv, fw.head_dim), *rope)
+    v = _project(fw, layer.self_attn.v_proj, "self_attn.v_proj", x, segments).view(-1, fw.n_kv, fw.head_dim)
     return rotated, v
 
 
@@ -240,13 +241,41 @@ def _silu(fw: ForwardContext) -> bool:
     return getattr(fw.model.config, "hidden_act", None) in ("silu", "swish")
 
 
-def _add_projection(hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,
+def _add_projection(fw: ForwardContext, hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,
                     segments: Sequence[Segment]) -> None:
     """The residual update hidden += module(x) (+ each segment's delta) in place, the addition inside the matmul."""
-    hidden.addmm_(x, module.weight.T)
+    weight, segments = _chunk_weight(fw, module.weight, ((name, slice(None)),), segments)
+    hidden.addmm_(x, weight.T)
     if module.bias is not None:
         hidden += module.bias
     add_deltas(hidden, name, x, segments)
+
+
+def _project(fw: ForwardContext, module: HFModule, name: str, x: torch.Tensor,
+             segments: Sequence[Segment]) -> torch.Tensor:
+    """module(x) with each segment's delta (routing.project), or through the chunk's chain merged."""
+    weight, segments = _chunk_weight(fw, module.weight, ((name, slice(None)),), segments)
+    y = torch.nn.functional.linear(x, weight, module.bias)
+    add_deltas(y, name, x, segments)
+    return y
+
+
+def _fused(fw: ForwardContext, fused: FusedLinear, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    """Stacked projections (q|k, gate|up) with each segment's deltas, or through the chunk's chain merged."""
+    weight, segments = _chunk_weight(fw, fused.weight, fused.parts, segments)
+    return fused(x, segments, weight)
+
+
+def _chunk_weight(fw: ForwardContext, weight: torch.Tensor, parts: Sequence[tuple[str, slice]],
+                  segments: Sequence[Segment]) -> tuple[torch.Tensor, Sequence[Segment]]:
+    """The weight a chunk's rows are multiplied by and the segments whose deltas are still to add: where every
+    row runs one chain and the forward keeps merged weights (a CPU's), that chain's deltas folded into the
+    weight (routing.MergedWeights) and no segments; else the base weight and every segment."""
+    deltas = segments[0].deltas if segments else None
+    if fw.merged_weights is None or not deltas or any(s.deltas != deltas for s in segments):
+        return weight, segments
+    merged = fw.merged_weights.weight(weight, [(cols, deltas.get(name)) for name, cols in parts])
+    return (weight, segments) if merged is None else (merged, ())
 
 
 def _attend(fw: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Rows,

@@ -63,12 +63,10 @@ class Route:
 BASE_ROUTE = Route()
 
 
-class SharedPrefixCache:
-    """Per layer, the K/V and output hidden states of the shared instruction tokens, keyed by
-    (identity of the model chain up to that layer, token ids). Tenants whose chains agree up to a
-    layer share the entry; keys name content, so entries never go stale. LRU, bounded in bytes."""
+class TensorCache:
+    """Tensors by key, least recently used out beyond `max_bytes` (the newest entry always stays); thread-safe."""
 
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
         self._lock = threading.Lock()
@@ -96,6 +94,45 @@ class SharedPrefixCache:
             while self.nbytes > self.max_bytes and len(self._entries) > 1:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= tensor_bytes(old)
+
+
+class SharedPrefixCache(TensorCache):
+    """Per layer, the K/V and output hidden states of the shared instruction tokens, keyed by
+    (identity of the model chain up to that layer, token ids). Tenants whose chains agree up to a
+    layer share the entry; keys name content, so entries never go stale. LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        super().__init__(max_bytes)
+
+
+# Columns of a (possibly stacked) weight and the delta of the module they belong to (None: not adapted).
+WeightPart = tuple[slice, LoraDelta | None]
+
+
+class MergedWeights(TensorCache):
+    """One chain's LoRA deltas folded into a copy of a base weight, W + B A, for rows that all run that chain (a
+    batch of one tenant, the usual case): the projection is then one matmul, without the two thin ones per
+    adapted module beside it (rank 16 against width 576: on a CPU ~10% of a bf16 rerank with the shipped
+    adapter). Keyed by the base weight and delta objects themselves, which the key holds, so an entry can never
+    answer for another tenant's delta (a reloaded adapter brings new objects); LRU, bounded in bytes. The
+    merge runs in float32 and rounds once to the weight's dtype, as merging the adapter into the model does."""
+
+    def weight(self, base: torch.Tensor, parts: Sequence[WeightPart]) -> torch.Tensor | None:
+        """`base` with each part's delta added to its columns (rows of the weight); None when nothing is
+        adapted or a merged copy would not fit the budget."""
+        if not any(delta is not None for _, delta in parts) or tensor_bytes([base]) > self.max_bytes:
+            return None
+        key = (base, *(delta for _, delta in parts))
+        entry = self.get(key)
+        if entry is not None:
+            return entry[0]
+        merged = base.to(torch.float32, copy=True)  # a copy even in float32: the base weight stays as it is
+        for cols, delta in parts:
+            if delta is not None:
+                merged[cols] += delta.b.float() @ delta.a.float()
+        weight = merged.to(base.dtype)
+        self.put(key, (weight,))
+        return weight
 
 
 @dataclass(frozen=True)
@@ -156,8 +193,11 @@ class FusedLinear:
             start += w.shape[0]
         return cls(torch.cat(weights), bias, tuple(parts))
 
-    def __call__(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, segments: Sequence[Segment], weight: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """x through the stacked weight (or `weight`, a stand-in of its shape: a chain's merged copy) and the
+        segments' deltas."""
+        y = torch.nn.functional.linear(x, self.weight if weight is None else weight, self.bias)
         for name, cols in self.parts:
             add_deltas(y[:, cols], name, x, segments)
         return y

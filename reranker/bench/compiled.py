@@ -75,7 +75,7 @@ def served_block(forward: BlockRankForward, index: int) -> Block:
               ) -> tuple[torch.Tensor, ...]:
         rotated, v = packed._qkv_rows(forward, layer, qk, hidden, (cos, sin), [])
         out = hidden.clone()  # _finish_rows updates the rows in place
-        packed._finish_rows(forward, layer, out, attended, [])
+        packed._finish_rows(forward, index, out, attended, [])
         return rotated, v, out
 
     return block
