@@ -70,6 +70,8 @@ def test_every_service_exposes_its_metrics_after_traffic(stack: Stack) -> None:
     assert value(r, "reranker_tenants_loaded") >= 1  # the shipped adapter, as the default tenant
     assert value(r, "reranker_tenant_block_bytes") > 0 and value(r, "reranker_base_model_bytes") > 0
     assert value(r, "reranker_prefix_cache_hits_total") + value(r, "reranker_prefix_cache_misses_total") > 0
+    # One tenant's batches on a CPU: its adapter merged into weight copies once, then found again.
+    assert value(r, "reranker_merged_weights_bytes") > 0 and value(r, "reranker_merged_weights_hits_total") > 0
 
     q = scrape(ports["retriever"])
     retrieve = {"grpc_service": "retrieval.v1.RetrieverService", "grpc_method": "Retrieve"}
