@@ -8,6 +8,7 @@
     python -m reranker.bench compile --out bench-results/cpu/reranker_compile.json
     python -m reranker.bench ragged --out bench-results/cpu/reranker_ragged.json
     python -m reranker.bench allocator --out bench-results/cpu/reranker_allocator.json
+    python -m reranker.bench merged --out bench-results/cpu/reranker_merged.json
 
 `speed`: BlockRank against full causal attention, one rerank, same model and documents (speed.py); several
 `--dtype`/`--path` values side by side, each in fresh processes (variants.py).
@@ -18,6 +19,8 @@ against one model copy per tenant (tenants.py).
 `compile`: one layer's row-wise work eager and under torch.compile on the CPU (compiled.py).
 `ragged`: documents of uneven length on the CPU, padded to the longest or real tokens only (ragged.py).
 `allocator`: one CPU rerank with glibc's adaptive malloc thresholds and with freed memory kept (allocator.py).
+`merged`: a tenant's rerank on the CPU with its deltas apart, through merged weights, and as a merged model
+(merged.py).
 
 Every benchmark runs with the reranker service's malloc settings (`--malloc-arenas 1 --malloc-keep-mb 256`), so
 that its figures are what the service does.
@@ -31,7 +34,7 @@ import sys
 
 from common.allocator import RERANKER_ARENAS, RERANKER_KEEP_MB, keep_freed_memory, limit_malloc_arenas
 from common.files import write_result
-from reranker.bench import allocator, batch, compiled, int8, ragged, speed, tenants, variants
+from reranker.bench import allocator, batch, compiled, int8, merged, ragged, speed, tenants, variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled.add_arguments(sub.add_parser("compile", help="one layer's row-wise work: eager or torch.compile"))
     ragged.add_arguments(sub.add_parser("ragged", help="uneven documents on a CPU: padded or real tokens only"))
     allocator.add_arguments(sub.add_parser("allocator", help="one CPU rerank: glibc's thresholds or memory kept"))
+    merged.add_arguments(sub.add_parser("merged", help="a tenant's CPU rerank: deltas apart or merged weights"))
     args = parser.parse_args(argv)
     limit_malloc_arenas(args.malloc_arenas)  # before torch starts its threads
     keep_freed_memory(args.malloc_keep_mb)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     run, plot = {"speed": (variants.run, variants.plot), "tenants": (tenants.run, tenants.plot),
                  "int8": (int8.run, int8.plot), "batch": (batch.run, batch.plot),
                  "compile": (compiled.run, compiled.plot), "ragged": (ragged.run, ragged.plot),
-                 "allocator": (allocator.run, allocator.plot)}[args.command]
+                 "allocator": (allocator.run, allocator.plot), "merged": (merged.run, merged.plot)}[args.command]
     write_result(args.out, run(args), plot)
     return 0
 

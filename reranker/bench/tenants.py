@@ -3,7 +3,8 @@
 For each T in --tenants (adapters: the shipped one plus T-1 derived from it with
 seeded noise, see reranker.training.derive), side by side in one process:
 
-  memory_ratio            (base + resident tenant blocks + shared-prefix cache) / one model
+  memory_ratio            (base + resident tenant blocks + shared-prefix cache + merged weights) / one
+                          model
   naive_memory_ratio      T standalone models (each adapter merged into its own copy) / one model,
                           measured by building the copies
   mixed_throughput_ratio  requests/s of a stream whose requests cycle through T tenants, over the
@@ -170,7 +171,8 @@ def summarize(reranker: Reranker, count: int, n_prompts: int, timings: dict[str,
               load_ms: list[float], naive_bytes: int | None) -> dict:
     one_model = reranker.tenants.zoo.base_bytes
     usage = reranker.tenants.zoo.usage()
-    resident = one_model + usage.tenant_bytes + reranker.prefix_cache.nbytes
+    merged = reranker.forward.merged_weights.nbytes if reranker.forward.merged_weights is not None else 0
+    resident = one_model + usage.tenant_bytes + reranker.prefix_cache.nbytes + merged
     med = {k: statistics.median(v) for k, v in timings.items() if v}
     return {
         "tenants": count,
@@ -184,6 +186,7 @@ def summarize(reranker: Reranker, count: int, n_prompts: int, timings: dict[str,
         "cold_load_ms_all": load_ms,
         "tenant_block_bytes": usage.tenant_bytes,
         "prefix_cache_bytes": reranker.prefix_cache.nbytes,
+        "merged_weights_bytes": merged,
         "stream_seconds": timings,
         "naive_measured": naive_bytes is not None,
     }
