@@ -123,8 +123,9 @@ bench-reranker: setup
 
 # The reranker's CPU dtypes and forward paths side by side (~25 minutes on 2 cores): fp32 and bf16, chunked and
 # the automatic path, 20 x 96-token and 100 x 160-token reranks; then one layer's projections in fp32, bf16 and
-# dynamic int8 on real inputs (time and error); batches, torch.compile, uneven documents, and glibc's adaptive
-# malloc thresholds against freed memory kept; JSON and PNG each.
+# dynamic int8 on real inputs (time and error); batches, torch.compile, uneven documents, glibc's adaptive
+# malloc thresholds against freed memory kept, and a tenant's deltas apart against merged weights; JSON and PNG
+# each.
 bench-reranker-cpu: setup
 	$(PY) -m reranker.bench speed --device cpu --n-docs 20 --block-tokens 96 --dtype fp32,bf16 --path chunked,auto \
 		--dense-budget-s 0 --rounds 4 --out bench-results/cpu/reranker_dtypes_20x96.json
@@ -137,6 +138,7 @@ bench-reranker-cpu: setup
 	$(PY) -m reranker.bench allocator --rounds 4 --reranks 6 --out bench-results/cpu/reranker_allocator.json
 	$(PY) -m reranker.bench allocator --dtype fp32 --sizes 20x96 --rounds 4 --reranks 4 \
 		--out bench-results/cpu/reranker_allocator_fp32.json
+	$(PY) -m reranker.bench merged --out bench-results/cpu/reranker_merged.json
 
 # Tenants across replicas with real processes (~10 minutes on 2 cores): 64 tenants' resident memory per replica
 # over 1 and 4 replicas, cold loads in steady state; a noisy neighbour against fair share.

@@ -113,8 +113,8 @@ class MergedWeights(TensorCache):
     """One chain's LoRA deltas folded into a copy of a base weight, W + B A, for rows that all run that chain (a
     batch of one tenant, the usual case): the projection is then one matmul, without the two thin ones per
     adapted module beside it (rank 16 against width 576: on a CPU ~10% of a bf16 rerank with the shipped
-    adapter). Keyed by the base weight and delta objects themselves, which the key holds, so an entry can never
-    answer for another tenant's delta (a reloaded adapter brings new objects); LRU, bounded in bytes. The
+    adapter). Keyed by the delta objects themselves, which the key holds, so an entry can never answer for
+    another tenant's delta (a reloaded adapter brings new objects); LRU, bounded in bytes. The
     merge runs in float32 and rounds once to the weight's dtype, as merging the adapter into the model does."""
 
     def weight(self, base: torch.Tensor, parts: Sequence[WeightPart]) -> torch.Tensor | None:
@@ -122,7 +122,9 @@ class MergedWeights(TensorCache):
         adapted or a merged copy would not fit the budget."""
         if not any(delta is not None for _, delta in parts) or tensor_bytes([base]) > self.max_bytes:
             return None
-        key = (base, *(delta for _, delta in parts))
+        # The base by id (a tensor compared with == would compare elements): it is a weight of the model this
+        # cache's forward runs, alive as long as the cache. The deltas as objects (their == is identity).
+        key = (id(base), *(delta for _, delta in parts))
         entry = self.get(key)
         if entry is not None:
             return entry[0]
