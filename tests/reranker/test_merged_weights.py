@@ -13,6 +13,7 @@ from reranker.blockrank import ForwardPath
 from reranker.engine import Reranker, RerankerConfig
 from reranker.packed import packed_rows
 from reranker.routing import LoraDelta, MergedWeights
+from reranker.rowops import CompileSetting
 from reranker.tenants import DEFAULT_TENANT, EquivalenceMode
 from tests.conftest import FIXTURE_DOCS
 from tests.reranker.lora import save_all_linear_adapter
@@ -58,7 +59,7 @@ def test_the_packed_forward_with_merged_weights_gives_the_scores_of_the_deltas_a
     """fp32, a tenant whose adapter changes every linear and the default tenant: alone (every chunk one chain's,
     merged) and mixed in one batch in chunks of 31 rows (chunks of one chain merged, chunks across two tenants
     with the deltas apart), against the same batches with no merged weights."""
-    reranker = Reranker(RerankerConfig(device="cpu", dtype=Dtype.FP32, block_tokens=40, cpu_compile="off",
+    reranker = Reranker(RerankerConfig(device="cpu", dtype=Dtype.FP32, block_tokens=40, cpu_compile=CompileSetting.OFF,
                                        equivalence=EquivalenceMode.OFF, adapters_root=str(tmp_path)))
     save_all_linear_adapter(reranker.lm.model, tmp_path / "all-linear", reranker.lm.name, layer=5, block_tokens=40)
     reranker.tenants.load("wide", "all-linear")
