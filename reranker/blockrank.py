@@ -33,21 +33,12 @@ from reranker.attention import (
     key_bias,
 )
 from reranker.docbatch import DocBatch, pad_docs, segments_in
-from reranker.forward_context import FusedWeights, SharedEntries, SharedPrefix
+from reranker.forward_context import PackedWeights, SharedEntries, SharedPrefix
 from reranker.graphs import PackedGraphs
 from reranker.model import HFModule
 from reranker.packed import ForwardPath, cpu_packed_groups, cpu_packed_limit, fits_cpu_packed
 from reranker.prompt import DEFAULT_BLOCK_TOKENS, Prompt
-from reranker.routing import (
-    BASE_ROUTE,
-    LayerDeltas,
-    MergedWeights,
-    Route,
-    Segment,
-    SharedPrefixCache,
-    mlp,
-    project,
-)
+from reranker.routing import BASE_ROUTE, LayerDeltas, Route, Segment, SharedPrefixCache, mlp, project
 from reranker.rowops import EAGER, RowOps
 
 # One layer's input hidden states as captured for tests and training: per-prompt prefixes, the (docs, T, D)
@@ -98,13 +89,9 @@ class BlockRankForward:
         self.ragged_docs = not on_gpu
         self.cpu_packed_bytes = cpu_packed_limit(self.element_size)  # CPU: rows x bytes the automatic path packs
         self.prefix_cache = prefix_cache
-        # CUDA graphs of the packed forward, one per batch shape seen twice (reranker.graphs); 0: off.
-        self.graphs = PackedGraphs(cuda_graphs)
-        self.fused = FusedWeights(self.decoder.layers)  # the packed path's stacked projections
-        self.fused_gate_up = FusedWeights(self.decoder.layers, FusedWeights.GATE_UP)
-        # A CPU's packed path multiplies a chunk of one chain's rows by that chain's merged weights. Not a GPU's:
-        # its CUDA graphs hold the weights they read, and the thin delta matmuls cost it little beside launches.
-        self.merged_weights = MergedWeights(merged_weights_bytes) if merged_weights_bytes and not on_gpu else None
+        self.graphs = PackedGraphs(cuda_graphs)  # CUDA graphs per batch shape seen twice (reranker.graphs); 0: off
+        # Merged weights on a CPU only: a GPU's CUDA graphs hold the weights they read, and launches bound its time.
+        self.weights = PackedWeights(self.decoder.layers, 0 if on_gpu else merged_weights_bytes)
 
     @property
     def device(self) -> torch.device:

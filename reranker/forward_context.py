@@ -57,15 +57,23 @@ class FusedWeights:
         return self._fused[index]
 
 
+class PackedWeights:
+    """The packed path's weights beside the model's own, per forward: q|k and gate|up stacked per layer
+    (FusedWeights; gate|up used with compiled row ops), and, on a CPU, chains' merged weights (None: off)."""
+
+    def __init__(self, layers: Sequence[HFModule], merged_bytes: int) -> None:
+        self.qk = FusedWeights(layers)
+        self.gate_up = FusedWeights(layers, FusedWeights.GATE_UP)
+        self.merged = MergedWeights(merged_bytes) if merged_bytes else None
+
+
 class ForwardContext(ForwardGeometry, Protocol):
     """The forward's state the packed path reads (reranker.blockrank.BlockRankForward provides it): its
     geometry (model, decoder, heads, key heads, head width), and:"""
 
     group: int
     scale: float
-    fused: FusedWeights  # q|k
-    fused_gate_up: FusedWeights  # gate|up, used with compiled row ops (see FusedWeights)
-    merged_weights: MergedWeights | None  # one chain's deltas merged into the weights, for chunks of that chain only
+    weights: PackedWeights  # stacked projections; one chain's merged weights, for chunks of that chain only
     ops: RowOps  # the element-wise work on rows (RMSNorm, RoPE, SiLU·up): eager, or compiled on a CPU
     packed_chunk_rows: int  # rows per row-wise step (norms, projections, MLP); 0: all rows at once
     ragged_docs: bool  # documents' real tokens only in the packed rows (padding only inside attention)

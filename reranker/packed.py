@@ -150,7 +150,7 @@ def forward_packed(fw: ForwardContext, packed: Packed, signal_tokens: Sequence[i
         if any(shared):
             fw.advance_shared(index, layer, shared, local, routes, deltas)
         chunks = _row_chunks(hidden.shape[0], fw.packed_chunk_rows, spans, deltas)
-        q, k, v = _qkv(fw, layer, fw.fused[index], hidden, rope, chunks)
+        q, k, v = _qkv(fw, layer, fw.weights.qk[index], hidden, rope, chunks)
         for i, layers in enumerate(score_layers):
             if index in layers:
                 r, s = rows[i], signal_tokens[i]
@@ -192,7 +192,7 @@ def _gated(fw: ForwardContext, index: int, layer: HFModule, x: torch.Tensor,
     """The gated MLP's act_fn(gate(x)) * up(x): gate|up as one matmul where the compiled SiLU·up reads its
     strided halves (forward_context.FusedWeights says why only there), else the two projections apart."""
     if fw.ops.compiled and _silu(fw):
-        gate_up = _fused(fw, fw.fused_gate_up[index], x, segments)
+        gate_up = _fused(fw, fw.weights.gate_up[index], x, segments)
         half = gate_up.shape[1] // 2
         return fw.ops.silu_mul(gate_up[:, :half], gate_up[:, half:])
     gate = _project(fw, layer.mlp.gate_proj, "mlp.gate_proj", x, segments)
@@ -271,10 +271,10 @@ def _chunk_weight(fw: ForwardContext, weight: torch.Tensor, parts: Sequence[tupl
     """The weight a chunk's rows are multiplied by and the segments whose deltas are still to add: where every
     row runs one chain and the forward keeps merged weights (a CPU's), that chain's deltas folded into the
     weight (routing.MergedWeights) and no segments; else the base weight and every segment."""
-    deltas = segments[0].deltas if segments else None
-    if fw.merged_weights is None or not deltas or any(s.deltas != deltas for s in segments):
+    deltas, kept = segments[0].deltas if segments else None, fw.weights.merged
+    if kept is None or not deltas or any(s.deltas != deltas for s in segments):
         return weight, segments
-    merged = fw.merged_weights.weight(weight, [(cols, deltas.get(name)) for name, cols in parts])
+    merged = kept.weight(weight, [(cols, deltas.get(name)) for name, cols in parts])
     return (weight, segments) if merged is None else (merged, ())
 
 

@@ -154,7 +154,7 @@ class RerankerServicer(reranker_pb2_grpc.RerankerServiceServicer):
         yield gauge("reranker_prefix_cache_bytes", "Bytes of the shared-prefix K/V cache.", cache.nbytes)
         yield counter("reranker_prefix_cache_hits_total", "Shared-prefix K/V found in the cache.", cache.hits)
         yield counter("reranker_prefix_cache_misses_total", "Shared-prefix K/V computed.", cache.misses)
-        merged = self._reranker.forward.merged_weights
+        merged = self._reranker.forward.weights.merged
         if merged is not None:  # a CPU's: a tenant's adapter merged into weight copies for batches of it alone
             yield gauge("reranker_merged_weights_bytes", "Bytes of weight copies with a tenant's adapter merged in.",
                         merged.nbytes)

@@ -69,7 +69,7 @@ def layer_inputs(forward: BlockRankForward, ids: torch.Tensor, index: int) -> tu
 
 def served_block(forward: BlockRankForward, index: int) -> Block:
     """The serving code's row-wise work of one layer and one chunk (no tenant deltas), as a function of tensors."""
-    layer, qk = forward.decoder.layers[index], forward.fused[index]
+    layer, qk = forward.decoder.layers[index], forward.weights.qk[index]
 
     def block(hidden: torch.Tensor, attended: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, ...]:

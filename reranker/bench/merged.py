@@ -52,16 +52,16 @@ def ways(reranker: Reranker, prompt: Prompt) -> dict[str, Callable[[], list[list
     """The three ways of one rerank, each a call returning its scores."""
     handle = reranker.handle()
     model = merged_forward(reranker)
-    kept = reranker.forward.merged_weights
+    kept = reranker.forward.weights.merged
     if kept is None:
         raise SystemExit("this reranker keeps no merged weights (a GPU, or --merged-weights-mb 0)")
 
     def served(merged_weights: Any) -> list[list[float]]:
-        reranker.forward.merged_weights = merged_weights
+        reranker.forward.weights.merged = merged_weights
         try:
             return reranker.score_prompts([prompt], [handle])
         finally:
-            reranker.forward.merged_weights = kept
+            reranker.forward.weights.merged = kept
 
     return {"deltas apart": lambda: served(None), "merged weights": lambda: served(kept),
             "merged model": lambda: host_scores(model, prompt, handle.settings.spec)}
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"n_docs": n, **per_way})
         tqdm.write(f"{n} documents: " + ", ".join(f"{name} {way['seconds'] * 1e3:.1f} ms "
                                                    f"({way['speedup_over_first']:.2f}x)" for name, way in per_way.items()))
-    merged = reranker.forward.merged_weights
+    merged = reranker.forward.weights.merged
     return {"device": describe_device(reranker.lm.device), "model": reranker.handle().settings.model_name,
             "dtype": str(reranker.lm.dtype).removeprefix("torch."), "block_tokens": args.block_tokens,
             "threads": torch.get_num_threads(), "rounds": args.rounds, "repeats_per_round": args.repeats,

@@ -171,7 +171,8 @@ def summarize(reranker: Reranker, count: int, n_prompts: int, timings: dict[str,
               load_ms: list[float], naive_bytes: int | None) -> dict:
     one_model = reranker.tenants.zoo.base_bytes
     usage = reranker.tenants.zoo.usage()
-    merged = reranker.forward.merged_weights.nbytes if reranker.forward.merged_weights is not None else 0
+    kept = reranker.forward.weights.merged
+    merged = kept.nbytes if kept is not None else 0
     resident = one_model + usage.tenant_bytes + reranker.prefix_cache.nbytes + merged
     med = {k: statistics.median(v) for k, v in timings.items() if v}
     return {

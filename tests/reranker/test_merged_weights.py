@@ -65,7 +65,7 @@ def test_the_packed_forward_with_merged_weights_gives_the_scores_of_the_deltas_a
     reranker.tenants.load("wide", "all-linear")
     forward = reranker.forward
     forward.path, forward.packed_chunk_rows = ForwardPath.PACKED, 31
-    merged = forward.merged_weights
+    merged = forward.weights.merged
     assert merged is not None, "a CPU forward keeps merged weights by default"
     handles = [reranker.handle(), reranker.handle("wide")]
     docs = [(title, text) for _, title, text in FIXTURE_DOCS[:5]]
@@ -76,7 +76,7 @@ def test_the_packed_forward_with_merged_weights_gives_the_scores_of_the_deltas_a
                                                                       strict=True)]
         assert packed_rows(prompts) > 2 * 31
         for kept in (True, False):
-            forward.merged_weights = merged if kept else None
+            forward.weights.merged = merged if kept else None
             scores[name, kept] = reranker.score_prompts(prompts, batch)
     assert merged.misses > 0 and merged.hits > 0, "merged weights were made, then found again"
     layer = max(reranker.handle(t).settings.spec.layer for t in (DEFAULT_TENANT, "wide"))
