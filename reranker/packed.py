@@ -30,7 +30,7 @@ from reranker.docbatch import pad_docs, segments_in
 from reranker.forward_context import ForwardContext, SharedEntries, SharedPrefix
 from reranker.model import HFModule
 from reranker.prompt import Prompt
-from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas
+from reranker.routing import FusedLinear, LayerDeltas, Route, Segment, add_deltas, project
 
 
 class ForwardPath(StrEnum):
@@ -244,7 +244,7 @@ def _silu(fw: ForwardContext) -> bool:
 def _add_projection(fw: ForwardContext, hidden: torch.Tensor, module: HFModule, name: str, x: torch.Tensor,
                     segments: Sequence[Segment]) -> None:
     """The residual update hidden += module(x) (+ each segment's delta) in place, the addition inside the matmul."""
-    weight, segments = _chunk_weight(fw, module.weight, ((name, slice(None)),), segments)
+    weight, segments = _module_weight(fw, module, name, segments)
     hidden.addmm_(x, weight.T)
     if module.bias is not None:
         hidden += module.bias
@@ -254,16 +254,20 @@ def _add_projection(fw: ForwardContext, hidden: torch.Tensor, module: HFModule, 
 def _project(fw: ForwardContext, module: HFModule, name: str, x: torch.Tensor,
              segments: Sequence[Segment]) -> torch.Tensor:
     """module(x) with each segment's delta (routing.project), or through the chunk's chain merged."""
-    weight, segments = _chunk_weight(fw, module.weight, ((name, slice(None)),), segments)
-    y = torch.nn.functional.linear(x, weight, module.bias)
-    add_deltas(y, name, x, segments)
-    return y
+    weight, segments = _module_weight(fw, module, name, segments)
+    return project(module, name, x, segments, weight)
 
 
 def _fused(fw: ForwardContext, fused: FusedLinear, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
     """Stacked projections (q|k, gate|up) with each segment's deltas, or through the chunk's chain merged."""
     weight, segments = _chunk_weight(fw, fused.weight, fused.parts, segments)
     return fused(x, segments, weight)
+
+
+def _module_weight(fw: ForwardContext, module: HFModule, name: str,
+                   segments: Sequence[Segment]) -> tuple[torch.Tensor, Sequence[Segment]]:
+    """_chunk_weight for one module's own weight."""
+    return _chunk_weight(fw, module.weight, ((name, slice(None)),), segments)
 
 
 def _chunk_weight(fw: ForwardContext, weight: torch.Tensor, parts: Sequence[tuple[str, slice]],

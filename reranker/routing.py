@@ -147,10 +147,12 @@ class Segment:
     owner: int = 0
 
 
-def project(module: torch.nn.Module, name: str, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-    """The shared base projection over all rows, then each chain's low-rank delta on its own rows:
-    one grouped matmul per distinct delta, whatever the number of prompts using it."""
-    y = module(x)
+def project(module: torch.nn.Linear, name: str, x: torch.Tensor, segments: Sequence[Segment],
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The shared base projection over all rows (or `weight`, a stand-in of the module's: a chain's merged
+    copy), then each chain's low-rank delta on its own rows: one grouped matmul per distinct delta, whatever the
+    number of prompts using it."""
+    y = module(x) if weight is None else torch.nn.functional.linear(x, weight, module.bias)
     add_deltas(y, name, x, segments)
     return y
 

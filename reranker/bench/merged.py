@@ -34,6 +34,7 @@ from common.plots import figures, range_whiskers
 from reranker.bench.speed import QUERY, host_scores, merged_forward, timed
 from reranker.engine import Reranker, RerankerConfig
 from reranker.prompt import Prompt
+from reranker.routing import MergedWeights
 
 WAYS = ("deltas apart", "merged weights", "merged model")
 
@@ -56,7 +57,7 @@ def ways(reranker: Reranker, prompt: Prompt) -> dict[str, Callable[[], list[list
     if kept is None:
         raise SystemExit("this reranker keeps no merged weights (a GPU, or --merged-weights-mb 0)")
 
-    def served(merged_weights: Any) -> list[list[float]]:
+    def served(merged_weights: MergedWeights | None) -> list[list[float]]:
         reranker.forward.weights.merged = merged_weights
         try:
             return reranker.score_prompts([prompt], [handle])
